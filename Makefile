@@ -1,0 +1,70 @@
+# subject-ffhq — see README.md. Every target that runs code installs first (into .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# make dataset
+SOURCE ?= out/demo-source
+OUT ?= out/dataset
+PROFILE ?= paper
+SHARD_SIZE ?= 1000
+RAY_ADDRESS ?=
+CONFIG ?=
+# make train
+SHARDS ?= out/demo/shards/*.tar
+TRAIN_OUT ?= out/train
+STEPS ?= 1000
+WORKERS ?= 1
+GPU ?= 0
+# make report
+RUN ?= manifests/demo
+
+TINY := out/tiny-models
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SUBJECT_FFHQ_TINY_MODELS=$(CURDIR)/$(TINY)
+QUIET := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+.PHONY: install test demo dataset train report lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock.txt
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
+	@start=$$(date +%s); \
+	UV="$$(command -v uv || echo "$(PYTHON) -m uv")"; \
+	rm -rf $(VENV) && $$UV venv -q --python $(PYTHON) $(VENV) && \
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q -r requirements.lock.txt && \
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q --no-deps -e . && \
+	echo "installed .venv in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"
+	@touch $(STAMP)
+
+test: install
+	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider
+
+demo: install
+	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq sample-data out/demo-source
+	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq tiny-models $(TINY)
+	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq build --source out/demo-source --out out/demo --profile tiny \
+		--shard-size 4 --run-name demo
+	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq report manifests/demo
+
+dataset: install
+	$(QUIET) $(if $(RAY_ADDRESS),RAY_ADDRESS=$(RAY_ADDRESS)) $(BIN)/subject-ffhq build --source $(SOURCE) \
+		--out $(OUT) --profile $(PROFILE) --shard-size $(SHARD_SIZE) $(if $(CONFIG),--config $(CONFIG))
+
+train: install
+	$(QUIET) $(BIN)/subject-ffhq train --shards '$(SHARDS)' --profile $(PROFILE) --out $(TRAIN_OUT) \
+		--steps $(STEPS) --workers $(WORKERS) $(if $(filter 1 yes true,$(GPU)),--gpu)
+
+report: install
+	$(BIN)/subject-ffhq report $(RUN)
+
+lint: install
+	$(BIN)/ruff check datagen ray_jobs training tests bench
+
+bench: install
+	$(OFFLINE) $(QUIET) bash -c 'for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done'
+
+clean:
+	rm -rf out manifests/*/ .pytest_cache

@@ -1,0 +1,147 @@
+"""Turn the four stages' outputs into validated records: the one path the Ray job and tests share.
+
+``build_record`` is pure bookkeeping (no model): it joins one image's caption flags, panoptic
+result, chunked caption and match into a :class:`~datagen.record.Record` and validates it.
+``Annotator`` holds the four stages in-process and runs them on a batch (used by tests, the
+benchmark and single-machine tools); the Ray job calls the same stages from actors and the same
+``build_record``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from datagen.record import MatchScores, Phrase, Provenance, Record, Segment
+
+if TYPE_CHECKING:
+    from datagen.image_io import LoadedImage
+    from datagen.matcher import MatchResult
+    from datagen.phrases import ChunkedCaption
+    from datagen.segmenter import PanopticResult
+
+PERSON_LABEL = "person"
+
+
+def build_record(
+    loaded: LoadedImage,
+    caption_flags: list[str],
+    panoptic: PanopticResult,
+    chunked: ChunkedCaption,
+    match: MatchResult,
+    models: dict[str, str],
+) -> Record:
+    item = loaded.item
+    width, height = loaded.image.size
+    if panoptic.segment_map.shape != (height, width):
+        raise ValueError(
+            f"{item.rel_path}: segment map is {panoptic.segment_map.shape[1]}x{panoptic.segment_map.shape[0]}, "
+            f"image is {width}x{height}"
+        )
+    col_of = {sid: j for j, sid in enumerate(match.segment_ids)}
+    seg_of_phrase = {p: sid for p, sid in match.pairs}
+
+    segments = []
+    for s in panoptic.segments:
+        seg = Segment(
+            id=int(s.id), coco_label=s.coco_label, category_id=int(s.category_id), is_thing=bool(s.is_thing),
+            bbox=[int(v) for v in s.bbox], area=int(s.area), score=float(s.score),
+        )
+        segments.append(seg)
+    seg_by_id = {s.id: s for s in segments}
+
+    phrases = []
+    for i, ph in enumerate(chunked.phrases):
+        sid = seg_of_phrase.get(i)
+        phrases.append(Phrase(text=ph.text, start=int(ph.start), end=int(ph.end), segment_id=sid))
+        if sid is not None:
+            seg, j = seg_by_id[sid], col_of[sid]
+            seg.word, seg.start, seg.end = ph.text, int(ph.start), int(ph.end)
+            seg.match_score = float(match.product[i, j])
+            seg.clip_sim = float(match.clip[i, j])
+            seg.sbert_sim = float(match.sbert[i, j])
+
+    scores = MatchScores(
+        segment_ids=[int(s) for s in match.segment_ids],
+        clip=_rows(match.clip),
+        sbert=_rows(match.sbert),
+        product=_rows(match.product),
+        min_score=float(match.min_score),
+    )
+    meta: dict[str, Any] = item.meta or {}
+    provenance = Provenance(
+        source=meta.get("source", "ffhq-wild" if item.source_id.isdigit() and "license" in meta else "folder"),
+        source_id=item.source_id,
+        path=item.rel_path,
+        pixel_md5=loaded.pixel_md5,
+        original_size=[int(v) for v in loaded.original_size],
+        license=meta.get("license"),
+        license_url=meta.get("license_url"),
+        author=meta.get("author"),
+        photo_url=meta.get("photo_url"),
+        photo_title=meta.get("photo_title"),
+        face_rect=meta.get("face_rect"),
+        duplicate_of=item.duplicate_of,
+    )
+    record = Record(
+        key=item.key,
+        caption=chunked.caption,
+        caption_raw=chunked.caption_raw,
+        width=width,
+        height=height,
+        segments=segments,
+        phrases=phrases,
+        scores=scores,
+        provenance=provenance,
+        split=item.split,
+        models=dict(models),
+        unmatched_phrases=[i for i, p in enumerate(phrases) if p.segment_id is None],
+        unmatched_person_segments=[s.id for s in segments if s.coco_label == PERSON_LABEL and not s.matched],
+        caption_flags=list(caption_flags),
+    )
+    return record.validate()
+
+
+def _rows(m) -> list[list[float]]:
+    return [[float(v) for v in row] for row in m.tolist()] if getattr(m, "size", 0) else []
+
+
+@dataclass
+class Annotator:
+    """The four stages held in one process: ``annotate(loaded_images) -> records``."""
+
+    captioner: Any
+    segmenter: Any
+    chunker: Any
+    matcher: Any
+    models: dict[str, str]
+
+    @classmethod
+    def from_profile(cls, profile: dict[str, Any], device: str | None = None) -> Annotator:
+        from datagen.captioner import Captioner
+        from datagen.matcher import Matcher
+        from datagen.phrases import PhraseChunker
+        from datagen.profile import model_ids
+        from datagen.segmenter import PanopticSegmenter
+
+        return cls(
+            captioner=Captioner.from_profile(profile["captioner"], device),
+            segmenter=PanopticSegmenter.from_profile(profile["segmenter"], device),
+            chunker=PhraseChunker.from_profile(profile["phrases"]),
+            matcher=Matcher.from_profile(profile["matcher"], device),
+            models=model_ids(profile),
+        )
+
+    def annotate(self, loaded: list[LoadedImage]) -> list[tuple[Record, Any]]:
+        """Run all four stages on a batch; returns ``(record, segment_map)`` per image."""
+        from datagen.captioner import caption_flags
+
+        images = [li.image for li in loaded]
+        captions = self.captioner.caption(images)
+        panoptic = self.segmenter.segment(images)
+        chunked = self.chunker.chunk(captions)
+        matches = self.matcher.match(images, panoptic, chunked)
+        out = []
+        for li, cap, pan, ch, m in zip(loaded, captions, panoptic, chunked, matches, strict=True):
+            out.append((build_record(li, caption_flags(cap), pan, ch, m, self.models), pan.segment_map))
+        return out

@@ -1,0 +1,318 @@
+"""The output record: one annotated sample, as stored in a shard's ``.json`` member.
+
+The FastComposer contract (DESIGN §4) is kept exactly: ``caption`` and a ``segments`` list whose
+items carry ``id``, ``coco_label``, ``bbox`` ([x0, y0, x1, y1], pixels of the stored image) and,
+only when matched to a noun phrase, ``word``, ``start`` and ``end`` (end exclusive).
+
+**Unmatched segments** are kept in ``segments`` (their pixels are in the segment-id map) but carry
+*no* ``word`` / ``start`` / ``end`` keys at all (not ``null``): FastComposer's loader selects
+subjects with ``"end" in segment``, so an unmatched segment is never taken for a subject.
+
+Everything else is for auditing: the raw caption, every phrase, the score matrices the greedy
+matcher used, the unmatched phrases and person segments, provenance and model ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = "1.0"
+SPLITS = ("train", "test")
+
+
+class RecordError(ValueError):
+    """A record violates the schema. The message names the offending field."""
+
+    def __init__(self, field_path: str, problem: str, key: str | None = None):
+        self.field_path = field_path
+        self.problem = problem
+        where = f"record {key!r}: " if key else "record: "
+        super().__init__(f"{where}field '{field_path}' {problem}")
+
+
+@dataclass
+class Segment:
+    """One panoptic segment. ``word``/``start``/``end`` are set only when a phrase is matched."""
+
+    id: int
+    coco_label: str
+    category_id: int
+    is_thing: bool
+    bbox: list[int]  # [x0, y0, x1, y1], x = column, y = row, x1/y1 exclusive
+    area: int
+    score: float
+    word: str | None = None
+    start: int | None = None
+    end: int | None = None
+    match_score: float | None = None  # CLIP × SBERT product of the match
+    clip_sim: float | None = None
+    sbert_sim: float | None = None
+
+    @property
+    def matched(self) -> bool:
+        return self.end is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.matched:
+            for k in ("word", "start", "end", "match_score", "clip_sim", "sbert_sim"):
+                d.pop(k)
+        return d
+
+
+@dataclass
+class Phrase:
+    """A noun phrase of the (expanded) caption; ``caption[start:end] == text``."""
+
+    text: str
+    start: int
+    end: int
+    segment_id: int | None = None  # the segment it was matched to, if any
+
+
+@dataclass
+class MatchScores:
+    """The matrices the greedy matcher used: rows = phrases (record order), columns = segment ids."""
+
+    segment_ids: list[int] = field(default_factory=list)
+    clip: list[list[float]] = field(default_factory=list)
+    sbert: list[list[float]] = field(default_factory=list)
+    product: list[list[float]] = field(default_factory=list)
+    min_score: float = 0.0
+
+
+@dataclass
+class Provenance:
+    """Where the source photo came from."""
+
+    source: str  # "ffhq-wild" or "folder"
+    source_id: str  # FFHQ index as a decimal string, or the relative path for a folder
+    path: str  # path relative to the source root
+    pixel_md5: str  # md5 of the decoded RGB pixels (before resize)
+    original_size: list[int]  # [w, h] of the source image
+    license: str | None = None
+    license_url: str | None = None
+    author: str | None = None
+    photo_url: str | None = None
+    photo_title: str | None = None
+    face_rect: list[float] | None = None
+    duplicate_of: str | None = None  # source_id of the first photo with the same pixels
+
+
+@dataclass
+class Record:
+    key: str  # sample key in the shard; a decimal string (FastComposer ids must int() parse)
+    caption: str
+    caption_raw: str
+    width: int
+    height: int
+    segments: list[Segment]
+    phrases: list[Phrase]
+    scores: MatchScores
+    provenance: Provenance
+    split: str
+    models: dict[str, str]
+    unmatched_phrases: list[int] = field(default_factory=list)  # indices into phrases
+    unmatched_person_segments: list[int] = field(default_factory=list)  # segment ids
+    caption_flags: list[str] = field(default_factory=list)  # e.g. "empty", "degenerate"
+    schema_version: str = SCHEMA_VERSION
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "key": self.key,
+            "caption": self.caption,
+            "caption_raw": self.caption_raw,
+            "width": self.width,
+            "height": self.height,
+            "segments": [s.to_dict() for s in self.segments],
+            "phrases": [asdict(p) for p in self.phrases],
+            "scores": asdict(self.scores),
+            "unmatched_phrases": list(self.unmatched_phrases),
+            "unmatched_person_segments": list(self.unmatched_person_segments),
+            "caption_flags": list(self.caption_flags),
+            "provenance": asdict(self.provenance),
+            "split": self.split,
+            "models": dict(self.models),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Record:
+        key = d.get("key") if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            raise RecordError("<root>", f"must be a JSON object, got {type(d).__name__}")
+        required = (
+            "key", "caption", "caption_raw", "width", "height", "segments", "phrases", "scores",
+            "provenance", "split", "models",
+        )
+        for name in required:
+            if name not in d:
+                raise RecordError(name, "is missing", key)
+        try:
+            segments = [Segment(**s) for s in d["segments"]]
+        except TypeError as e:
+            raise RecordError("segments", f"has a malformed item: {e}", key) from e
+        try:
+            phrases = [Phrase(**p) for p in d["phrases"]]
+        except TypeError as e:
+            raise RecordError("phrases", f"has a malformed item: {e}", key) from e
+        try:
+            scores = MatchScores(**d["scores"])
+        except TypeError as e:
+            raise RecordError("scores", f"is malformed: {e}", key) from e
+        try:
+            provenance = Provenance(**d["provenance"])
+        except TypeError as e:
+            raise RecordError("provenance", f"is malformed: {e}", key) from e
+        rec = cls(
+            key=d["key"], caption=d["caption"], caption_raw=d["caption_raw"], width=d["width"],
+            height=d["height"], segments=segments, phrases=phrases, scores=scores,
+            provenance=provenance, split=d["split"], models=d["models"],
+            unmatched_phrases=d.get("unmatched_phrases", []),
+            unmatched_person_segments=d.get("unmatched_person_segments", []),
+            caption_flags=d.get("caption_flags", []),
+            schema_version=d.get("schema_version", SCHEMA_VERSION),
+        )
+        rec.validate()
+        return rec
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Record:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError("<root>", f"is not valid JSON: {e}") from e
+        return cls.from_dict(d)
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> Record:
+        """Check every invariant a consumer relies on; raise :class:`RecordError` naming the field."""
+        k = self.key if isinstance(self.key, str) else None
+
+        def fail(path: str, problem: str) -> None:
+            raise RecordError(path, problem, k)
+
+        if self.schema_version != SCHEMA_VERSION:
+            fail("schema_version", f"is {self.schema_version!r}, this code reads {SCHEMA_VERSION!r}")
+        if not isinstance(self.key, str) or not self.key.isdigit():
+            fail("key", f"must be a string of decimal digits (FastComposer ids int()-parse), got {self.key!r}")
+        if not isinstance(self.caption, str):
+            fail("caption", f"must be a string, got {type(self.caption).__name__}")
+        if not isinstance(self.caption_raw, str):
+            fail("caption_raw", f"must be a string, got {type(self.caption_raw).__name__}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0:
+                fail(name, f"must be a positive integer, got {v!r}")
+        if self.split not in SPLITS:
+            fail("split", f"must be one of {SPLITS}, got {self.split!r}")
+        if not isinstance(self.models, dict) or not all(
+            isinstance(a, str) and isinstance(b, str) for a, b in self.models.items()
+        ):
+            fail("models", "must map stage names to model ids (strings)")
+
+        seen_ids: set[int] = set()
+        for i, s in enumerate(self.segments):
+            p = f"segments[{i}]"
+            if not _is_int(s.id) or not (1 <= s.id <= 65535):
+                fail(f"{p}.id", f"must be an integer in 1..65535 (0 means no segment), got {s.id!r}")
+            if s.id in seen_ids:
+                fail(f"{p}.id", f"duplicates segment id {s.id}")
+            seen_ids.add(s.id)
+            if not isinstance(s.coco_label, str) or not s.coco_label:
+                fail(f"{p}.coco_label", f"must be a non-empty string, got {s.coco_label!r}")
+            if not _is_int(s.category_id) or s.category_id < 0:
+                fail(f"{p}.category_id", f"must be a non-negative integer, got {s.category_id!r}")
+            if not isinstance(s.is_thing, bool):
+                fail(f"{p}.is_thing", f"must be a boolean, got {s.is_thing!r}")
+            if (
+                not isinstance(s.bbox, list | tuple)
+                or len(s.bbox) != 4
+                or not all(_is_int(v) for v in s.bbox)
+            ):
+                fail(f"{p}.bbox", f"must be four integers [x0, y0, x1, y1], got {s.bbox!r}")
+            x0, y0, x1, y1 = s.bbox
+            if not (0 <= x0 < x1 <= self.width and 0 <= y0 < y1 <= self.height):
+                fail(
+                    f"{p}.bbox",
+                    f"{list(s.bbox)} is not a non-empty box inside the {self.width}x{self.height} image",
+                )
+            if not _is_int(s.area) or not (0 < s.area <= (x1 - x0) * (y1 - y0)):
+                fail(f"{p}.area", f"must be a positive integer no larger than its bbox, got {s.area!r}")
+            if not _is_number(s.score):
+                fail(f"{p}.score", f"must be a finite number, got {s.score!r}")
+            span = (s.word, s.start, s.end)
+            if any(v is not None for v in span):
+                if not isinstance(s.word, str) or not s.word:
+                    fail(f"{p}.word", f"must be a non-empty string when matched, got {s.word!r}")
+                self._check_span(fail, p, s.start, s.end, s.word)
+                if not _is_number(s.match_score):
+                    fail(f"{p}.match_score", f"must be a finite number when matched, got {s.match_score!r}")
+
+        for i, ph in enumerate(self.phrases):
+            p = f"phrases[{i}]"
+            if not isinstance(ph.text, str) or not ph.text:
+                fail(f"{p}.text", f"must be a non-empty string, got {ph.text!r}")
+            self._check_span(fail, p, ph.start, ph.end, ph.text)
+            if ph.segment_id is not None and ph.segment_id not in seen_ids:
+                fail(f"{p}.segment_id", f"names segment {ph.segment_id}, which is not in segments")
+
+        matched_by_seg = {s.id: s for s in self.segments if s.matched}
+        for i, ph in enumerate(self.phrases):
+            if ph.segment_id is None:
+                continue
+            s = matched_by_seg.get(ph.segment_id)
+            if s is None or (s.start, s.end) != (ph.start, ph.end):
+                fail(f"phrases[{i}].segment_id", f"says segment {ph.segment_id}, but that segment does not carry this phrase's span")
+        for i in self.unmatched_phrases:
+            if not _is_int(i) or not (0 <= i < len(self.phrases)):
+                fail("unmatched_phrases", f"holds {i!r}, not an index into phrases")
+            if self.phrases[i].segment_id is not None:
+                fail("unmatched_phrases", f"lists phrase {i}, which is matched")
+        for sid in self.unmatched_person_segments:
+            if sid not in seen_ids:
+                fail("unmatched_person_segments", f"holds {sid!r}, not a segment id")
+            if sid in matched_by_seg:
+                fail("unmatched_person_segments", f"lists segment {sid}, which is matched")
+
+        sc = self.scores
+        if sc.segment_ids and sorted(sc.segment_ids) != sorted(seen_ids):
+            fail("scores.segment_ids", f"{sc.segment_ids} do not match the segment ids {sorted(seen_ids)}")
+        for name in ("clip", "sbert", "product"):
+            m = getattr(sc, name)
+            if not m:
+                continue
+            if len(m) != len(self.phrases) or any(len(row) != len(sc.segment_ids) for row in m):
+                fail(f"scores.{name}", f"must be a {len(self.phrases)}x{len(sc.segment_ids)} matrix (phrases x segments)")
+            if not all(_is_number(v) for row in m for v in row):
+                fail(f"scores.{name}", "holds a value that is not a finite number")
+
+        pv = self.provenance
+        if pv.source not in ("ffhq-wild", "folder"):
+            fail("provenance.source", f"must be 'ffhq-wild' or 'folder', got {pv.source!r}")
+        if not isinstance(pv.pixel_md5, str) or len(pv.pixel_md5) != 32:
+            fail("provenance.pixel_md5", f"must be a 32-character hex md5, got {pv.pixel_md5!r}")
+        if not isinstance(pv.original_size, list | tuple) or len(pv.original_size) != 2:
+            fail("provenance.original_size", f"must be [w, h], got {pv.original_size!r}")
+        return self
+
+    def _check_span(self, fail, p: str, start, end, text: str) -> None:
+        if not _is_int(start) or not _is_int(end) or not (0 <= start < end <= len(self.caption)):
+            fail(f"{p}.start", f"span [{start!r}, {end!r}) is not inside the caption (length {len(self.caption)})")
+        if self.caption[start:end] != text:
+            fail(f"{p}.end", f"span [{start}, {end}) reads {self.caption[start:end]!r} in the caption, not {text!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)

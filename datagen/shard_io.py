@@ -1,0 +1,180 @@
+"""WebDataset shard I/O: one tar per shard, written atomically; a reader that yields typed samples.
+
+Per sample (WebDataset convention: members share the key, the extension names the field):
+
+* ``<key>.jpg``     the image, RGB JPEG (quality configurable, default 95, 4:4:4 chroma)
+* ``<key>.seg.png`` the segment-id map: 16-bit grayscale PNG, same size as the JPEG, lossless;
+                    pixel value = ``segments[i].id``, 0 = no segment
+* ``<key>.json``    the :class:`~datagen.record.Record`
+
+Atomicity: a shard is written to ``<name>.tar.tmp-<pid>`` in the destination folder and renamed to
+``<name>.tar`` only after every sample is in and the file is flushed and fsync'd. A crash leaves
+at most a ``.tmp-*`` file, never a finished-looking ``.tar``; :func:`remove_stale_temps` clears them.
+Member mtimes/owners are fixed, so the same samples always give byte-identical tars.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from datagen.record import Record
+
+TMP_MARK = ".tmp-"
+
+
+class ShardError(ValueError):
+    """A shard or one of its samples is unreadable or inconsistent; the message names it."""
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Image.Image  # RGB
+    segment_map: np.ndarray  # uint16, H x W, same size as image
+    record: Record
+
+
+def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def encode_segment_map(segment_map: np.ndarray) -> bytes:
+    if segment_map.ndim != 2:
+        raise ShardError(f"segment map must be 2-D, got shape {segment_map.shape}")
+    if segment_map.size and (segment_map.min() < 0 or segment_map.max() > 65535):
+        raise ShardError("segment map values must fit in 16 bits (0..65535)")
+    buf = io.BytesIO()
+    Image.fromarray(segment_map.astype(np.uint16)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_segment_map(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode not in ("I;16", "I;16B", "I", "L"):
+            raise ShardError(f"segment map PNG has mode {im.mode}, expected 16-bit grayscale")
+        return np.asarray(im).astype(np.uint16)
+
+
+class ShardWriter:
+    """Write one shard tar atomically. Use as a context manager; an exception discards the shard."""
+
+    def __init__(self, path: str | Path, jpeg_quality: int = 95):
+        self.path = Path(path)
+        if self.path.suffix != ".tar":
+            raise ShardError(f"shard path must end in .tar: {self.path}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = self.path.with_name(f"{self.path.name}{TMP_MARK}{os.getpid()}")
+        self.jpeg_quality = jpeg_quality
+        self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._keys: set[str] = set()
+        self.count = 0
+
+    def write(self, image: Image.Image, segment_map: np.ndarray, record: Record) -> None:
+        record.validate()
+        key = record.key
+        if key in self._keys:
+            raise ShardError(f"{self.path.name}: sample key {key!r} written twice")
+        if image.size != (segment_map.shape[1], segment_map.shape[0]):
+            raise ShardError(
+                f"{self.path.name}: sample {key}: image is {image.size[0]}x{image.size[1]} but its "
+                f"segment map is {segment_map.shape[1]}x{segment_map.shape[0]}"
+            )
+        if image.size != (record.width, record.height):
+            raise ShardError(f"{self.path.name}: sample {key}: record says {record.width}x{record.height}, image is {image.size}")
+        self.write_encoded(key, encode_jpeg(image, self.jpeg_quality), encode_segment_map(segment_map), record.to_json().encode())
+
+    def write_encoded(self, key: str, jpg: bytes, seg_png: bytes, json_bytes: bytes) -> None:
+        self._keys.add(key)
+        for ext, data in (("jpg", jpg), ("seg.png", seg_png), ("json", json_bytes)):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> Path:
+        """Finish the tar and move it into place. Returns the final path."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        except Exception:  # noqa: BLE001 - we are discarding the file anyway
+            pass
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_shard(path: str | Path) -> Iterator[Sample]:
+    """Yield the samples of one shard, decoded and validated, in written order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"shard not found: {path}")
+    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    for raw in dataset:
+        key = raw["__key__"]
+        missing = [m for m in ("jpg", "seg.png", "json") if m not in raw]
+        if missing:
+            raise ShardError(f"{path.name}: sample {key} lacks member(s) {missing}")
+        try:
+            record = Record.from_json(raw["json"])
+            with Image.open(io.BytesIO(raw["jpg"])) as im:
+                image = im.convert("RGB")
+            segment_map = decode_segment_map(raw["seg.png"])
+        except (ValueError, OSError) as e:
+            raise ShardError(f"{path.name}: sample {key}: {e}") from e
+        if image.size != (segment_map.shape[1], segment_map.shape[0]):
+            raise ShardError(f"{path.name}: sample {key}: image and segment map sizes differ")
+        yield Sample(key=key, image=image, segment_map=segment_map, record=record)
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete temp files left by killed writers in ``folder``; return what was removed."""
+    removed = []
+    for p in Path(folder).glob(f"*.tar{TMP_MARK}*"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

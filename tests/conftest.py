@@ -1,0 +1,66 @@
+"""Shared fixtures. Tests are offline: tiny models are built on the fly from configs; spaCy and
+all-MiniLM-L6-v2 are the real ones that registry packages ship."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models_root(tmp_path_factory) -> Path:
+    """A session-wide folder where tiny models are built (each at most once, on first use)."""
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models_root):
+    """``tiny_model("blip2")`` -> path of that tiny model, built on first request."""
+    from datagen.tiny_models import build_one
+
+    def get(name: str) -> Path:
+        path = tiny_models_root / name
+        if not (path / ".complete").exists():
+            build_one(name, tiny_models_root)
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models_all(tiny_models_root, tiny_model) -> Path:
+    """Every tiny model built; returns the folder that ``{tiny}`` in the tiny profile stands for."""
+    from datagen.tiny_models import BUILDERS
+
+    for name in BUILDERS:
+        tiny_model(name)
+    return tiny_models_root
+
+
+@pytest.fixture
+def tiny_profile(tiny_models_all, monkeypatch):
+    """The ``tiny`` profile with ``{tiny}`` pointing at the session's tiny models."""
+    from datagen.profile import TINY_MODELS_ENV, load_profile
+
+    monkeypatch.setenv(TINY_MODELS_ENV, str(tiny_models_all))
+    return load_profile("tiny")
+
+
+@pytest.fixture(scope="session")
+def sample_source(tmp_path_factory) -> Path:
+    """The bundled FFHQ-wild-layout sample, built once per session."""
+    from datagen.sample_data import build_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    build_sample(root)
+    return root

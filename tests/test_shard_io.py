@@ -1,0 +1,111 @@
+import hashlib
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from datagen.shard_io import ShardError, ShardWriter, read_shard, remove_stale_temps
+from tests.record_factory import two_person_sample
+
+
+def _image(w=64, h=48):
+    return Image.fromarray(data.astronaut()).resize((w, h))
+
+
+def _write(path, keys=("00042", "00043")):
+    samples = []
+    with ShardWriter(path) as w:
+        for k in keys:
+            record, seg = two_person_sample(key=k)
+            w.write(_image(), seg, record)
+            samples.append((record, seg))
+    return samples
+
+
+def test_round_trip_is_exact(tmp_path):
+    path = tmp_path / "subjects-00000.tar"
+    written = _write(path)
+    got = list(read_shard(path))
+    assert [s.key for s in got] == ["00042", "00043"]
+    for (record, seg), sample in zip(written, got, strict=True):
+        assert sample.record == record
+        assert sample.record.to_json() == record.to_json()
+        assert sample.segment_map.dtype == np.uint16
+        np.testing.assert_array_equal(sample.segment_map, seg)
+        assert sample.image.mode == "RGB" and sample.image.size == (64, 48)
+    names = tarfile.open(path).getnames()
+    assert names == [f"{k}.{e}" for k in ("00042", "00043") for e in ("jpg", "seg.png", "json")]
+
+
+def test_json_member_bytes_are_the_record_json(tmp_path):
+    path = tmp_path / "subjects-00000.tar"
+    written = _write(path)
+    with tarfile.open(path) as tar:
+        member = tar.extractfile("00042.json").read()
+    assert member == written[0][0].to_json().encode()
+
+
+def test_sixteen_bit_ids_survive(tmp_path):
+    record, seg = two_person_sample()
+    seg = seg.copy()
+    # renumber segment 2 as 40000 to exercise the 16-bit range
+    seg[seg == 2] = 40000
+    record.segments[1].id = 40000
+    record.unmatched_person_segments = [40000]
+    record.scores.segment_ids = [1, 40000]
+    path = tmp_path / "subjects-00001.tar"
+    with ShardWriter(path) as w:
+        w.write(_image(), seg, record)
+    (sample,) = read_shard(path)
+    assert sample.segment_map.max() == 40000
+    np.testing.assert_array_equal(sample.segment_map, seg)
+
+
+def test_same_samples_give_byte_identical_tars(tmp_path):
+    a, b = tmp_path / "a" / "subjects-00000.tar", tmp_path / "b" / "subjects-00000.tar"
+    _write(a)
+    _write(b)
+    assert hashlib.sha256(a.read_bytes()).hexdigest() == hashlib.sha256(b.read_bytes()).hexdigest()
+
+
+def test_interrupted_write_leaves_no_finished_tar(tmp_path):
+    path = tmp_path / "subjects-00000.tar"
+    record, seg = two_person_sample()
+    with pytest.raises(RuntimeError, match="killed"):
+        with ShardWriter(path) as w:
+            w.write(_image(), seg, record)
+            raise RuntimeError("killed mid-shard")
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crashed_writer_leaves_only_a_temp_file_that_is_cleaned(tmp_path):
+    path = tmp_path / "subjects-00000.tar"
+    record, seg = two_person_sample()
+    w = ShardWriter(path)
+    w.write(_image(), seg, record)
+    w._file.flush()  # a process killed here never reaches close()
+    assert not path.exists()
+    leftovers = list(tmp_path.glob("*.tar*"))
+    assert len(leftovers) == 1 and ".tmp-" in leftovers[0].name
+    assert remove_stale_temps(tmp_path) == leftovers
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mismatched_sizes_and_duplicate_keys_are_rejected(tmp_path):
+    record, seg = two_person_sample()
+    with pytest.raises(ShardError, match="segment map is 64x48"):
+        with ShardWriter(tmp_path / "subjects-00000.tar") as w:
+            w.write(_image(32, 32), seg, record)
+    with pytest.raises(ShardError, match="written twice"):
+        with ShardWriter(tmp_path / "subjects-00000.tar") as w:
+            w.write(_image(), seg, record)
+            w.write(_image(), seg, record)
+    assert not (tmp_path / "subjects-00000.tar").exists()
+
+
+def test_reader_names_a_missing_shard(tmp_path):
+    with pytest.raises(ShardError, match="shard not found"):
+        list(read_shard(tmp_path / "nope.tar"))
