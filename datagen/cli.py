@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="subject-ffhq", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="subject-ffhq", description="Build the subject-augmented FFHQ-wild dataset and train FastComposer on it.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -1,0 +1,1 @@
+"""subject-ffhq dataset construction: sources, the four annotation stages, records, shards. No Ray here."""

@@ -1,0 +1,1 @@
+"""subject-ffhq's Ray job: planning, actor pools, retries, resume, progress, run manifests, reports."""
