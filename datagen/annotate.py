@@ -70,7 +70,7 @@ def build_record(
     )
     meta: dict[str, Any] = item.meta or {}
     provenance = Provenance(
-        source=meta.get("source", "ffhq-wild" if item.source_id.isdigit() and "license" in meta else "folder"),
+        source=meta["source"],
         source_id=item.source_id,
         path=item.rel_path,
         pixel_md5=loaded.pixel_md5,

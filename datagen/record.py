@@ -89,7 +89,7 @@ class Provenance:
     """Where the source photo came from."""
 
     source: str  # "ffhq-wild" or "folder"
-    source_id: str  # FFHQ index as a decimal string, or the relative path for a folder
+    source_id: str  # FFHQ index as a decimal string; for a folder, the running index in sorted path order
     path: str  # path relative to the source root
     pixel_md5: str  # md5 of the decoded RGB pixels (before resize)
     original_size: list[int]  # [w, h] of the source image
