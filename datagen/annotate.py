@@ -57,9 +57,9 @@ def build_record(
         if sid is not None:
             seg, j = seg_by_id[sid], col_of[sid]
             seg.word, seg.start, seg.end = ph.text, int(ph.start), int(ph.end)
-            seg.match_score = float(match.product[i, j])
-            seg.clip_sim = float(match.clip[i, j])
-            seg.sbert_sim = float(match.sbert[i, j])
+            seg.match_score = _round(match.product[i, j])
+            seg.clip_sim = _round(match.clip[i, j])
+            seg.sbert_sim = _round(match.sbert[i, j])
 
     scores = MatchScores(
         segment_ids=[int(s) for s in match.segment_ids],
@@ -102,8 +102,15 @@ def build_record(
     return record.validate()
 
 
+SCORE_DIGITS = 6  # scores are float32 products; 6 decimals keep them exact enough and records short
+
+
+def _round(v) -> float:
+    return round(float(v), SCORE_DIGITS)
+
+
 def _rows(m) -> list[list[float]]:
-    return [[float(v) for v in row] for row in m.tolist()] if getattr(m, "size", 0) else []
+    return [[_round(v) for v in row] for row in m.tolist()] if getattr(m, "size", 0) else []
 
 
 @dataclass
