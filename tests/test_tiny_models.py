@@ -1,0 +1,162 @@
+"""Tiny models: build bookkeeping, real on-disk formats, determinism, and loading them as hub ids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from datagen import tiny_models
+from datagen.tiny_models import BUILDERS, COMPLETE, build_all, build_one, folder_size
+from datagen.tiny_models.mask2former import COCO_PANOPTIC_LABELS
+
+ALL_NAMES = {"blip2", "mask2former", "open_clip", "sbert", "stable-diffusion", "clip-vision"}
+
+
+def astronaut(size=(96, 96)) -> Image.Image:
+    return Image.fromarray(data.astronaut()).resize(size)
+
+
+def test_every_model_the_project_loads_has_a_builder():
+    assert set(BUILDERS) == ALL_NAMES
+
+
+@pytest.mark.parametrize(
+    ("name", "files"),
+    [
+        ("blip2", {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "generation_config.json", COMPLETE}),
+        ("mask2former", {"config.json", "model.safetensors", "preprocessor_config.json", COMPLETE}),
+    ],
+)
+def test_folder_is_a_save_pretrained_folder(tiny_model, name, files):
+    folder = tiny_model(name)
+    assert {p.name for p in folder.iterdir()} == files
+    assert folder_size(folder) < 3_000_000  # a few MB at most
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(f".{name}.")], "no temp folder left"
+
+
+def test_blip2_config_processor_and_tokenizer_agree(tiny_model):
+    from transformers import AutoProcessor, Blip2Config
+
+    folder = tiny_model("blip2")
+    config = Blip2Config.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    tok = processor.tokenizer
+    assert type(processor).__name__ == "Blip2Processor"
+    assert processor.num_query_tokens == config.num_query_tokens
+    assert config.image_token_index == tok.convert_tokens_to_ids("<image>")
+    assert config.text_config.model_type == "opt" and config.text_config.vocab_size == len(tok)
+    # OPT's special tokens, and a real byte-level BPE: any English text round-trips
+    assert [tok.convert_tokens_to_ids(t) for t in ("<s>", "<pad>", "</s>", "<unk>")] == [0, 1, 2, 3]
+    text = "Two elderly women with a Zebra-striped umbrella, 3 dogs & a café!"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text.encode())  # merges were learned, not bytes only
+    assert processor.image_processor.size["height"] == 64
+
+
+def test_mask2former_has_the_coco_panoptic_label_map(tiny_model):
+    config = json.loads((tiny_model("mask2former") / "config.json").read_text())
+    id2label = {int(k): v for k, v in config["id2label"].items()}
+    assert [id2label[i] for i in range(133)] == list(COCO_PANOPTIC_LABELS)
+    assert id2label[0] == "person" and id2label[79] == "toothbrush" and id2label[80] == "banner"
+    assert id2label[132] == "rug-merged"
+    assert config["backbone_config"]["model_type"] == "swin"
+
+
+@pytest.mark.parametrize("name", ["blip2", "mask2former"])
+def test_builds_are_deterministic(tiny_model, tmp_path, name):
+    again = build_one(name, tmp_path)
+    first = tiny_model(name)
+    for f in sorted(p.name for p in first.iterdir()):
+        assert (again / f).read_bytes() == (first / f).read_bytes(), f"{name}/{f} differs between builds"
+
+
+def test_interrupted_build_leaves_nothing_finished(tmp_path, monkeypatch):
+    def crash(dest):
+        dest.mkdir(parents=True)
+        (dest / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setitem(tiny_models.BUILDERS, "blip2", crash)
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        build_one("blip2", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unfinished_folder_is_rebuilt_and_finished_one_kept(tmp_path):
+    stale = tmp_path / "mask2former"
+    stale.mkdir()
+    (stale / "config.json").write_text("{half written")
+    folder = build_one("mask2former", tmp_path)
+    assert folder == stale and (folder / COMPLETE).is_file()
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "mask2former"
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    build_one("mask2former", tmp_path)  # complete: not rebuilt
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_unknown_name_is_refused(tmp_path):
+    with pytest.raises(KeyError, match="no tiny model named 'bert'"):
+        build_one("bert", tmp_path)
+    with pytest.raises(KeyError, match="'bert'"):
+        build_all(tmp_path, names=["blip2", "bert"])
+
+
+def test_command_builds_and_prints_the_export_hint(tmp_path, capsys):
+    from datagen.cli import main
+
+    root = tmp_path / "tiny"
+    assert main(["tiny-models", str(root), "--only", "mask2former"]) == 0
+    out = capsys.readouterr().out
+    assert (root / "mask2former" / COMPLETE).is_file()
+    assert f"export SUBJECT_FFHQ_TINY_MODELS={root.resolve()}" in out
+    assert "mask2former" in out and str(root.resolve() / "mask2former") in out
+    assert not (root / "blip2").exists()
+    assert main(["tiny-models", str(root), "--only", "mask2former"]) == 0
+    assert "already built" in capsys.readouterr().out
+
+
+# ---- one loading path: the tiny folders served as hub ids from the HF cache ------------------------
+def as_cached_hub_repo(cache, repo_id: str, folder) -> None:
+    """Place ``folder`` in the HF cache layout, as a download of ``repo_id`` would."""
+    commit = "f" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit, ignore=shutil.ignore_patterns(COMPLETE))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, tiny_model):
+    cache = tmp_path / "hf-cache"
+    as_cached_hub_repo(cache, "subject-ffhq/tiny-blip2", tiny_model("blip2"))
+    as_cached_hub_repo(cache, "subject-ffhq/tiny-mask2former", tiny_model("mask2former"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_tiny_blip2_loads_as_a_hub_id_and_from_its_folder_alike(hub_cache, tiny_model):
+    from datagen.captioner import Captioner
+
+    image = astronaut()
+    by_id = Captioner("subject-ffhq/tiny-blip2", max_new_tokens=8, device="cpu").caption([image])
+    by_folder = Captioner(str(tiny_model("blip2")), max_new_tokens=8, device="cpu").caption([image])
+    assert by_id == by_folder and isinstance(by_id[0], str)
+
+
+def test_tiny_mask2former_loads_as_a_hub_id_and_from_its_folder_alike(hub_cache, tiny_model):
+    from datagen.segmenter import PanopticSegmenter
+
+    image = astronaut((80, 64))
+    settings = {"resolution": 64, "threshold": 0.0, "overlap_mask_area_threshold": 0.0, "device": "cpu"}
+    (by_id,) = PanopticSegmenter("subject-ffhq/tiny-mask2former", **settings).segment([image])
+    (by_folder,) = PanopticSegmenter(str(tiny_model("mask2former")), **settings).segment([image])
+    assert by_id.segment_map.shape == (64, 80) and by_id.segments
+    assert np.array_equal(by_id.segment_map, by_folder.segment_map) and by_id.segments == by_folder.segments
