@@ -25,7 +25,7 @@ TINY := out/tiny-models
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SUBJECT_FFHQ_TINY_MODELS=$(CURDIR)/$(TINY)
 QUIET := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test demo dataset train report lint bench clean
+.PHONY: install test demo dataset train report lint bench clean export-fc
 
 install: $(STAMP)
 
@@ -68,3 +68,9 @@ bench: install
 
 clean:
 	rm -rf out manifests/*/ .pytest_cache
+
+# FastComposer's own on-disk layout, from the shards that SHARDS names (quality filters via EXPORT_ARGS)
+FC_OUT ?= out/fastcomposer
+EXPORT_ARGS ?=
+export-fc: install
+	$(BIN)/subject-ffhq export --format fastcomposer $(dir $(firstword $(wildcard $(SHARDS)))) $(FC_OUT) $(EXPORT_ARGS)

@@ -5,8 +5,11 @@ items carry ``id``, ``coco_label``, ``bbox`` ([x0, y0, x1, y1], pixels of the st
 only when matched to a noun phrase, ``word``, ``start`` and ``end`` (end exclusive).
 
 **Unmatched segments** are kept in ``segments`` (their pixels are in the segment-id map) but carry
-*no* ``word`` / ``start`` / ``end`` keys at all (not ``null``): FastComposer's loader selects
-subjects with ``"end" in segment``, so an unmatched segment is never taken for a subject.
+*no* ``word`` / ``start`` / ``end`` keys at all (not ``null``), so a consumer tells subjects apart
+with ``"end" in segment`` (our trainer does). FastComposer's released loader filters segments by
+``coco_label`` only and then reads ``end`` from each, so ``subject-ffhq export --format
+fastcomposer`` lists only matched segments under ``segments`` and moves the rest, unchanged, to
+``unmatched_segments``.
 
 Everything else is for auditing: the raw caption, every phrase, the score matrices the greedy
 matcher used, the unmatched phrases and person segments, provenance and model ids.

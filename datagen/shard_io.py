@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from datagen.record import Record
@@ -137,6 +136,8 @@ class ShardWriter:
 
 def read_shard(path: str | Path) -> Iterator[Sample]:
     """Yield the samples of one shard, decoded and validated, in written order."""
+    import webdataset as wds  # imported here: it pulls in torch, which manifest/report tools don't need
+
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"shard not found: {path}")

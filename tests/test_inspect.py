@@ -1,0 +1,85 @@
+"""``subject-ffhq inspect`` and the overlay it shares with the report gallery."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from datagen.cli import main
+from ray_jobs.sample_figure import PALETTE, UNMATCHED_PERSON, caption_runs, overlay, segment_styles
+from tests.run_factory import TEMPLATES, make_run, make_sample
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect-run")
+    return make_run(root, plan=[["w", "w", "w", "w", "f"]])
+
+
+def _near(pixels, colour, tol=12):
+    return np.all(np.abs(pixels.astype(int) - np.asarray(colour)) <= tol, axis=-1)
+
+
+def test_inspect_writes_a_png_of_the_sample(run, tmp_path, capsys):
+    out = tmp_path / "grace.png"
+    assert main(["inspect", str(run["run_dir"]), "3", "--out", str(out)]) == 0  # Grace Hopper, by source id
+    assert capsys.readouterr().out.strip() == str(out)
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.shape == (950, 1700, 3)
+    assert pixels.std() > 20
+    # the two matches' colours appear solid (caption spans, label boxes), and the unmatched person's grey
+    for colour in (PALETTE[0], PALETTE[1]):
+        assert _near(pixels, colour, tol=3).sum() > 200, colour
+    assert _near(pixels, UNMATCHED_PERSON, tol=3).sum() > 50
+
+
+def test_inspect_finds_samples_by_key_and_writes_into_the_run_by_default(run, capsys):
+    assert main(["inspect", str(run["run_dir"]), "00001"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == str(run["run_dir"] / "inspect" / "00001.png")
+    assert (run["run_dir"] / "inspect" / "00001.png").stat().st_size > 10_000
+
+
+def test_inspect_says_why_a_sample_has_no_picture(run, capsys):
+    assert main(["inspect", str(run["run_dir"]), "4"]) == 1
+    err = capsys.readouterr().err
+    assert "source 4 (key 00004) was not written: failed: image: in-the-wild-images" in err
+    assert main(["inspect", str(run["run_dir"]), "999"]) == 1
+    assert "no source image with id or key '999'" in capsys.readouterr().err
+
+
+def test_overlay_colours_matched_and_unmatched_segments():
+    # Grace Hopper: "a woman" -> person 1 (match 1), "a wall" -> wall 3 (match 2), person 2 unmatched
+    image, seg, record = make_sample(TEMPLATES[2], "00003", "train", np.random.default_rng(0))
+    styles = segment_styles(record)
+    assert (styles[1].badge, styles[3].badge, styles[2].badge) == ("1", "2", "?")
+    assert styles[1].colour == PALETTE[0] and styles[3].colour == PALETTE[1] and styles[2].colour == UNMATCHED_PERSON
+
+    drawn = np.asarray(overlay(image, seg, record, badges=False), dtype=float)
+    src = np.asarray(image, dtype=float)
+    interior = ndimage_interior(seg)
+    for sid, colour in ((1, PALETTE[0]), (2, UNMATCHED_PERSON), (3, PALETTE[1])):
+        inside = interior & (seg == sid)
+        expect = src[inside] * 0.55 + np.asarray(colour) * 0.45
+        assert np.abs(drawn[inside] - expect).max() <= 1.0, sid
+    outside = seg == 0
+    assert np.array_equal(drawn[outside], src[outside])
+
+    small = overlay(image, seg, record, max_side=64)
+    assert max(small.size) == 64
+
+
+def ndimage_interior(seg):
+    edge = ndimage.morphological_gradient(seg.astype(np.int32), size=3) > 0
+    return ~ndimage.binary_dilation(edge, iterations=2)
+
+
+def test_caption_runs_mark_matched_and_unmatched_phrases():
+    _, _, record = make_sample(TEMPLATES[3], "00004", "test", np.random.default_rng(0))  # "a man and a man ..."
+    runs = caption_runs(record)
+    assert "".join(text for text, _, _ in runs) == record.caption
+    assert [(t, k, b) for t, k, b in runs if k] == [
+        ("a man", "matched", "1"), ("a man", "unmatched", None), ("a rocket launch", "matched", "2")
+    ]
