@@ -18,6 +18,7 @@ TRAIN_OUT ?= out/train
 STEPS ?= 1000
 WORKERS ?= 1
 GPU ?= 0
+TRAIN_ARGS ?=
 # make report
 RUN ?= manifests/demo
 
@@ -53,9 +54,11 @@ dataset: install
 	$(QUIET) $(if $(RAY_ADDRESS),RAY_ADDRESS=$(RAY_ADDRESS)) $(BIN)/subject-ffhq build --source $(SOURCE) \
 		--out $(OUT) --profile $(PROFILE) --shard-size $(SHARD_SIZE) $(if $(CONFIG),--config $(CONFIG))
 
+# OUT given on the command line wins (make train OUT=out/train); TRAIN_OUT is the default.
 train: install
-	$(QUIET) $(BIN)/subject-ffhq train --shards '$(SHARDS)' --profile $(PROFILE) --out $(TRAIN_OUT) \
-		--steps $(STEPS) --workers $(WORKERS) $(if $(filter 1 yes true,$(GPU)),--gpu)
+	$(if $(filter tiny,$(PROFILE)),$(OFFLINE)) $(QUIET) $(BIN)/subject-ffhq train --shards '$(SHARDS)' \
+		--profile $(PROFILE) --out $(if $(filter command line,$(origin OUT)),$(OUT),$(TRAIN_OUT)) \
+		--steps $(STEPS) --workers $(WORKERS) $(if $(filter 1 yes true,$(GPU)),--gpu) $(TRAIN_ARGS)
 
 report: install
 	$(BIN)/subject-ffhq report $(RUN)

@@ -1,0 +1,121 @@
+"""One shard sample → one training example (DESIGN §6).
+
+Steps, in order: keep the segments that carry a phrase and whose COCO label is a configured object
+type; draw the condition (unconditional / text-only / subjects, each subject kept with p, at most
+N); bring image and segment map to ``resolution``² jointly (:mod:`training.target_transform`)
+and drop subjects that the square crop cut away entirely; cut each kept subject's
+background-noised crop (:mod:`training.subject_crops`); tokenize the caption and find each
+subject's last phrase token (:mod:`training.subject_tokens`); pad the subject tensors to N.
+
+Example fields (tensors unless noted; images stay uint8 until they reach the model, a quarter
+of the bytes through loader workers' shared memory and host-to-device copies):
+
+=========================  =====================  =============================================
+``pixel_values``           uint8 (3, R, R)        target image (the model maps it to [-1, 1])
+``input_ids``              int64 (77,)            caption tokens (empty caption if unconditional)
+``subject_pixel_values``   uint8 (N, 3, S, S)     subject crops; zeros where no subject
+``subject_masks``          bool (N, R, R)         subject segments in the target; False padding
+``subject_token_index``    int64 (N,)             index of each subject's token in input_ids (0 pad)
+``subject_valid``          bool (N,)              which of the N slots hold a subject
+``subject_ids``            int64 (N,)             each subject's segment id (0 pad)
+``num_subjects``           int64 ()
+``condition``              str                    unconditional | text_only | subjects
+``key``                    str                    the sample key
+=========================  =====================  =============================================
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from datagen.record import Record
+from training.subject_crops import SubjectCropper
+from training.subject_policy import UNCONDITIONAL, SubjectDropPolicy, subject_candidates
+from training.subject_tokens import SubjectTokenizer
+from training.target_transform import square_target
+
+
+class SampleError(ValueError):
+    """A sample cannot be made into an example; the message names the shard, the key and why."""
+
+
+class ExamplePreprocessor:
+    def __init__(
+        self,
+        tokenizer,
+        subject_size: int,
+        resolution: int = 512,
+        max_subjects: int = 4,
+        object_types: tuple[str, ...] = ("person",),
+        policy: SubjectDropPolicy | None = None,
+        augment_subjects: bool = True,
+        seed: int | None = None,
+    ):
+        self.subject_tokenizer = SubjectTokenizer(tokenizer)
+        self.cropper = SubjectCropper(subject_size, augment=augment_subjects)
+        self.resolution = int(resolution)
+        self.max_subjects = int(max_subjects)
+        self.object_types = tuple(object_types)
+        self.policy = policy or SubjectDropPolicy(max_subjects=max_subjects)
+        if self.policy.max_subjects != self.max_subjects:
+            raise ValueError(f"policy keeps up to {self.policy.max_subjects} subjects, preprocessor pads to {self.max_subjects}")
+        self.rng = random.Random(seed)
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, subject_size: int, seed: int | None = None) -> ExamplePreprocessor:
+        policy = SubjectDropPolicy(cfg.uncond_prob, cfg.text_only_prob, cfg.subject_keep_prob, cfg.max_subjects)
+        return cls(tokenizer, subject_size, cfg.resolution, cfg.max_subjects, cfg.object_types, policy,
+                   cfg.augment_subjects, seed)
+
+    def reseed(self, seed: int) -> None:
+        self.rng.seed(seed)
+
+    def __call__(self, image: torch.Tensor, segment_map: np.ndarray, record: Record) -> dict:
+        """``image``: uint8 (3, H, W) at the record's size; ``segment_map``: (H, W) segment ids."""
+        if tuple(image.shape[1:]) != (record.height, record.width) or segment_map.shape != (record.height, record.width):
+            raise ValueError(
+                f"image is {image.shape[2]}x{image.shape[1]}, segment map {segment_map.shape[1]}x{segment_map.shape[0]}, "
+                f"record says {record.width}x{record.height}"
+            )
+        candidates = subject_candidates(record.segments, self.object_types)
+        condition, subjects = self.policy.draw(candidates, self.rng)
+        caption = "" if condition == UNCONDITIONAL else record.caption
+
+        flip = self.rng.random() < 0.5
+        target, target_map = square_target(image, segment_map, self.resolution, flip)
+        # A subject cropped out of the square target cannot be localised: it does not condition.
+        masks = {s.id: target_map == s.id for s in subjects}
+        subjects = [s for s in subjects if masks[s.id].any()]
+
+        input_ids, positions = self.subject_tokenizer(caption, [s.end for s in subjects])
+        subjects = [s for s, p in zip(subjects, positions, strict=True) if p is not None]
+        positions = [p for p in positions if p is not None]
+
+        n, r, size = self.max_subjects, self.resolution, self.cropper.size
+        subject_pixels = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+        subject_masks = torch.zeros(n, r, r, dtype=torch.bool)
+        token_index = torch.zeros(n, dtype=torch.long)
+        valid = torch.zeros(n, dtype=torch.bool)
+        segment_ids = torch.zeros(n, dtype=torch.long)
+        for slot, (segment, position) in enumerate(zip(subjects, positions, strict=True)):
+            subject_pixels[slot] = self.cropper(image, segment_map, segment.id, segment.bbox)
+            subject_masks[slot] = torch.from_numpy(masks[segment.id])
+            token_index[slot] = position
+            valid[slot] = True
+            segment_ids[slot] = segment.id
+
+        return {
+            "pixel_values": target,
+            "input_ids": input_ids,
+            "subject_pixel_values": subject_pixels,
+            "subject_masks": subject_masks,
+            "subject_token_index": token_index,
+            "subject_valid": valid,
+            "subject_ids": segment_ids,
+            "num_subjects": torch.tensor(len(subjects), dtype=torch.long),
+            "condition": condition,
+            "key": record.key,
+        }

@@ -1,0 +1,147 @@
+"""Ray Train entry point: run :func:`training.loop.train_loop` on N workers with torch DDP.
+
+* ``ScalingConfig(num_workers, use_gpu)``; the torch process group uses NCCL on GPUs, gloo on CPUs.
+* ``RunConfig(name=run_name, storage_path=OUT)``: checkpoints go to ``OUT/<run_name>/checkpoint-<step>``
+  via ``ray.train.report(checkpoint=...)`` (rank 0 writes it; every worker reports), the last
+  ``keep_checkpoints`` are kept.
+* ``FailureConfig(max_failures)``: when a worker dies, Ray Train restarts the worker group and each
+  worker resumes from the latest reported checkpoint (``ray.train.get_checkpoint()``).
+* Running again with the same ``OUT`` resumes from the run's latest checkpoint — Ray Train finds
+  the run's snapshot in ``OUT/<run_name>`` — and this module says so on the console before
+  starting.
+
+Ray is started locally (``ray.init``) unless a cluster is already connected or ``RAY_ADDRESS``
+names one; for a multi-node cluster ``OUT`` must be on storage every node can reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import checkpoint_step, latest_checkpoint
+from training.config import ConfigError, TrainConfig
+
+
+class RayWorkerContext:
+    """The loop's view of a Ray Train worker. ``resume_from``: the checkpoint the driver found in
+    OUT, used when Ray Train has none to give (e.g. its run snapshot was removed)."""
+
+    def __init__(self, resume_from: str | None = None) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = torch.device(ray.train.torch.get_device())
+        self.resume_from = resume_from
+
+    @contextlib.contextmanager
+    def resume_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()  # the latest reported one: after a restart, the newest
+        if checkpoint is None:
+            yield Path(self.resume_from) if self.resume_from else None
+            return
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None, step: int) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{step:08d}")
+
+
+def train_worker(config: dict) -> None:
+    """The function every Ray Train worker runs (module level, so Ray can ship it).
+    ``config``: ``{"train": TrainConfig.to_dict(), "resume_from": checkpoint path or None}``."""
+    from training.loop import train_loop
+
+    train_loop(TrainConfig.from_dict(config["train"]), RayWorkerContext(config.get("resume_from")), print_fn=_console)
+
+
+def _console(line: str) -> None:
+    """Write a line to the worker's stdout, which Ray forwards to the driver's console. (Ray Train
+    patches ``print`` into its logger, which on some setups shows every line twice.)"""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out).resolve() / cfg.run_name
+
+
+def announce(cfg: TrainConfig, print_fn=print) -> Path | None:
+    """Say on the console whether this run starts fresh or resumes; return the checkpoint it resumes from."""
+    latest = latest_checkpoint(run_dir(cfg))
+    if latest is None:
+        print_fn(f"Starting a new training run in {run_dir(cfg)} (no checkpoint there yet)")
+    else:
+        print_fn(f"Resuming from checkpoint {latest} (step {checkpoint_step(latest)}); training on to step {cfg.steps}")
+    return latest
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail now, rather than wait forever, when the cluster cannot hold the workers."""
+    import ray
+
+    resources = ray.cluster_resources()
+    kind, needed = ("GPU", cfg.num_workers) if cfg.use_gpu else ("CPU", cfg.num_workers)
+    if resources.get(kind, 0) < needed:
+        raise ConfigError(
+            f"{cfg.num_workers} training worker(s) need {needed} {kind}(s); the Ray cluster has "
+            f"{resources.get(kind, 0):g}" + (" (drop --gpu to train on CPUs)" if cfg.use_gpu else "")
+        )
+
+
+def run_training(cfg: TrainConfig, print_fn=print, worker_env: dict[str, str] | None = None):
+    """Train with Ray Train; return Ray's ``Result``. Raises ``ray.train.TrainingFailedError`` when
+    the workers fail more than ``max_failures`` times. ``worker_env``: environment variables for
+    the workers (model cache, offline switches)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray()
+    check_resources(cfg)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    resume_from = announce(cfg, print_fn)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train": cfg.to_dict(), "resume_from": str(resume_from) if resume_from else None},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=str(Path(cfg.out).resolve()),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
+        ),
+    )
+    result = trainer.fit()
+    latest = latest_checkpoint(run_dir(cfg))
+    if latest is not None:
+        print_fn(f"Latest checkpoint: {latest} (step {checkpoint_step(latest)})")
+    return result
