@@ -1,0 +1,245 @@
+"""The dataset job end to end on local Ray with the tiny profile and the bundled sample: content of
+the shards, no-op re-run, interrupted-then-resumed runs, and a source with bad images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datagen.profile import TINY_MODELS_ENV, load_profile
+from datagen.shard_io import read_shard
+from datagen.sources import open_source
+from ray_jobs.build_job import BuildRequest, run_build
+
+pytestmark = pytest.mark.slow
+
+# Small shards (3 images: the 12-image sample makes 4 shards), small stored images, two images
+# per actor call, few retries: enough to exercise every path on 2 CPUs in reasonable time.
+TEST_CONFIG = {
+    "shards": {"size": 3, "max_side": 256},
+    "ray": {"images_per_call": 2, "shard_attempts": 2, "task_max_retries": 1, "progress_interval_s": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_models_all):
+    import os
+
+    old = os.environ.get(TINY_MODELS_ENV)
+    os.environ[TINY_MODELS_ENV] = str(tiny_models_all)
+    try:
+        yield load_profile("tiny", TEST_CONFIG)
+    finally:
+        if old is None:
+            os.environ.pop(TINY_MODELS_ENV, None)
+        else:
+            os.environ[TINY_MODELS_ENV] = old
+
+
+def build(source, root: Path, profile, name: str = "run", **testing):
+    prof = json.loads(json.dumps(profile))
+    if testing:
+        prof["ray"]["testing"] = testing
+    request = BuildRequest(source=source, out=root / "out", profile=prof, run_name=name, manifests_root=root / "manifests")
+    return run_build(request)
+
+
+def entries(run_dir: Path) -> dict[int, dict]:
+    return {json.loads(p.read_text())["shard"]: json.loads(p.read_text()) for p in (run_dir / "shards").glob("*.json")}
+
+
+def tar_bytes(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "out" / "shards").iterdir())}
+
+
+def assert_same_shards(root: Path, reference: Path) -> None:
+    """Byte-identical shard folders; on a difference, name the members that differ."""
+    got, want = tar_bytes(root), tar_bytes(reference)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if got[name] != want[name]:
+            a, b = _members(root / "out" / "shards" / name), _members(reference / "out" / "shards" / name)
+            differing = [m for m in sorted(set(a) | set(b)) if a.get(m) != b.get(m)]
+            detail = {m: _json_diff(json.loads(a[m]), json.loads(b[m])) for m in differing if m.endswith(".json") and m in a and m in b}
+            raise AssertionError(f"{name} differs from the reference in members {differing}: {detail}")
+
+
+def _json_diff(a, b, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _json_diff(a.get(k), b.get(k), f"{path}.{k}")][:5]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _json_diff(x, y, f"{path}[{i}]")][:5]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def _members(tar_path: Path) -> dict[str, bytes]:
+    import tarfile
+
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, profile, sample_source, tmp_path_factory):
+    """One uninterrupted run over the sample; the other runs are compared with it."""
+    root = tmp_path_factory.mktemp("reference")
+    summary = build(sample_source, root, profile)
+    return root, summary
+
+
+def check_run(run_dir: Path, source: Path, max_side: int = 256) -> dict[str, dict]:
+    """Check a finished run's shards against its manifests and the source; return each source
+    item's manifest sample by source_id. Every check a consumer relies on is made here."""
+    items = {it.source_id: it for it in open_source(source).items()}
+    ents = entries(run_dir)
+    seen: list[str] = []
+    keys_in_tars: list[str] = []
+    phrases = segments = 0
+    for k, entry in sorted(ents.items()):
+        assert entry["name"] == f"subjects-{k:05d}"
+        seen += [s["source_id"] for s in entry["samples"]]
+        if entry["status"] != "done":
+            continue
+        samples = list(read_shard(entry["tar"]))  # decodes and validates every record
+        assert [s.key for s in samples] == [x["key"] for x in entry["samples"] if x["status"] == "written"]
+        keys_in_tars += [s.key for s in samples]
+        for sample in samples:
+            rec, seg = sample.record, sample.segment_map
+            item = items[rec.provenance.source_id]
+            assert rec.key == item.key and rec.split == item.split and rec.provenance.path == item.rel_path
+            assert sample.image.size == (rec.width, rec.height) == (seg.shape[1], seg.shape[0])
+            assert max(rec.width, rec.height) <= max_side
+            assert set(np.unique(seg).tolist()) - {0} == {s.id for s in rec.segments}
+            for s in rec.segments:
+                ys, xs = np.nonzero(seg == s.id)
+                x0, y0, x1, y1 = s.bbox
+                assert 0 <= x0 < x1 <= rec.width and 0 <= y0 < y1 <= rec.height
+                assert [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] == s.bbox
+                assert s.area == len(xs)
+                if s.matched:
+                    assert rec.caption[s.start : s.end] == s.word
+            for p in rec.phrases:
+                assert rec.caption[p.start : p.end] == p.text
+            phrases += len(rec.phrases)
+            segments += len(rec.segments)
+    # every source image accounted for exactly once, every written one in exactly one tar
+    assert sorted(seen, key=int) == sorted(items, key=int)
+    assert len(keys_in_tars) == len(set(keys_in_tars))
+    statuses = {s["source_id"]: s for e in ents.values() for s in e["samples"]}
+    assert sorted(keys_in_tars) == sorted(s["key"] for s in statuses.values() if s["status"] == "written")
+    assert all(s["reason"] for s in statuses.values() if s["status"] != "written")
+    if keys_in_tars:
+        assert segments > 0 and phrases > 0  # the checks above ran on real content
+    return statuses
+
+
+def test_every_shard_and_sample_is_consistent(reference, sample_source):
+    root, summary = reference
+    assert summary.status == "complete" and summary.exit_code == 0
+    assert sorted(entries(summary.run_dir)) == [0, 1, 2, 3]
+    assert sorted(p.name for p in (root / "out" / "shards").iterdir()) == [f"subjects-{i:05d}.tar" for i in range(4)]
+    statuses = check_run(summary.run_dir, sample_source)
+    assert statuses["1003"]["status"] == "duplicate" and "source_id 3" in statuses["1003"]["reason"]
+    assert all(s["status"] == "written" for sid, s in statuses.items() if sid != "1003")
+    assert summary.counts == {
+        "items": 12, "written": 11, "duplicate": 1, "failed": 0, "pending": 0,
+        "shards": {"planned": 4, "done": 4, "failed": 0, "pending": 0},
+    }
+    run = json.loads((summary.run_dir / "run.json").read_text())
+    assert run["status"] == "complete" and run["counts"] == summary.counts
+    assert run["models"]["captioner"].endswith("blip2") and run["packages"]["ray"]
+    assert run["invocations"][-1]["shards_run"] == 4
+
+
+def test_second_run_is_a_no_op(reference, profile, sample_source):
+    root, first = reference
+    before = tar_bytes(root)
+    ents_before = entries(first.run_dir)
+    mtimes = {p: p.stat().st_mtime_ns for p in [*(root / "out" / "shards").iterdir(), *(first.run_dir / "shards").iterdir()]}
+    again = build(sample_source, root, profile)
+    assert again.status == "complete"
+    assert (again.shards_run, again.shards_skipped) == (0, 4)
+    assert tar_bytes(root) == before and entries(first.run_dir) == ents_before
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_failed_shards_are_recorded_then_resumed_to_identical_bytes(reference, profile, sample_source, tmp_path):
+    ref_root, _ = reference
+    first = build(sample_source, tmp_path, profile, fail_shards=["1:raise", "2:kill"])
+    assert first.status == "incomplete" and first.exit_code == 1
+    ents = entries(first.run_dir)
+    assert [ents[k]["status"] for k in range(4)] == ["done", "failed", "failed", "done"]
+    assert "InjectedFailure" in ents[1]["error"] and ents[1]["attempts"] == 2
+    assert all(s["status"] == "failed" and "injected failure" in s["reason"] for s in ents[1]["samples"])
+    assert ents[2]["samples"][2]["status"] == "duplicate"  # 1003 stays a duplicate in a failed shard
+    assert first.counts["failed"] == 5 and first.counts["pending"] == 0
+    check_run(first.run_dir, sample_source)
+    assert sorted(tar_bytes(tmp_path)) == ["subjects-00000.tar", "subjects-00003.tar"]  # no temp left
+
+    resumed = build(sample_source, tmp_path, profile)
+    assert resumed.status == "complete" and (resumed.shards_run, resumed.shards_skipped) == (2, 2)
+    assert_same_shards(tmp_path, ref_root)
+    run = json.loads((resumed.run_dir / "run.json").read_text())
+    assert [i["status"] for i in run["invocations"]] == ["incomplete", "complete"]
+
+
+def test_interrupted_run_resumes_to_identical_bytes(reference, profile, sample_source, tmp_path):
+    ref_root, _ = reference
+    stopped = build(sample_source, tmp_path, profile, stop_after_shards=1)
+    assert stopped.status == "interrupted" and stopped.exit_code == 130
+    assert stopped.counts["pending"] > 0
+    done_before = set(entries(stopped.run_dir))
+    assert 1 <= len(done_before) < 4
+    # a crash can leave a half-written temp file: plant one, resume must clear it
+    shards_dir = tmp_path / "out" / "shards"
+    (shards_dir / "subjects-00003.tar.tmp-99999").write_bytes(b"partial")
+    resumed = build(sample_source, tmp_path, profile)
+    assert resumed.status == "complete"
+    assert resumed.shards_skipped == len(done_before) and resumed.shards_run == 4 - len(done_before)
+    assert_same_shards(tmp_path, ref_root)
+
+
+def test_corrupt_and_missing_images_are_recorded_and_named(ray_local, profile, sample_source, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(sample_source, source)
+    wild = source / "in-the-wild-images"
+    (wild / "00000" / "00001.png").unlink()  # missing
+    truncated = wild / "01000" / "01001.png"
+    truncated.write_bytes(truncated.read_bytes()[:500])  # truncated PNG
+    (wild / "02000" / "02000.png").write_bytes(b"this is not an image")  # garbage
+    summary = build(source, tmp_path, profile)
+    assert summary.status == "complete"
+    statuses = check_run(summary.run_dir, source)
+    failed = {sid: s["reason"] for sid, s in statuses.items() if s["status"] == "failed"}
+    assert sorted(failed, key=int) == ["1", "1001", "2000"]
+    assert "00001.png: file is missing" in failed["1"]
+    assert "01001.png" in failed["1001"] and "truncated or corrupt" in failed["1001"]
+    assert "02000.png" in failed["2000"] and "not a recognised image format" in failed["2000"]
+    assert summary.counts["written"] == 8 and summary.counts["duplicate"] == 1
+
+
+def test_cli_reports_a_missing_model_at_start_up(ray_local, sample_source, tmp_path, monkeypatch, capsys):
+    from datagen.cli import main
+
+    monkeypatch.setenv(TINY_MODELS_ENV, str(tmp_path / "no-models-here"))
+    config = tmp_path / "small.yaml"
+    config.write_text("shards: {size: 3, max_side: 256}\nray: {actor_max_restarts: 0}\n")
+    code = main(["build", "--source", str(sample_source), "--out", str(tmp_path / "out"), "--profile", "tiny",
+                 "--config", str(config), "--manifests", str(tmp_path / "manifests")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "could not start its actor: ModelNotFoundError" in err and str(tmp_path / "no-models-here") in err
+    assert not (tmp_path / "out" / "shards").exists() or not any((tmp_path / "out" / "shards").iterdir())

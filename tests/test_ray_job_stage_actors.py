@@ -1,0 +1,68 @@
+"""The stage actor classes, used in-process (no Ray): their outputs line up with the chunk, and a
+matcher's scores do not depend on which images it saw before (what makes resumed shards
+byte-identical)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datagen.shard_plan import plan_shards
+from datagen.sources import open_source
+from ray_jobs.shard_tasks import LoadedChunk, encode_chunk, load_chunk, split_chunks
+from ray_jobs.stage_actors import CaptionerActor, MatcherActor, SegmenterActor, StageFailure
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chunks(sample_source):
+    (spec,) = plan_shards(open_source(sample_source).items()[:6], shard_size=6)
+    first, second = split_chunks(spec, images_per_call=3)
+    return load_chunk(0, 0, first, max_side=192), load_chunk(0, 1, second, max_side=192)
+
+
+def test_stage_actors_in_process_history_independent(tiny_profile, chunks):
+    first, second = chunks
+    captioner = CaptionerActor(tiny_profile["captioner"])
+    segmenter = SegmenterActor(tiny_profile["segmenter"])
+    caps = [captioner.caption(c) for c in chunks]
+    pans = [segmenter.segment(c) for c in chunks]
+    for c, cap, pan in zip(chunks, caps, pans, strict=True):
+        assert len(cap) == len(pan) == len(c.loaded) == 3
+        assert not any(isinstance(x, StageFailure) for x in [*cap, *pan])
+        assert all(isinstance(text, str) and isinstance(flags, list) for text, flags in cap)
+
+    sections = (tiny_profile["matcher"], tiny_profile["phrases"], tiny_profile["segmenter"])
+    seasoned, fresh = MatcherActor(*sections), MatcherActor(*sections)
+    # history: the seasoned matcher first sees the chunk's images one at a time, last first, so
+    # it meets their segments' labels in other batches than the fresh one does
+    for i in reversed(range(len(second.loaded))):
+        seasoned.match(LoadedChunk(0, 9, second.loaded[i : i + 1]), caps[1][i : i + 1], pans[1][i : i + 1])
+    a = seasoned.match(second, caps[1], pans[1])
+    b = fresh.match(second, caps[1], pans[1])
+    for (chunked_a, match_a), (chunked_b, match_b) in zip(a, b, strict=True):
+        assert chunked_a == chunked_b
+        assert match_a.segment_ids == match_b.segment_ids and match_a.pairs == match_b.pairs
+        for name in ("clip", "sbert", "product"):
+            assert np.array_equal(getattr(match_a, name), getattr(match_b, name)), name
+    assert seasoned.stats()["images"] == 6 and fresh.stats()["images"] == 3
+
+    encoded = encode_chunk(second, caps[1], pans[1], b, {"captioner": "tiny"}, jpeg_quality=90)
+    assert [s.key for s in encoded.samples] == [li.item.key for li in second.loaded]
+    assert set(encoded.outcomes.values()) == {("written", None)}
+
+
+def test_a_failed_caption_fails_only_that_image_downstream(tiny_profile, chunks):
+    first, _ = chunks
+    segmenter = SegmenterActor(tiny_profile["segmenter"])
+    pans = segmenter.segment(first)
+    caps = [(f"a photo of a person number {i}", []) for i in range(3)]
+    caps[1] = StageFailure("captioner", "captioner: x.png: RuntimeError: model fell over")
+    matcher = MatcherActor(tiny_profile["matcher"], tiny_profile["phrases"], tiny_profile["segmenter"])
+    matched = matcher.match(first, caps, pans)
+    assert matched[1] is caps[1] and not isinstance(matched[0], StageFailure)
+    encoded = encode_chunk(first, caps, pans, matched, {"captioner": "tiny"}, jpeg_quality=90)
+    sid = first.loaded[1].item.source_id
+    assert encoded.outcomes[sid] == ("failed", "captioner: x.png: RuntimeError: model fell over")
+    assert len(encoded.samples) == 2
