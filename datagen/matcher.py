@@ -411,10 +411,12 @@ class Matcher:
     def label_embeddings(self, labels) -> dict[str, np.ndarray]:
         """Normalised SBERT embeddings of ``labels``; each label is encoded once per Matcher, then cached."""
         missing = sorted({label for label in labels if label not in self._label_embeddings})
-        if missing:
-            for label, emb in zip(missing, self._encode_sbert(missing), strict=True):
-                self._label_embeddings[label] = emb
-            self.labels_encoded += len(missing)
+        # One label per forward: an embedding must not depend on which other labels happened to be
+        # new in the same call (batch shape shifts SBERT outputs ~1e-7), or a resumed run would not
+        # reproduce an uninterrupted one byte for byte. At most 133 COCO labels, once per Matcher.
+        for label in missing:
+            self._label_embeddings[label] = self._encode_sbert([label])[0]
+        self.labels_encoded += len(missing)
         return {label: self._label_embeddings[label] for label in labels}
 
     @property

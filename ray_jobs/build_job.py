@@ -42,6 +42,7 @@ from datagen.sources import SourceItem, open_source
 from ray_jobs import shard_manifest, shard_tasks
 from ray_jobs.build_settings import BuildSettings, config_digest, resolve_settings, with_defaults
 from ray_jobs.failure_injection import FailureInjection
+from ray_jobs.manifest_tables import SAMPLES_TABLE, write_manifest_tables
 from ray_jobs.progress import ProgressReporter
 from ray_jobs.run_manifest import account, host_info, package_versions, write_run_manifest
 from ray_jobs.stage_actors import CaptionerActor, MatcherActor, SegmenterActor
@@ -200,6 +201,9 @@ class BuildJob:
         summary = BuildSummary(req.run_dir, status, counts, self.shards_run, len(plan) - len(todo), self.shards_failed, seconds)
         if todo or not (req.run_dir / "run.json").is_file():
             self.write_run_manifest(source, plan, summary, started_wall, progress)
+        if todo or not (req.run_dir / SAMPLES_TABLE).is_file():
+            tables = write_manifest_tables(req.run_dir)
+            self.say(f"manifest tables: {tables.samples}, {tables.shards}, {tables.summary}")
         self.say(
             f"{status}: {counts['items']} source images: {counts['written']} written, {counts['duplicate']} duplicate, "
             f"{counts['failed']} failed, {counts['pending']} pending | shards: {counts['shards']} | {seconds:.1f}s"

@@ -152,11 +152,10 @@ class SegmenterActor(_StageActor):
 
 
 class MatcherActor(_StageActor):
-    """Also warms the matcher's label-embedding cache with the segmenter's whole label set, in one
-    fixed order: the matcher encodes labels the first time it meets them, in one batch with
-    whatever other labels are new, and a batch's shape moves the last bits of a float. Encoding
-    them all up front makes every score independent of which images this actor saw before, so a
-    resumed or retried shard is byte-identical to an uninterrupted one."""
+    """Runs the phrase chunker and the matcher. At start-up it fills the matcher's label-embedding
+    cache with the segmenter's whole label set, so no image pays for a label's first encoding.
+    (The matcher encodes each label on its own, so scores never depend on which images an actor
+    saw before: a resumed or retried shard is byte-identical to an uninterrupted one.)"""
 
     stage = "matcher"
 
