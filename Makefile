@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SOURCE ?= out/demo-source
 OUT ?= out/dataset
 PROFILE ?= paper
-SHARD_SIZE ?= 1000
+SHARD_SIZE ?=
 RAY_ADDRESS ?=
 CONFIG ?=
 # make train
@@ -46,13 +46,14 @@ test: install
 demo: install
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq sample-data out/demo-source
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq tiny-models $(TINY)
-	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq build --source out/demo-source --out out/demo --profile tiny \
-		--shard-size 4 --run-name demo
+	$(OFFLINE) $(QUIET) env -u RAY_ADDRESS $(BIN)/subject-ffhq build --source out/demo-source --out out/demo \
+		--profile tiny --shard-size 4 --run-name demo
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq report manifests/demo
 
 dataset: install
-	$(QUIET) $(if $(RAY_ADDRESS),RAY_ADDRESS=$(RAY_ADDRESS)) $(BIN)/subject-ffhq build --source $(SOURCE) \
-		--out $(OUT) --profile $(PROFILE) --shard-size $(SHARD_SIZE) $(if $(CONFIG),--config $(CONFIG))
+	$(if $(filter tiny,$(PROFILE)),$(OFFLINE)) $(QUIET) $(BIN)/subject-ffhq build --source $(SOURCE) --out $(OUT) \
+		--profile $(PROFILE) $(if $(SHARD_SIZE),--shard-size $(SHARD_SIZE)) $(if $(CONFIG),--config $(CONFIG)) \
+		$(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 # OUT given on the command line wins (make train OUT=out/train); TRAIN_OUT is the default.
 train: install
