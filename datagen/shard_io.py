@@ -15,6 +15,7 @@ Member mtimes/owners are fixed, so the same samples always give byte-identical t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -143,20 +144,33 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
         raise ShardError(f"shard not found: {path}")
     dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
     for raw in dataset:
-        key = raw["__key__"]
-        missing = [m for m in ("jpg", "seg.png", "json") if m not in raw]
-        if missing:
-            raise ShardError(f"{path.name}: sample {key} lacks member(s) {missing}")
-        try:
-            record = Record.from_json(raw["json"])
-            with Image.open(io.BytesIO(raw["jpg"])) as im:
-                image = im.convert("RGB")
-            segment_map = decode_segment_map(raw["seg.png"])
-        except (ValueError, OSError) as e:
-            raise ShardError(f"{path.name}: sample {key}: {e}") from e
-        if image.size != (segment_map.shape[1], segment_map.shape[0]):
-            raise ShardError(f"{path.name}: sample {key}: image and segment map sizes differ")
-        yield Sample(key=key, image=image, segment_map=segment_map, record=record)
+        yield decode_sample(path.name, raw["__key__"], raw)
+
+
+def decode_sample(shard_name: str, key: str, members: dict[str, bytes]) -> Sample:
+    """Decode one sample from its raw members (``jpg``, ``seg.png``, ``json``) and check them."""
+    missing = [m for m in ("jpg", "seg.png", "json") if m not in members]
+    if missing:
+        raise ShardError(f"{shard_name}: sample {key} lacks member(s) {missing}")
+    try:
+        record = Record.from_json(members["json"])
+        with Image.open(io.BytesIO(members["jpg"])) as im:
+            image = im.convert("RGB")
+        segment_map = decode_segment_map(members["seg.png"])
+    except (ValueError, OSError) as e:
+        raise ShardError(f"{shard_name}: sample {key}: {e}") from e
+    if image.size != (segment_map.shape[1], segment_map.shape[0]):
+        raise ShardError(f"{shard_name}: sample {key}: image and segment map sizes differ")
+    return Sample(key=key, image=image, segment_map=segment_map, record=record)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (what shard manifests record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:

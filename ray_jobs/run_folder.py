@@ -12,8 +12,6 @@ report/inspect tools fetch the few samples they show by member name.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import tarfile
@@ -21,11 +19,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from datagen.record import Record, RecordError
-from datagen.shard_io import Sample, ShardError, decode_segment_map
+from datagen.shard_io import Sample, ShardError, decode_sample, file_sha256
 
 DEFAULT_MANIFESTS_ROOT = "manifests"
 ENTRY_KEYS = ("shard", "name", "tar", "sha256", "bytes", "seconds", "written", "skipped", "failed", "samples")
@@ -153,14 +148,6 @@ def check_tar(entry: ShardEntry, verify_sha256: bool = False) -> None:
             raise RunFolderError(f"{entry.path.name}: sha256 of {entry.tar} is {digest}, the entry says {entry.sha256}")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def iter_shard_records(tar_path: Path) -> Iterator[Record]:
     """The records of one shard (its ``.json`` members only), validated, in written order."""
     try:
@@ -195,26 +182,13 @@ def iter_samples(tar_path: Path, keys: Iterable[str]) -> Iterator[tuple[str, Sam
                 m = pending.setdefault(key, {})
                 m[ext] = tar.extractfile(member).read()
                 if len(m) == 3:
-                    yield key, _decode(tar_path, key, pending.pop(key))
+                    yield key, decode_sample(tar_path.name, key, pending.pop(key))
                     wanted.discard(key)
     except tarfile.TarError as e:
         raise ShardError(f"{tar_path}: not a readable tar: {e}") from e
     for key in sorted(wanted):
         have = sorted(pending.get(key, {}))
         raise ShardError(f"{tar_path.name}: sample {key} not found (members present: {have or 'none'})")
-
-
-def _decode(tar_path: Path, key: str, m: dict[str, bytes]) -> Sample:
-    try:
-        record = Record.from_json(m["json"])
-        with Image.open(io.BytesIO(m["jpg"])) as im:
-            image = im.convert("RGB")
-        segment_map = decode_segment_map(m["seg.png"])
-    except (ValueError, OSError) as e:
-        raise ShardError(f"{tar_path.name}: sample {key}: {e}") from e
-    if image.size != (segment_map.shape[1], segment_map.shape[0]):
-        raise ShardError(f"{tar_path.name}: sample {key}: image and segment map sizes differ")
-    return Sample(key=key, image=image, segment_map=np.asarray(segment_map), record=record)
 
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
