@@ -103,8 +103,8 @@ class _ShardWork:
 
 
 # Module-level task bodies, so Ray workers import them by name.
-def _load_task(shard: int, chunk: int, items: list[SourceItem], max_side: int):
-    return shard_tasks.load_chunk(shard, chunk, items, max_side)
+def _load_task(shard: int, chunk: int, items: list[SourceItem], max_side: int, verify_pixel_md5: bool):
+    return shard_tasks.load_chunk(shard, chunk, items, max_side, verify_pixel_md5)
 
 
 def _encode_task(chunk, captions, panoptic, matched, models: dict[str, str], jpeg_quality: int):
@@ -296,7 +296,7 @@ class BuildJob:
 
     def submit_chunk(self, work: _ShardWork, load, encode):
         s, i = self.settings, work.next_chunk
-        loaded = load.remote(work.spec.index, i, work.chunks[i], s.max_side)
+        loaded = load.remote(work.spec.index, i, work.chunks[i], s.max_side, s.verify_pixel_md5)
         captions = self.pools["captioner"].call("caption", loaded)
         panoptic = self.pools["segmenter"].call("segment", loaded)
         matched = self.pools["matcher"].call("match", loaded, captions, panoptic)

@@ -7,6 +7,10 @@ Two sections sit next to the stage sections of a profile (``--config FILE`` over
 * ``size``: source images per shard (default 1000: with FFHQ-wild, shard k is exactly the
   folder ``in-the-wild-images/{k*1000:05d}/``); ``--shard-size`` overrides it.
 * ``max_side``: long side of the stored image (default 1024); ``jpeg_quality`` (default 95).
+* ``verify_pixel_md5`` (default false): recompute each FFHQ-wild image's pixel md5 and fail the
+  image when it differs from ``in_the_wild.pixel_md5`` (see :mod:`datagen.image_io`). Off, the
+  metadata's md5 is recorded as is (corrupt files still fail at decode: PNG CRCs + zlib adler32).
+  It only checks, never changes a shard's bytes, so it is left out of :func:`config_digest`.
 
 ``ray:`` — how the job is placed and paced (never changes the shards' bytes):
 
@@ -46,7 +50,9 @@ GPU_SHARES = {"captioner": 0.5, "segmenter": 0.25, "matcher": 0.25}
 # The profile sections whose values change the shards' bytes (digested into every shard entry).
 CONTENT_SECTIONS = ("captioner", "segmenter", "phrases", "matcher", "shards")
 
-SHARDS_DEFAULTS: dict[str, Any] = {"size": 1000, "max_side": 1024, "jpeg_quality": 95}
+SHARDS_DEFAULTS: dict[str, Any] = {"size": 1000, "max_side": 1024, "jpeg_quality": 95, "verify_pixel_md5": False}
+# ``shards:`` keys that check the output without changing its bytes (not in the config digest).
+CHECK_ONLY_SHARD_KEYS = ("verify_pixel_md5",)
 RAY_DEFAULTS: dict[str, Any] = {
     "stages": {name: {"replicas": "auto", "num_gpus": "auto", "num_cpus": "auto"} for name in STAGE_NAMES},
     "images_per_call": 8,
@@ -81,6 +87,7 @@ class BuildSettings:
     shard_size: int
     max_side: int
     jpeg_quality: int
+    verify_pixel_md5: bool
     stages: dict[str, StagePlacement]
     images_per_call: int
     max_shards_in_flight: int
@@ -152,6 +159,7 @@ def resolve_settings(profile: dict[str, Any], cluster: dict[str, float]) -> Buil
         shard_size=_int(shards["size"], "shards.size", 1),
         max_side=_int(shards["max_side"], "shards.max_side", 1),
         jpeg_quality=_int(shards["jpeg_quality"], "shards.jpeg_quality", 1, 100),
+        verify_pixel_md5=_bool(shards["verify_pixel_md5"], "shards.verify_pixel_md5"),
         stages=stages,
         images_per_call=_int(ray_cfg["images_per_call"], "ray.images_per_call", 1),
         max_shards_in_flight=_auto(ray_cfg["max_shards_in_flight"], max(2, 2 * total_actors), "ray.max_shards_in_flight", int, minimum=1),
@@ -171,6 +179,7 @@ def config_digest(profile: dict[str, Any]) -> str:
     """sha256 of the content-affecting sections: shards built under another digest differ in bytes."""
     profile = with_defaults(profile)
     content = {name: profile.get(name) for name in CONTENT_SECTIONS}
+    content["shards"] = {k: v for k, v in content["shards"].items() if k not in CHECK_ONLY_SHARD_KEYS}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -192,6 +201,12 @@ def _int(value: Any, key: str, minimum: int, maximum: int | None = None) -> int:
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         raise SettingsError(f"{key} must be {bound}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise SettingsError(f"{key} must be true or false, got {value!r}")
     return value
 
 

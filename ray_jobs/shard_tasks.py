@@ -70,12 +70,15 @@ def split_chunks(spec: ShardSpec, images_per_call: int) -> list[list[SourceItem]
     return [todo[i : i + images_per_call] for i in range(0, len(todo), images_per_call)]
 
 
-def load_chunk(shard: int, chunk: int, items: list[SourceItem], max_side: int) -> LoadedChunk:
+def load_chunk(
+    shard: int, chunk: int, items: list[SourceItem], max_side: int, verify_pixel_md5: bool = False
+) -> LoadedChunk:
+    """``verify_pixel_md5``: the ``shards.verify_pixel_md5`` setting (recompute metadata md5s)."""
     t = time.perf_counter()
     loaded, failed = [], {}
     for item in items:
         try:
-            loaded.append(load_image(item, max_side=max_side))
+            loaded.append(load_image(item, max_side=max_side, verify_md5=verify_pixel_md5))
         except ImageError as e:
             failed[item.source_id] = f"image: {e}"
     return LoadedChunk(shard=shard, chunk=chunk, loaded=loaded, failed=failed, seconds=time.perf_counter() - t)

@@ -4,6 +4,7 @@ parsing, and the stage actors' failure isolation: pure logic, no Ray cluster nee
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from datagen.profile import load_profile
 from ray_jobs.build_settings import (
@@ -64,6 +65,7 @@ def test_explicit_values_override_auto(paper):
         ({"ray": {"stages": {"tagger": {}}}}, "tagger"),
         ({"shards": {"size": 0}}, "shards.size"),
         ({"shards": {"jpeg_quality": 101}}, "shards.jpeg_quality"),
+        ({"shards": {"verify_pixel_md5": "yes"}}, "shards.verify_pixel_md5"),
         ({"ray": {"scheduling_strategy": "PACKED"}}, "ray.scheduling_strategy"),
     ],
 )
@@ -79,6 +81,29 @@ def test_config_digest_follows_content_not_placement(paper):
     assert config_digest(load_profile("paper", {"shards": {"max_side": 512}})) != base
     assert config_digest(load_profile("paper", {"captioner": {"max_new_tokens": 5}})) != base
     assert with_defaults(paper)["shards"]["size"] == 1000
+
+
+def test_verify_pixel_md5_defaults_off_and_is_not_in_the_digest(paper):
+    assert resolve_settings(paper, {"CPU": 4.0}).verify_pixel_md5 is False
+    verifying = load_profile("paper", {"shards": {"verify_pixel_md5": True}})
+    assert resolve_settings(verifying, {"CPU": 4.0}).verify_pixel_md5 is True
+    # it checks the source, never changes a shard's bytes: a resume may switch it freely
+    assert config_digest(verifying) == config_digest(paper)
+
+
+def test_load_chunk_passes_verify_pixel_md5_to_load_image(tmp_path):
+    from datagen.sources import SourceItem
+    from ray_jobs.shard_tasks import load_chunk
+
+    path = tmp_path / "00000.png"
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(path)
+    wrong = "e" * 32
+    item = SourceItem("0", "00000", str(path), path.name, wrong, "train", None, {"pixel_md5": wrong})
+    trusted = load_chunk(0, 0, [item], max_side=64)
+    assert [li.pixel_md5 for li in trusted.loaded] == [wrong] and trusted.failed == {}
+    verified = load_chunk(0, 0, [item], max_side=64, verify_pixel_md5=True)
+    assert verified.loaded == []
+    assert "pixel md5 mismatch" in verified.failed["0"] and str(path) in verified.failed["0"]
 
 
 def test_failure_injection_parsing():

@@ -16,7 +16,8 @@ from datagen.image_io import MAX_PIXELS, ImageError, LoadedImage, load_image, pi
 from datagen.sources import SourceItem
 
 
-def item_for(path: Path) -> SourceItem:
+def item_for(path: Path, meta_md5: str | None = None) -> SourceItem:
+    """An image-folder item (no metadata md5), or with ``meta_md5`` an FFHQ-wild-like one."""
     return SourceItem(
         source_id="0",
         key="00000",
@@ -25,12 +26,12 @@ def item_for(path: Path) -> SourceItem:
         group="g",
         split="train",
         duplicate_of=None,
-        meta={},
+        meta={"pixel_md5": meta_md5},
     )
 
 
-def load(path: Path, **kwargs) -> LoadedImage:
-    return load_image(item_for(path), **kwargs)
+def load(path: Path, meta_md5: str | None = None, **kwargs) -> LoadedImage:
+    return load_image(item_for(path, meta_md5), **kwargs)
 
 
 def rejected(path: Path, reason: str, **kwargs) -> ImageError:
@@ -79,10 +80,10 @@ def test_rgb_png_is_kept_exactly_and_hashed_like_ffhq(tmp_path):
     with Image.open(path) as img:  # NVlabs' pixel_md5: hashlib.md5(np.array(image))
         assert loaded.pixel_md5 == hashlib.md5(np.array(img)).hexdigest()
     assert loaded.pixel_md5 == hashlib.md5(arr.tobytes()).hexdigest()
-    assert loaded.notes == ()
+    assert loaded.notes == ("pixel-md5 computed",)
 
 
-def test_long_side_is_reduced_with_lanczos_and_md5_is_of_the_full_image(tmp_path):
+def test_long_side_is_reduced_antialiased_and_md5_is_of_the_full_image(tmp_path):
     arr = np.zeros((1000, 2000, 3), dtype=np.uint8)
     arr[:, :1000] = (200, 30, 10)
     arr[:, 1000:] = (10, 40, 220)
@@ -96,6 +97,21 @@ def test_long_side_is_reduced_with_lanczos_and_md5_is_of_the_full_image(tmp_path
     assert tuple(out[128, 10]) == (200, 30, 10)
     assert tuple(out[128, 500]) == (10, 40, 220)
     assert any(n.startswith("resized 2000x1000 -> 512x256") for n in loaded.notes)
+
+
+def test_downscale_is_antialiased_bilinear(tmp_path):
+    # A one-pixel checkerboard (the highest frequency there is) halved must come out flat grey:
+    # point sampling would keep one colour; an antialiased filter averages to the mean.
+    arr = np.indices((400, 600)).sum(axis=0) % 2 * 255
+    path = tmp_path / "checker.png"
+    Image.fromarray(np.repeat(arr[..., None], 3, axis=2).astype(np.uint8)).save(path)
+    loaded = load(path, max_side=300)
+    out = pixels(loaded).astype(int)
+    assert loaded.image.size == (300, 200)
+    assert np.abs(out[2:-2, 2:-2] - 127.5).max() <= 1
+    with Image.open(path) as img:
+        expected = img.convert("RGB").resize((300, 200), Image.Resampling.BILINEAR)
+    assert np.array_equal(out, np.asarray(expected))
 
 
 def test_small_images_are_never_enlarged(tmp_path):
@@ -123,6 +139,63 @@ def test_large_jpeg_is_drafted_while_decoding(tmp_path):
     with Image.open(path) as img:
         assert exact.pixel_md5 == hashlib.md5(img.convert("RGB").tobytes()).hexdigest()
     assert loaded.pixel_md5 != exact.pixel_md5  # documented: a drafted decode hashes the reduced pixels
+
+
+# --------------------------------------------------------------------------- pixel md5 source
+
+
+def write_random_png(path: Path, seed: int = 0) -> np.ndarray:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def test_metadata_md5_is_recorded_without_recomputing(tmp_path):
+    path = tmp_path / "00000.png"
+    write_random_png(path)
+    meta_md5 = "0123456789abcdef0123456789abcdef"  # deliberately not the file's: shows it is not recomputed
+    loaded = load(path, meta_md5)
+    assert loaded.pixel_md5 == meta_md5
+    assert "pixel-md5 from metadata" in loaded.notes
+
+
+def test_verify_md5_accepts_a_matching_file(tmp_path):
+    path = tmp_path / "00000.png"
+    arr = write_random_png(path)
+    true_md5 = hashlib.md5(arr.tobytes()).hexdigest()
+    loaded = load(path, true_md5, verify_md5=True)
+    assert loaded.pixel_md5 == true_md5
+    assert "pixel-md5 verified against metadata" in loaded.notes
+
+
+def test_verify_md5_mismatch_names_the_file_and_both_digests(tmp_path):
+    path = tmp_path / "00000.png"
+    arr = write_random_png(path)
+    true_md5 = hashlib.md5(arr.tobytes()).hexdigest()
+    meta_md5 = "f" * 32
+    error = rejected(path, "pixel md5 mismatch", meta_md5=meta_md5, verify_md5=True)
+    assert true_md5 in str(error) and meta_md5 in str(error)
+
+
+def test_folder_items_always_compute_the_md5(tmp_path):
+    path = tmp_path / "photo.png"
+    arr = write_random_png(path, seed=3)
+    for verify in (False, True):
+        loaded = load(path, verify_md5=verify)
+        assert loaded.pixel_md5 == hashlib.md5(arr.tobytes()).hexdigest()
+        assert "pixel-md5 computed" in loaded.notes
+
+
+def test_verify_md5_hashes_a_jpeg_at_full_resolution(tmp_path):
+    arr = np.zeros((1600, 2400, 3), dtype=np.uint8)
+    arr[:800] = (250, 250, 250)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(arr).save(path, quality=90)
+    with Image.open(path) as img:
+        full_md5 = hashlib.md5(img.convert("RGB").tobytes()).hexdigest()
+    loaded = load(path, full_md5, max_side=600, verify_md5=True)
+    assert loaded.pixel_md5 == full_md5 and loaded.image.size == (600, 400)
+    assert not any(n.startswith("jpeg-draft") for n in loaded.notes)
 
 
 def test_pixel_md5_requires_rgb():

@@ -89,8 +89,9 @@ def test_provenance_is_carried_per_item(items, metadata):
 
 def test_metadata_pixel_md5_matches_the_decoded_file(items):
     for item in items:
-        loaded = load_image(item, max_side=256)
+        loaded = load_image(item, max_side=256, verify_md5=True)  # recomputes; raises on a mismatch
         assert loaded.pixel_md5 == item.meta["pixel_md5"] == item.group, item.source_id
+        assert "pixel-md5 verified against metadata" in loaded.notes
         assert list(loaded.original_size) == item.meta["pixel_size"]
         assert max(loaded.image.size) == 256
 
