@@ -15,14 +15,13 @@ Everything here is deterministic: the same items give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datagen.image_io import ImageError, LoadedImage, load_image
-from datagen.shard_io import TMP_MARK, ShardWriter, encode_jpeg, encode_segment_map
+from datagen.shard_io import TMP_MARK, ShardWriter, encode_jpeg, encode_segment_map, file_sha256
 from datagen.shard_plan import ShardSpec
 from datagen.sources import SourceItem
 from ray_jobs import failure_injection
@@ -168,10 +167,3 @@ def write_shard_tar(spec: ShardSpec, tar_path: str, inject: str | None, *chunks:
     }
     return {"sha256": digest, "bytes": path.stat().st_size, "samples": samples, "cpu_seconds": timings}
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
