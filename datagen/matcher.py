@@ -284,8 +284,9 @@ def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | No
         raise ModelNotFoundError(f"{CLIP_WHAT}: no model given (got {model!r}); set matcher.clip_model in the profile")
     if model.startswith(("local-dir:", "hf-hub:")) or Path(model).expanduser().is_dir() or looks_like_path(model):
         if model.startswith("hf-hub:"):
-            resolve_model(model[len("hf-hub:"):], CLIP_WHAT)  # offline: must be in the HF cache
-            return model, None
+            resolved = resolve_model(model[len("hf-hub:"):], CLIP_WHAT)  # offline: must be in the HF cache
+            # offline, resolve_model hands back the cached snapshot folder: load that, as a local dir
+            return (("local-dir:" + resolved) if Path(resolved).is_dir() else model), None
         folder = Path(model[len("local-dir:"):] if model.startswith("local-dir:") else model).expanduser()
         resolve_model("local-dir:" + str(folder), CLIP_WHAT)
         if not (folder / OPEN_CLIP_CONFIG).is_file():

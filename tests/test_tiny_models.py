@@ -160,3 +160,57 @@ def test_tiny_mask2former_loads_as_a_hub_id_and_from_its_folder_alike(hub_cache,
     (by_folder,) = PanopticSegmenter(str(tiny_model("mask2former")), **settings).segment([image])
     assert by_id.segment_map.shape == (64, 80) and by_id.segments
     assert np.array_equal(by_id.segment_map, by_folder.segment_map) and by_id.segments == by_folder.segments
+
+
+@pytest.fixture
+def hub_cache_all(tmp_path, monkeypatch, tiny_model):
+    cache = tmp_path / "hf-cache"
+    for name in ("open_clip", "sbert", "stable-diffusion", "clip-vision"):
+        as_cached_hub_repo(cache, f"subject-ffhq/tiny-{name}", tiny_model(name))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_tiny_matcher_models_load_as_hub_ids_and_from_their_folders_alike(hub_cache_all, tiny_model):
+    """OpenCLIP (``hf-hub:`` id vs ``local-dir:``) and Sentence-BERT (hub id vs folder) give the same scores."""
+    from datagen.matcher import Matcher
+    from datagen.phrases import ChunkedCaption, NounPhrase
+    from datagen.segmenter import PanopticResult, SegmentInfo
+
+    image = astronaut((64, 64))
+    seg_map = np.zeros((64, 64), dtype=np.uint16)
+    seg_map[8:40, 10:30] = 1
+    panoptic = PanopticResult(seg_map, [SegmentInfo(1, 0, "person", True, [10, 8, 30, 40], 20 * 32, 0.9)])
+    chunked = ChunkedCaption("a woman", "a woman", [NounPhrase("a woman", 0, 7)])
+    base = {"batch_size": 4, "min_score": None}
+    by_id = Matcher.from_profile(
+        {**base, "clip_model": "hf-hub:subject-ffhq/tiny-open_clip", "sbert_model": "subject-ffhq/tiny-sbert"}, "cpu"
+    ).match([image], [panoptic], [chunked])[0]
+    by_folder = Matcher.from_profile(
+        {**base, "clip_model": f"local-dir:{tiny_model('open_clip')}", "sbert_model": str(tiny_model("sbert"))}, "cpu"
+    ).match([image], [panoptic], [chunked])[0]
+    assert by_id.pairs == by_folder.pairs == [(0, 1)]
+    np.testing.assert_allclose(by_id.product, by_folder.product, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(by_id.product, by_id.clip * by_id.sbert, rtol=1e-6)
+
+
+def test_tiny_trainer_models_load_as_hub_ids_and_from_their_folders_alike(hub_cache_all, tiny_model):
+    """Stable Diffusion (unet/vae/text_encoder/tokenizer/scheduler) and CLIP vision, by hub id and by folder."""
+    import torch
+
+    from training.model import FastComposerModel
+
+    by_id = FastComposerModel.from_pretrained("subject-ffhq/tiny-stable-diffusion", "subject-ffhq/tiny-clip-vision")
+    by_folder = FastComposerModel.from_pretrained(str(tiny_model("stable-diffusion")), str(tiny_model("clip-vision")))
+    assert by_id.subject_size == by_folder.subject_size
+    ids = by_id.tokenizer("a woman", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids, by_folder.tokenizer("a woman", padding="max_length", max_length=77, return_tensors="pt").input_ids)
+    a, b = by_id.model, by_folder.model
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    with torch.no_grad():  # run each component once on one image / one caption
+        text = a.text_encoder(ids).last_hidden_state
+        latents = a.vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).latent_dist.mean
+        noise = a.unet(latents, torch.tensor([10]), encoder_hidden_states=text).sample
+    assert latents.shape == (1, 4, 8, 8) and noise.shape == latents.shape and torch.isfinite(noise).all()
