@@ -70,8 +70,11 @@ def resolve_run_dir(run: str | Path, manifests_root: str | Path = DEFAULT_MANIFE
 def load_run_manifest(run_dir: Path) -> dict:
     """``run.json`` as a dict, or ``{}`` when the run has not written one."""
     path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        return {}
+    return read_json_object(path) if path.is_file() else {}
+
+
+def read_json_object(path: Path) -> dict:
+    """A manifest file's JSON object; :class:`RunFolderError` naming the file if it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -90,12 +93,7 @@ def load_shard_entries(run_dir: Path, shards_dir: str | Path | None = None) -> l
     folder = Path(run_dir) / "shards"
     entries = []
     for path in sorted(folder.glob("subjects-*.json")):
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise RunFolderError(f"{path}: not valid JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise RunFolderError(f"{path}: must hold a JSON object")
+        d = read_json_object(path)
         missing = [k for k in ENTRY_KEYS if k not in d]
         if missing:
             raise RunFolderError(f"{path}: shard entry lacks field(s) {missing}")
