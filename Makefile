@@ -65,7 +65,7 @@ report: install
 	$(BIN)/subject-ffhq report $(RUN)
 
 lint: install
-	$(BIN)/ruff check datagen ray_jobs training tests bench
+	$(BIN)/ruff check cli datagen ray_jobs training fixtures tests bench
 
 bench: install
 	$(OFFLINE) $(QUIET) bash -c 'for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done'

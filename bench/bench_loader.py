@@ -41,8 +41,8 @@ from training.subject_policy import SubjectDropPolicy  # noqa: E402
 
 def tiny_models(scratch: Path) -> Path:
     """The tiny models folder ($SUBJECT_FFHQ_TINY_MODELS if it holds them, else built in scratch)."""
-    from datagen.profile import tiny_models_dir
-    from datagen.tiny_models import build_one
+    from datagen.config import tiny_models_dir
+    from fixtures.tiny_models import build_one
 
     root = tiny_models_dir()
     if all((root / name / ".complete").exists() for name in ("stable-diffusion", "clip-vision")):
@@ -58,9 +58,9 @@ def sample_shards(scratch: Path) -> tuple[list[str], list[str]]:
     import numpy as np
     from PIL import Image
 
-    from datagen.sample_data import build_sample
-    from datagen.shard_io import ShardWriter
-    from tests.training_shards import build_training_shards, make_record, training_records
+    from datagen.shards.writer import ShardWriter
+    from fixtures.bundled_photos import build_sample
+    from fixtures.training_shards import build_training_shards, make_record, training_records
 
     source = build_sample(scratch / "sample")
     shards = [str(p) for p in build_training_shards(source, scratch / "shards", num_shards=2)]

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datagen.matcher import (
+from datagen.stages.matcher import (
     Matcher,
     assemble_results,
     fill_colour,
@@ -39,7 +39,7 @@ from datagen.matcher import (
     prepare_inputs,
     score_image,
 )
-from datagen.phrases import ChunkedCaption, NounPhrase
+from datagen.stages.phrases import ChunkedCaption, NounPhrase
 
 P, S = 10, 20
 CLIP_DIM, SBERT_DIM = 1024, 768  # ViT-H-14 and all-mpnet-base-v2 (the paper profile)
@@ -47,7 +47,7 @@ TARGET_MS = 2.0
 
 
 @dataclass
-class Seg:  # the attributes the matcher reads from datagen.segmenter.SegmentInfo
+class Seg:  # the attributes the matcher reads from datagen.stages.segmenter.SegmentInfo
     id: int
     coco_label: str
     bbox: list[int]
@@ -98,8 +98,8 @@ def scene(rng, width: int = 1024, height: int = 768) -> tuple[Image.Image, Panop
 
 
 def tiny_matcher(root: Path) -> Matcher:
-    from datagen.tiny_models.open_clip_model import build_open_clip
-    from datagen.tiny_models.sbert_model import build_sbert
+    from fixtures.tiny_models.open_clip_model import build_open_clip
+    from fixtures.tiny_models.sbert_model import build_sbert
 
     build_open_clip(root / "open_clip")
     build_sbert(root / "sbert")

@@ -13,7 +13,7 @@ import argparse
 import random
 import time
 
-from datagen.phrases import DEFAULT_SPACY_MODEL, PhraseChunker, load_spacy_pipeline
+from datagen.stages.phrases import DEFAULT_SPACY_MODEL, PhraseChunker, load_spacy_pipeline
 
 SUBJECTS = [
     "a man", "a woman", "a young girl", "a little boy", "an elderly woman", "a baby", "a dog", "a cat",

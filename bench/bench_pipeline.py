@@ -70,9 +70,9 @@ def fake_stage_outputs(image: Image.Image, n_segments: int = 12):
     segments, a caption with phrases, and a greedy match over random scores."""
     from skimage.segmentation import slic
 
-    from datagen.matcher import MatchResult, greedy_match
-    from datagen.phrases import ChunkedCaption, NounPhrase
-    from datagen.segmenter import PanopticResult, SegmentInfo
+    from datagen.stages.matcher import MatchResult, greedy_match
+    from datagen.stages.phrases import ChunkedCaption, NounPhrase
+    from datagen.stages.segmenter import PanopticResult, SegmentInfo
 
     labels = slic(np.asarray(image), n_segments=n_segments, start_label=1, compactness=10)
     seg_map = labels.astype(np.uint16)
@@ -103,11 +103,11 @@ def fake_stage_outputs(image: Image.Image, n_segments: int = 12):
 def cpu_cost(n_images: int, work: Path) -> list[tuple[str, float, bool]]:
     import dataclasses
 
-    from datagen.annotate import build_record
-    from datagen.image_io import load_image, pixel_md5
-    from datagen.shard_io import ShardWriter, encode_jpeg, encode_segment_map
-    from datagen.sources import ImageFolderSource
-    from ray_jobs.shard_tasks import file_sha256
+    from datagen.files import file_sha256
+    from datagen.record.build import build_record
+    from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
+    from datagen.sources.images import load_image, pixel_md5
+    from datagen.sources.readers import ImageFolderSource
 
     pngs = make_pngs(work / "png-2000x1500", n_images, (2000, 1500))
     # FFHQ-wild-like items: the metadata carries each image's pixel md5 (as ffhq-dataset-v2.json does).
@@ -254,8 +254,8 @@ def e2e_run(cores: int, source: Path, out: Path, tiny: Path) -> dict:
 
     import ray
 
-    from datagen.profile import load_profile
-    from ray_jobs.build_job import BuildRequest, run_build
+    from datagen.config import load_profile
+    from ray_jobs.job import BuildRequest, run_build
 
     t0 = time.monotonic()
     ray.init(num_cpus=cores, include_dashboard=False)
@@ -271,7 +271,7 @@ def e2e_run(cores: int, source: Path, out: Path, tiny: Path) -> dict:
 
 
 def e2e(n_images: int, work: Path, tiny: Path) -> list[dict]:
-    from datagen.tiny_models import build_one
+    from fixtures.tiny_models import build_one
 
     for name in ("blip2", "mask2former", "open_clip", "sbert"):
         if not (tiny / name / ".complete").exists():
@@ -317,7 +317,7 @@ def main() -> None:
     ap.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from datagen.profile import tiny_models_dir
+    from datagen.config import tiny_models_dir
 
     tiny = (args.tiny_models or tiny_models_dir()).resolve()
     if args.e2e_run:

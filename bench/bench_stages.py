@@ -21,10 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
-from datagen.captioner import Captioner  # noqa: E402
-from datagen.profile import TINY_MODELS_ENV, load_profile  # noqa: E402
-from datagen.segmenter import PanopticSegmenter  # noqa: E402
-from datagen.tiny_models import build_one  # noqa: E402
+from datagen.config import TINY_MODELS_ENV, load_profile  # noqa: E402
+from datagen.stages.captioner import Captioner  # noqa: E402
+from datagen.stages.segmenter import PanopticSegmenter  # noqa: E402
+from fixtures.tiny_models import build_one  # noqa: E402
 
 
 def photos(n: int, side: int) -> list[Image.Image]:

@@ -26,7 +26,7 @@ def tiny_models_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models_root):
     """``tiny_model("blip2")`` -> path of that tiny model, built on first request."""
-    from datagen.tiny_models import build_one
+    from fixtures.tiny_models import build_one
 
     def get(name: str) -> Path:
         path = tiny_models_root / name
@@ -40,7 +40,7 @@ def tiny_model(tiny_models_root):
 @pytest.fixture(scope="session")
 def tiny_models_all(tiny_models_root, tiny_model) -> Path:
     """Every tiny model built; returns the folder that ``{tiny}`` in the tiny profile stands for."""
-    from datagen.tiny_models import BUILDERS
+    from fixtures.tiny_models import BUILDERS
 
     for name in BUILDERS:
         tiny_model(name)
@@ -50,7 +50,7 @@ def tiny_models_all(tiny_models_root, tiny_model) -> Path:
 @pytest.fixture
 def tiny_profile(tiny_models_all, monkeypatch):
     """The ``tiny`` profile with ``{tiny}`` pointing at the session's tiny models."""
-    from datagen.profile import TINY_MODELS_ENV, load_profile
+    from datagen.config import TINY_MODELS_ENV, load_profile
 
     monkeypatch.setenv(TINY_MODELS_ENV, str(tiny_models_all))
     return load_profile("tiny")
@@ -59,7 +59,7 @@ def tiny_profile(tiny_models_all, monkeypatch):
 @pytest.fixture(scope="session")
 def sample_source(tmp_path_factory) -> Path:
     """The bundled FFHQ-wild-layout sample, built once per session."""
-    from datagen.sample_data import build_sample
+    from fixtures.bundled_photos import build_sample
 
     root = tmp_path_factory.mktemp("sample")
     build_sample(root)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datagen.record import MatchScores, Phrase, Provenance, Record, Segment
+from datagen.record.schema import MatchScores, Phrase, Provenance, Record, Segment
 
 
 def two_person_sample(key: str = "00042", width: int = 64, height: int = 48):

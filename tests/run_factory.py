@@ -2,7 +2,7 @@
 
 Real photos (scikit-image's astronaut, camera, coffee, chelsea and rocket, matplotlib's Grace Hopper),
 hand-drawn segment maps (ellipses inside given boxes), captions whose phrases are matched greedily
-on hand-set score matrices, shards written with :class:`datagen.shard_io.ShardWriter`, and per-shard
+on hand-set score matrices, shards written with :class:`datagen.shards.writer.ShardWriter`, and per-shard
 manifest entries in the Ray job's format (shared brief, "Run manifests"), including duplicate and
 failed source items. ``expected`` tells a test what each sample must come out as.
 """
@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage import data as skdata
 
-from datagen.record import MatchScores, Phrase, Provenance, Record, Segment
-from datagen.shard_io import ShardWriter
+from datagen.record.schema import MatchScores, Phrase, Provenance, Record, Segment
+from datagen.shards.writer import ShardWriter
 
 MODELS = {"captioner": "tiny/blip2", "segmenter": "tiny/mask2former", "clip": "tiny/open_clip", "sbert": "tiny/sbert"}
 THING = {"person": 0, "bench": 13, "cup": 41, "cat": 15, "tv": 62, "sky-other-merged": 187, "banner": 92,

@@ -1,14 +1,59 @@
 """The whole-batch path (all four stages → validated records) on tiny models + real spaCy/MiniLM."""
 
+from __future__ import annotations
+
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
 
-from datagen.annotate import Annotator
-from datagen.image_io import load_image
-from datagen.record import Record
-from datagen.sources import open_source
+from datagen.record.build import build_record
+from datagen.record.schema import Record
+from datagen.sources.images import load_image
+from datagen.sources.readers import open_source
+
+
+@dataclass
+class Annotator:
+    """Test helper: the four stages held in one process: ``annotate(loaded_images) -> records``."""
+
+    captioner: Any
+    segmenter: Any
+    chunker: Any
+    matcher: Any
+    models: dict[str, str]
+
+    @classmethod
+    def from_profile(cls, profile: dict[str, Any], device: str | None = None) -> Annotator:
+        from datagen.config import model_ids
+        from datagen.stages.captioner import Captioner
+        from datagen.stages.matcher import Matcher
+        from datagen.stages.phrases import PhraseChunker
+        from datagen.stages.segmenter import PanopticSegmenter
+
+        return cls(
+            captioner=Captioner.from_profile(profile["captioner"], device),
+            segmenter=PanopticSegmenter.from_profile(profile["segmenter"], device),
+            chunker=PhraseChunker.from_profile(profile["phrases"]),
+            matcher=Matcher.from_profile(profile["matcher"], device),
+            models=model_ids(profile),
+        )
+
+    def annotate(self, loaded: list) -> list[tuple[Record, Any]]:
+        """Run all four stages on a batch; returns ``(record, segment_map)`` per image."""
+        from datagen.stages.captioner import caption_flags
+
+        images = [li.image for li in loaded]
+        captions = self.captioner.caption(images)
+        panoptic = self.segmenter.segment(images)
+        chunked = self.chunker.chunk(captions)
+        matches = self.matcher.match(images, panoptic, chunked)
+        out = []
+        for li, cap, pan, ch, m in zip(loaded, captions, panoptic, chunked, matches, strict=True):
+            out.append((build_record(li, caption_flags(cap), pan, ch, m, self.models), pan.segment_map))
+        return out
 
 
 @pytest.fixture(scope="module")

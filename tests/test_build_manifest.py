@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.shard_io import encode_jpeg, encode_segment_map, read_shard
-from datagen.shard_plan import plan_shards
-from datagen.sources import SourceItem
-from ray_jobs import shard_manifest
-from ray_jobs.failure_injection import InjectedFailure
-from ray_jobs.run_manifest import AccountingError, account, write_run_manifest
-from ray_jobs.shard_tasks import EncodedChunk, EncodedSample, load_chunk, split_chunks, write_shard_tar
+from datagen.manifests import shard_entry
+from datagen.manifests.run_manifest import write_run_manifest
+from datagen.manifests.shard_entry import AccountingError, account
+from datagen.shards.plan import plan_shards
+from datagen.shards.reader import read_shard
+from datagen.shards.writer import encode_jpeg, encode_segment_map
+from datagen.sources.readers import SourceItem
+from fixtures.failure_hooks import InjectedFailure, ShardFaults
+from ray_jobs.chunks import EncodedChunk, EncodedSample
+from ray_jobs.tasks import load_chunk, split_chunks, write_shard_tar
 from tests.record_factory import two_person_sample
 
 
@@ -47,7 +50,7 @@ def shard(tmp_path):
 def test_write_shard_tar_writes_plan_order_and_accounts_every_item(tmp_path, shard):
     spec, chunk = shard
     tar = tmp_path / "shards" / f"{spec.name}.tar"
-    result = write_shard_tar(spec, str(tar), None, chunk)
+    result = write_shard_tar(spec, str(tar), chunk)
     assert [s.key for s in read_shard(tar)] == ["00040", "00041"]
     assert [(s["source_id"], s["status"]) for s in result["samples"]] == [
         ("40", "written"), ("41", "written"), ("42", "duplicate"), ("43", "failed")
@@ -56,7 +59,7 @@ def test_write_shard_tar_writes_plan_order_and_accounts_every_item(tmp_path, sha
     assert result["samples"][3]["reason"] == "image: 00043.png: file is missing"
     assert result["bytes"] == tar.stat().st_size
     # deterministic: the same samples give byte-identical tars
-    again = write_shard_tar(spec, str(tmp_path / "other.tar"), None, chunk)
+    again = write_shard_tar(spec, str(tmp_path / "other.tar"), chunk)
     assert again["sha256"] == result["sha256"]
     assert (tmp_path / "other.tar").read_bytes() == tar.read_bytes()
 
@@ -64,45 +67,49 @@ def test_write_shard_tar_writes_plan_order_and_accounts_every_item(tmp_path, sha
 def test_injected_raise_leaves_no_tar(tmp_path, shard):
     spec, chunk = shard
     tar = tmp_path / f"{spec.name}.tar"
+    failing = ShardFaults(fail_shards={spec.index: "raise"}).wrap_write_task(write_shard_tar)
     with pytest.raises(InjectedFailure, match=spec.name):
-        write_shard_tar(spec, str(tar), "raise", chunk)
+        failing(spec, str(tar), chunk)
     assert list(tmp_path.iterdir()) == []
+    # other shards go through the same wrapped task untouched
+    other = ShardFaults(fail_shards={spec.index + 1: "raise"}).wrap_write_task(write_shard_tar)
+    assert other(spec, str(tar), chunk)["sha256"] == write_shard_tar(spec, str(tmp_path / "b.tar"), chunk)["sha256"]
 
 
 def test_entry_and_resume(tmp_path, shard):
     spec, chunk = shard
     tar = tmp_path / f"{spec.name}.tar"
     run_dir = tmp_path / "run"
-    written = write_shard_tar(spec, str(tar), None, chunk)
-    entry = shard_manifest.done_entry(spec, tar, written, 1.5, 1, "digest-a")
+    written = write_shard_tar(spec, str(tar), chunk)
+    entry = shard_entry.done_entry(spec, tar, written, 1.5, 1, "digest-a")
     assert (entry["written"], entry["skipped"], entry["failed"]) == (2, 1, 1)
-    shard_manifest.write_entry(run_dir, spec, entry)
+    shard_entry.write_entry(run_dir, spec, entry)
     on_disk = json.loads((run_dir / "shards" / "subjects-00000.json").read_text())
     assert on_disk == entry
     assert [p.name for p in (run_dir / "shards").iterdir()] == ["subjects-00000.json"]  # no temp left
 
-    assert shard_manifest.resume_state(on_disk, spec, tar, "digest-a") == (True, "done")
-    assert shard_manifest.resume_state(None, spec, tar, "digest-a") == (False, "no manifest entry")
+    assert shard_entry.resume_state(on_disk, spec, tar, "digest-a") == (True, "done")
+    assert shard_entry.resume_state(None, spec, tar, "digest-a") == (False, "no manifest entry")
     data = bytearray(tar.read_bytes())
     data[-1] ^= 1  # same size, different content
     tar.write_bytes(bytes(data))
-    assert shard_manifest.resume_state(on_disk, spec, tar, "digest-a") == (False, "tar sha256 differs from the entry")
+    assert shard_entry.resume_state(on_disk, spec, tar, "digest-a") == (False, "tar sha256 differs from the entry")
     tar.unlink()
-    assert shard_manifest.resume_state(on_disk, spec, tar, "digest-a") == (False, "tar missing")
-    with pytest.raises(shard_manifest.ManifestError, match="another configuration"):
-        shard_manifest.resume_state(on_disk, spec, tar, "digest-b")
+    assert shard_entry.resume_state(on_disk, spec, tar, "digest-a") == (False, "tar missing")
+    with pytest.raises(shard_entry.ManifestError, match="another configuration"):
+        shard_entry.resume_state(on_disk, spec, tar, "digest-b")
     other_plan = replace(spec, items=spec.items[:3])
-    with pytest.raises(shard_manifest.ManifestError, match="--shard-size"):
-        shard_manifest.resume_state(on_disk, other_plan, tar, "digest-a")
+    with pytest.raises(shard_entry.ManifestError, match="--shard-size"):
+        shard_entry.resume_state(on_disk, other_plan, tar, "digest-a")
 
 
 def test_failed_entry_names_every_item_and_is_redone(tmp_path, shard):
     spec, _ = shard
-    entry = shard_manifest.failed_entry(spec, tmp_path / "x.tar", "WorkerCrashedError: boom", 3.0, 3, "d")
+    entry = shard_entry.failed_entry(spec, tmp_path / "x.tar", "WorkerCrashedError: boom", 3.0, 3, "d")
     assert entry["status"] == "failed" and entry["sha256"] is None and entry["bytes"] == 0
     assert [s["status"] for s in entry["samples"]] == ["failed", "failed", "duplicate", "failed"]
     assert all("boom" in s["reason"] for s in entry["samples"] if s["status"] == "failed")
-    done, why = shard_manifest.resume_state(entry, spec, tmp_path / "x.tar", "d")
+    done, why = shard_entry.resume_state(entry, spec, tmp_path / "x.tar", "d")
     assert not done and "boom" in why
 
 
@@ -110,8 +117,8 @@ def test_account_checks_exactly_once(tmp_path, shard):
     spec, chunk = shard
     plan = [spec]
     assert account(plan, {})["pending"] == 4
-    written = write_shard_tar(spec, str(tmp_path / "a.tar"), None, chunk)
-    entry = shard_manifest.done_entry(spec, tmp_path / "a.tar", written, 1.0, 1, "d")
+    written = write_shard_tar(spec, str(tmp_path / "a.tar"), chunk)
+    entry = shard_entry.done_entry(spec, tmp_path / "a.tar", written, 1.0, 1, "d")
     counts = account(plan, {0: entry})
     assert (counts["written"], counts["duplicate"], counts["failed"], counts["pending"]) == (2, 1, 1, 0)
     doubled = {**entry, "samples": [*entry["samples"], entry["samples"][0]]}

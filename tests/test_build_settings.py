@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from datagen.profile import load_profile
-from ray_jobs.build_settings import (
+from datagen.config import load_profile
+from datagen.stages.failures import StageFailure, in_batches, isolate_failures
+from fixtures.failure_hooks import InjectedFailure, ShardFaults, trigger
+from ray_jobs.settings import (
     GPU_SHARES,
     SettingsError,
     config_digest,
     resolve_settings,
     with_defaults,
 )
-from ray_jobs.failure_injection import FailureInjection, InjectedFailure, parse_fail_shards, trigger
-from ray_jobs.stage_actors import StageFailure, in_batches, isolate_failures
 
 
 @pytest.fixture
@@ -92,8 +92,8 @@ def test_verify_pixel_md5_defaults_off_and_is_not_in_the_digest(paper):
 
 
 def test_load_chunk_passes_verify_pixel_md5_to_load_image(tmp_path):
-    from datagen.sources import SourceItem
-    from ray_jobs.shard_tasks import load_chunk
+    from datagen.sources.readers import SourceItem
+    from ray_jobs.tasks import load_chunk
 
     path = tmp_path / "00000.png"
     Image.new("RGB", (8, 6), (10, 20, 30)).save(path)
@@ -106,16 +106,14 @@ def test_load_chunk_passes_verify_pixel_md5_to_load_image(tmp_path):
     assert "pixel md5 mismatch" in verified.failed["0"] and str(path) in verified.failed["0"]
 
 
-def test_failure_injection_parsing():
-    assert parse_fail_shards("1, 3:kill") == {1: "raise", 3: "kill"}
-    assert parse_fail_shards([2, "4:raise"], "kill") == {2: "kill", 4: "raise"}
-    with pytest.raises(ValueError, match="bad fail-shard spec"):
-        parse_fail_shards("x")
-    inj = FailureInjection.from_config({"fail_shards": [0], "fail_mode": "kill"}, environ={})
-    assert inj.mode_for(0) == "kill" and inj.mode_for(1) is None and inj.active
-    env = FailureInjection.from_config({"fail_shards": [0]}, environ={"SUBJECT_FFHQ_FAIL_SHARDS": "5", "SUBJECT_FFHQ_STOP_AFTER_SHARDS": "2"})
-    assert env.fail_shards == {5: "raise"} and env.stop_after_shards == 2
-    assert not FailureInjection.from_config(None, environ={}).active
+def test_fault_drill_hooks():
+    drill = ShardFaults(fail_shards={0: "kill"}, stop_after_shards=2)
+    assert drill.describe() == "FAULT DRILL: failing shards 0:kill; stopping after 2 shard(s)"
+    assert [drill.stop_after(n) for n in (0, 1, 2, 3)] == [False, False, True, True]
+    assert ShardFaults().describe() == "" and not ShardFaults().stop_after(100)
+    assert ShardFaults().wrap_write_task(len) is len  # no faults: the task is not wrapped
+    with pytest.raises(ValueError, match="fail modes"):
+        ShardFaults(fail_shards={1: "explode"})
     with pytest.raises(InjectedFailure, match="subjects-00005"):
         trigger("raise", "subjects-00005")
 
@@ -147,13 +145,13 @@ def test_in_batches_keeps_order_across_batches():
 
 
 def test_root_cause_finds_the_stage_exception_in_a_ray_traceback():
-    from ray_jobs.stage_pool import root_cause
+    from ray_jobs.pool import root_cause
 
     wrapped = RuntimeError(
         "The actor died because of an error raised in its creation task, ray::CaptionerActor.__init__() (pid=1)\n"
         '  File "/x/captioner.py", line 3, in from_profile\n'
         "    raise ModelNotFoundError(\n"
-        "datagen.model_loading.ModelNotFoundError: captioner (BLIP-2): model '/m/blip2' not found\n"
+        "datagen.stages.model_loading.ModelNotFoundError: captioner (BLIP-2): model '/m/blip2' not found\n"
         "How to get it: build the tiny models."
     )
     assert root_cause(wrapped) == (

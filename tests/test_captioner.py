@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from skimage import data
 
-from datagen.captioner import Captioner, caption_flags, clean_caption
-from datagen.model_loading import ModelNotFoundError
-from datagen.profile import TINY_MODELS_ENV, load_profile
+from datagen.config import TINY_MODELS_ENV, load_profile
+from datagen.stages.captioner import Captioner, caption_flags, clean_caption
+from datagen.stages.model_loading import ModelNotFoundError
 
 
 def photos() -> list[Image.Image]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.io import ImageReadMode, read_image
 
-from datagen.cli import main
-from datagen.export_fastcomposer import ExportError, ExportFilters, export_fastcomposer
+from cli.main import main
+from datagen.export.fastcomposer import ExportError, ExportFilters, export_fastcomposer
 from tests.run_factory import make_run
 
 

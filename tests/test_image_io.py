@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.image_io import MAX_PIXELS, ImageError, LoadedImage, load_image, pixel_md5
-from datagen.sources import SourceItem
+from datagen.sources.images import MAX_PIXELS, ImageError, LoadedImage, load_image, pixel_md5
+from datagen.sources.readers import SourceItem
 
 
 def item_for(path: Path, meta_md5: str | None = None) -> SourceItem:

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from datagen.cli import main
-from ray_jobs.sample_figure import PALETTE, UNMATCHED_PERSON, caption_runs, overlay, segment_styles
+from cli.main import main
+from datagen.report.record_figure import PALETTE, UNMATCHED_PERSON, caption_runs, overlay, segment_styles
 from tests.run_factory import TEMPLATES, make_run, make_sample
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.matcher import Matcher
-from datagen.phrases import ChunkedCaption, NounPhrase
-from datagen.segmenter import PanopticResult, SegmentInfo
+from datagen.stages.matcher import Matcher
+from datagen.stages.phrases import ChunkedCaption, NounPhrase
+from datagen.stages.segmenter import PanopticResult, SegmentInfo
 
 LABELS = ["person", "dog", "bicycle"]
 PHRASES = {"a man": "person", "a small dog": "dog", "a red bike": "bicycle"}

@@ -8,16 +8,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from datagen.match_quality import FLAG_NAMES, match_margins, match_quality, names_a_person
-from datagen.shard_io import read_shard
-from ray_jobs.manifest_tables import (
+from datagen.manifests.run_manifest import RunFolderError, resolve_run_dir
+from datagen.manifests.tables import (
     ensure_tables,
     find_sample,
     reason_kind,
     tables_are_current,
     write_manifest_tables,
 )
-from ray_jobs.run_folder import RunFolderError, resolve_run_dir
+from datagen.record.quality import FLAG_NAMES, match_margins, match_quality, names_a_person
+from datagen.shards.reader import read_shard
 from tests.run_factory import TEMPLATES, Template, make_run, make_sample
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sentence_transformers import SentenceTransformer
 
-from datagen.matcher import (
+from datagen.stages.matcher import (
     Matcher,
     MatchError,
     MatchResult,
@@ -19,10 +19,10 @@ from datagen.matcher import (
     greedy_match,
     segment_crop,
 )
-from datagen.model_loading import ModelNotFoundError
-from datagen.phrases import ChunkedCaption, NounPhrase
-from datagen.segmenter import PanopticResult, SegmentInfo
-from datagen.tiny_models.open_clip_model import build_open_clip
+from datagen.stages.model_loading import ModelNotFoundError
+from datagen.stages.phrases import ChunkedCaption, NounPhrase
+from datagen.stages.segmenter import PanopticResult, SegmentInfo
+from fixtures.tiny_models.open_clip_model import build_open_clip
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from datagen.model_loading import (
+from datagen.stages.model_loading import (
     ModelNotFoundError,
     hf_cache_dir,
     hub_offline,

@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from datagen.cli import main
-from datagen.phrases import (
+from cli.main import main
+from datagen.stages.phrases import (
     ChunkedCaption,
     NounPhrase,
     PhraseChunker,

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from datagen.profile import TINY_MODELS_ENV, load_profile
-from ray_jobs.build_job import BuildRequest, run_build
+from datagen.config import TINY_MODELS_ENV, load_profile
+from ray_jobs.job import BuildRequest, run_build
 from tests.test_ray_job_end_to_end import check_run, entries
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datagen.profile import TINY_MODELS_ENV, load_profile
-from datagen.shard_io import read_shard
-from datagen.sources import open_source
-from ray_jobs.build_job import BuildRequest, run_build
+from datagen.config import TINY_MODELS_ENV, load_profile
+from datagen.shards.reader import read_shard
+from datagen.sources.readers import open_source
+from fixtures.failure_hooks import ShardFaults
+from ray_jobs.job import BuildRequest, run_build
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +50,12 @@ def profile(tiny_models_all):
             os.environ[TINY_MODELS_ENV] = old
 
 
-def build(source, root: Path, profile, name: str = "run", **testing):
+def build(source, root: Path, profile, name: str = "run", **faults):
     prof = json.loads(json.dumps(profile))
-    if testing:
-        prof["ray"]["testing"] = testing
-    request = BuildRequest(source=source, out=root / "out", profile=prof, run_name=name, manifests_root=root / "manifests")
+    request = BuildRequest(
+        source=source, out=root / "out", profile=prof, run_name=name, manifests_root=root / "manifests",
+        hooks=ShardFaults(**faults),
+    )
     return run_build(request)
 
 
@@ -178,7 +180,7 @@ def test_second_run_is_a_no_op(reference, profile, sample_source):
 
 def test_failed_shards_are_recorded_then_resumed_to_identical_bytes(reference, profile, sample_source, tmp_path):
     ref_root, _ = reference
-    first = build(sample_source, tmp_path, profile, fail_shards=["1:raise", "2:kill"])
+    first = build(sample_source, tmp_path, profile, fail_shards={1: "raise", 2: "kill"})
     assert first.status == "incomplete" and first.exit_code == 1
     ents = entries(first.run_dir)
     assert [ents[k]["status"] for k in range(4)] == ["done", "failed", "failed", "done"]
@@ -232,7 +234,7 @@ def test_corrupt_and_missing_images_are_recorded_and_named(ray_local, profile, s
 
 
 def test_cli_reports_a_missing_model_at_start_up(ray_local, sample_source, tmp_path, monkeypatch, capsys):
-    from datagen.cli import main
+    from cli.main import main
 
     monkeypatch.setenv(TINY_MODELS_ENV, str(tmp_path / "no-models-here"))
     config = tmp_path / "small.yaml"

@@ -7,10 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datagen.shard_plan import plan_shards
-from datagen.sources import open_source
-from ray_jobs.shard_tasks import LoadedChunk, encode_chunk, load_chunk, split_chunks
-from ray_jobs.stage_actors import CaptionerActor, MatcherActor, SegmenterActor, StageFailure
+from datagen.shards.plan import plan_shards
+from datagen.sources.readers import open_source
+from datagen.stages.failures import StageFailure
+from ray_jobs.actors import CaptionerActor, MatcherActor, SegmenterActor
+from ray_jobs.chunks import LoadedChunk
+from ray_jobs.tasks import encode_chunk, load_chunk, split_chunks
 
 pytestmark = pytest.mark.slow
 

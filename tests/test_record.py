@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from datagen.record import SCHEMA_VERSION, Record, RecordError
+from datagen.record.schema import SCHEMA_VERSION, Record, RecordError
 from tests.record_factory import two_person_sample
 
 

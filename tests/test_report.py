@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.cli import main
-from ray_jobs.report import GALLERY_MAX, build_report, select_gallery, svg_value_counts
+from cli.main import main
+from datagen.report.page import GALLERY_MAX, build_report, select_gallery, svg_value_counts
 from tests.run_factory import make_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.image_io import pixel_md5
-from datagen.sample_data import PHOTOS, SampleExistsError, build_sample, sources_markdown
+from datagen.sources.images import pixel_md5
+from fixtures.bundled_photos import PHOTOS, SampleExistsError, build_sample, sources_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,8 +159,8 @@ def test_scikit_image_docstrings_state_the_licences():
 def test_sources_md_written_and_committed_copy_current(sample_source):
     text = sources_markdown()
     assert (sample_source / "SOURCES.md").read_text() == text
-    assert (REPO / "datagen" / "sample" / "SOURCES.md").read_text() == text, (
-        "datagen/sample/SOURCES.md is stale: regenerate it from datagen.sample_data.sources_markdown()"
+    assert (REPO / "fixtures" / "SOURCES.md").read_text() == text, (
+        "fixtures/SOURCES.md is stale: regenerate it from fixtures.bundled_photos.sources_markdown()"
     )
     for p in PHOTOS.values():
         assert p.license in text and p.author in text and p.photo_url in text
@@ -183,7 +183,7 @@ def test_refuses_to_overwrite_real_metadata(tmp_path):
 
 
 def test_sample_data_command_rewrites_an_existing_sample(sample_source, tmp_path, capsys):
-    from datagen.cli import main
+    from cli.main import main
 
     target = tmp_path / "s"
     shutil.copytree(sample_source, target)

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from skimage import data
 
-from datagen.model_loading import ModelNotFoundError
-from datagen.profile import TINY_MODELS_ENV, load_profile
-from datagen.segmenter import PanopticResult, PanopticSegmenter, SegmentInfo, is_thing
-from datagen.tiny_models.mask2former import COCO_PANOPTIC_LABELS, COCO_PANOPTIC_STUFF, COCO_PANOPTIC_THINGS
+from datagen.config import TINY_MODELS_ENV, load_profile
+from datagen.stages.model_loading import ModelNotFoundError
+from datagen.stages.segmenter import PanopticResult, PanopticSegmenter, SegmentInfo, is_thing
+from fixtures.tiny_models.mask2former import COCO_PANOPTIC_LABELS, COCO_PANOPTIC_STUFF, COCO_PANOPTIC_THINGS
 
 
 def photos() -> list[Image.Image]:

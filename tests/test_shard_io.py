@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from datagen.shard_io import ShardError, ShardWriter, read_shard, remove_stale_temps
+from datagen.files import remove_stale_temps
+from datagen.shards.reader import ShardError, read_shard
+from datagen.shards.writer import ShardWriter
 from tests.record_factory import two_person_sample
 
 

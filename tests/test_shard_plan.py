@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from datagen.shard_plan import ShardSpec, plan_shards
-from datagen.sources import FFHQWildSource, SourceItem
+from datagen.shards.plan import ShardSpec, plan_shards
+from datagen.sources.readers import FFHQWildSource, SourceItem
 
 
 def item(index: int) -> SourceItem:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.image_io import ImageError, load_image
-from datagen.sources import (
+from datagen.sources.images import ImageError, load_image
+from datagen.sources.readers import (
     DEFAULT_TEST_SIZE,
     FFHQWildSource,
     ImageFolderSource,

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from datagen import tiny_models
-from datagen.tiny_models import BUILDERS, COMPLETE, build_all, build_one, folder_size
-from datagen.tiny_models.mask2former import COCO_PANOPTIC_LABELS
+from fixtures import tiny_models
+from fixtures.tiny_models import BUILDERS, COMPLETE, build_all, build_one, folder_size
+from fixtures.tiny_models.mask2former import COCO_PANOPTIC_LABELS
 
 ALL_NAMES = {"blip2", "mask2former", "open_clip", "sbert", "stable-diffusion", "clip-vision"}
 
@@ -109,7 +109,7 @@ def test_unknown_name_is_refused(tmp_path):
 
 
 def test_command_builds_and_prints_the_export_hint(tmp_path, capsys):
-    from datagen.cli import main
+    from cli.main import main
 
     root = tmp_path / "tiny"
     assert main(["tiny-models", str(root), "--only", "mask2former"]) == 0
@@ -143,7 +143,7 @@ def hub_cache(tmp_path, monkeypatch, tiny_model):
 
 
 def test_tiny_blip2_loads_as_a_hub_id_and_from_its_folder_alike(hub_cache, tiny_model):
-    from datagen.captioner import Captioner
+    from datagen.stages.captioner import Captioner
 
     image = astronaut()
     by_id = Captioner("subject-ffhq/tiny-blip2", max_new_tokens=8, device="cpu").caption([image])
@@ -152,7 +152,7 @@ def test_tiny_blip2_loads_as_a_hub_id_and_from_its_folder_alike(hub_cache, tiny_
 
 
 def test_tiny_mask2former_loads_as_a_hub_id_and_from_its_folder_alike(hub_cache, tiny_model):
-    from datagen.segmenter import PanopticSegmenter
+    from datagen.stages.segmenter import PanopticSegmenter
 
     image = astronaut((80, 64))
     settings = {"resolution": 64, "threshold": 0.0, "overlap_mask_area_threshold": 0.0, "device": "cpu"}
@@ -174,9 +174,9 @@ def hub_cache_all(tmp_path, monkeypatch, tiny_model):
 
 def test_tiny_matcher_models_load_as_hub_ids_and_from_their_folders_alike(hub_cache_all, tiny_model):
     """OpenCLIP (``hf-hub:`` id vs ``local-dir:``) and Sentence-BERT (hub id vs folder) give the same scores."""
-    from datagen.matcher import Matcher
-    from datagen.phrases import ChunkedCaption, NounPhrase
-    from datagen.segmenter import PanopticResult, SegmentInfo
+    from datagen.stages.matcher import Matcher
+    from datagen.stages.phrases import ChunkedCaption, NounPhrase
+    from datagen.stages.segmenter import PanopticResult, SegmentInfo
 
     image = astronaut((64, 64))
     seg_map = np.zeros((64, 64), dtype=np.uint16)

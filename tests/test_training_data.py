@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from datagen.shard_io import ShardWriter, encode_segment_map
-from tests.training_shards import BLOCK_COLOURS, build_training_shards, training_records
+from datagen.shards.writer import ShardWriter, encode_segment_map
+from fixtures.training_shards import BLOCK_COLOURS, build_training_shards, training_records
 from training.config import ConfigError, TrainConfig, expand_shards
 from training.loader import make_dataset, make_loader
 from training.preprocess import ExamplePreprocessor, SampleError

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from tests.training_shards import build_training_shards
+from fixtures.training_shards import build_training_shards
 from training.attention_capture import SubjectCrossAttnProcessor
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from training.collate import collate_examples
@@ -193,7 +193,7 @@ def test_checkpoint_round_trip_and_latest(model_paths, shards, tmp_path):
 def test_sampler_generates_with_delayed_subject_conditioning(model_paths, shards, tmp_path, sample_source):
     from PIL import Image
 
-    from datagen.cli import main
+    from cli.main import main
     from training.sampler import FastComposerSampler, SamplerError, Subject
 
     components = load(model_paths)
@@ -227,7 +227,7 @@ def test_sampler_generates_with_delayed_subject_conditioning(model_paths, shards
 
 
 def test_train_command_rejects_bad_setup_before_starting(tmp_path, capsys, model_paths, shards):
-    from datagen.cli import main
+    from cli.main import main
 
     code = main(["train", "--shards", str(tmp_path / "none-*.tar"), "--profile", "tiny", "--out", str(tmp_path / "o")])
     assert code == 2 and "no shard file matches" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.training_shards import build_training_shards
+from fixtures.training_shards import build_training_shards
 from training.checkpoint import latest_checkpoint, read_state
 from training.config import TrainConfig
 

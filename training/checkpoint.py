@@ -18,13 +18,13 @@ folder into the run's storage).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from datagen.files import atomic_write
 
 STATE_FILE = "trainer_state.json"
 FUSION_FILE = "fusion.safetensors"
@@ -74,7 +74,7 @@ def save_checkpoint(
         "hooked_layers": list(model.hooked_layers),
         "metrics": metrics or {},
     }
-    _write_text_atomic(folder / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    atomic_write(folder / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -147,12 +147,3 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return best[1] if best else None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

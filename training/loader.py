@@ -9,7 +9,7 @@ then the next epoch starts: step-based training never runs dry. When there are f
 then resamples shards at random (seeded per process and worker) instead.
 
 Per sample: the tar members are shuffled in a buffer, decoded (``.jpg`` → uint8 tensor,
-``.seg.png`` → segment ids, ``.json`` → :class:`~datagen.record.Record`, validated), records of
+``.seg.png`` → segment ids, ``.json`` → :class:`~datagen.record.schema.Record`, validated), records of
 other splits skipped (train on ``split="train"`` only), and turned into an example by
 :class:`~training.preprocess.ExamplePreprocessor`. A sample that cannot be read raises a
 :class:`~training.preprocess.SampleError` naming the shard, the key and the reason; with
@@ -28,8 +28,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from datagen.record import Record
-from datagen.shard_io import decode_segment_map
+from datagen.record.schema import Record
+from datagen.shards.reader import decode_segment_map
 from training.collate import collate_examples
 from training.preprocess import ExamplePreprocessor, SampleError
 

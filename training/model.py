@@ -34,7 +34,7 @@ class LoadedComponents:
 
 
 def resolve(ref: str, what: str) -> str:
-    from datagen.model_loading import resolve_model
+    from datagen.stages.model_loading import resolve_model
 
     return resolve_model(ref, what)
 

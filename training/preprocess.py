@@ -31,7 +31,7 @@ import random
 import numpy as np
 import torch
 
-from datagen.record import Record
+from datagen.record.schema import Record
 from training.subject_crops import SubjectCropper
 from training.subject_policy import UNCONDITIONAL, SubjectDropPolicy, subject_candidates
 from training.subject_tokens import SubjectTokenizer

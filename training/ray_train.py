@@ -10,14 +10,13 @@
   the run's snapshot in ``OUT/<run_name>`` — and this module says so on the console before
   starting.
 
-Ray is started locally (``ray.init``) unless a cluster is already connected or ``RAY_ADDRESS``
-names one; for a multi-node cluster ``OUT`` must be on storage every node can reach.
+The caller connects Ray first (the ``train`` command: :func:`ray_jobs.cluster.connect_ray`); for a
+multi-node cluster ``OUT`` must be on storage every node can reach.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,15 +93,6 @@ def announce(cfg: TrainConfig, print_fn=print) -> Path | None:
     return latest
 
 
-def ensure_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-
-
 def check_resources(cfg: TrainConfig) -> None:
     """Fail now, rather than wait forever, when the cluster cannot hold the workers."""
     import ray
@@ -123,7 +113,6 @@ def run_training(cfg: TrainConfig, print_fn=print, worker_env: dict[str, str] | 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ensure_ray()
     check_resources(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     resume_from = announce(cfg, print_fn)

@@ -81,7 +81,7 @@ class FastComposerSampler:
     def from_checkpoint(cls, path: str | Path, device: str | None = None, pretrained: str | None = None,
                         image_encoder: str | None = None) -> FastComposerSampler:
         """Base models from the checkpoint's config (or the given overrides), trained weights from it."""
-        from datagen.model_loading import pick_device
+        from datagen.stages.model_loading import pick_device
 
         folder = resolve_checkpoint(path)
         cfg = TrainConfig.from_dict(read_state(folder)["config"])

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from datagen.record import Segment
+from datagen.record.schema import Segment
 
 UNCONDITIONAL = "unconditional"
 TEXT_ONLY = "text_only"

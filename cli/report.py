@@ -1,0 +1,44 @@
+"""``subject-ffhq report RUN``: write the run's match-quality report, ``RUN/report.html``.
+
+Builds the run's tables first when they are missing or older than its manifests. The report is one
+static, self-contained HTML file (no network, no server): open it in any browser. Its path is
+printed last.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT, RunFolderError, resolve_run_dir
+from datagen.report.page import GALLERY_BUDGET, GALLERY_MAX, THUMB_SIDE, build_report
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run", metavar="RUN", help="run folder, or a run name under --manifests-root")
+    parser.add_argument("--manifests-root", default=DEFAULT_MANIFESTS_ROOT, help="where run names are looked up")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="folder holding the run's tars, if they moved since the run (default: the paths in its manifests)")
+    parser.add_argument("--gallery-max", type=int, default=GALLERY_MAX,
+                        help=f"most samples in the gallery (default {GALLERY_MAX})")
+    parser.add_argument("--thumb-size", type=int, default=THUMB_SIDE,
+                        help=f"long side of gallery thumbnails in pixels (default {THUMB_SIDE})")
+    parser.add_argument("--gallery-mib", type=float, default=GALLERY_BUDGET / 2**20,
+                        help=f"most MiB of embedded thumbnails (default {GALLERY_BUDGET / 2**20:g}); bounds the file size")
+    parser.add_argument("--rebuild-tables", action="store_true", help="rebuild the run's tables even if current")
+
+
+def run(args) -> int:
+    try:
+        run_dir = resolve_run_dir(args.run, args.manifests_root)
+        path = build_report(
+            run_dir, shards_dir=args.shards, gallery_max=args.gallery_max, thumb_side=args.thumb_size,
+            gallery_budget=int(args.gallery_mib * 2**20), rebuild_tables=args.rebuild_tables,
+        )
+    except (RunFolderError, ValueError) as e:
+        print(f"subject-ffhq report: {e}", file=sys.stderr)
+        return 1
+    size = path.stat().st_size
+    print(f"report: {size / 2**20:.2f} MiB", file=sys.stderr)
+    print(path)
+    return 0

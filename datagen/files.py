@@ -1,0 +1,95 @@
+"""Files written atomically, their digests, and the temp files a killed writer leaves.
+
+Every file the project writes goes through :func:`atomic_path` (or :func:`atomic_write` /
+:func:`write_json_atomic` on top of it): the data goes to a temp file ``<name>.tmp-<pid>`` in the
+destination folder, which is flushed, fsync'd, made world-readable and renamed over the final name;
+an error removes the temp file. A crash (kill -9) can leave a temp file, never a half-written final
+one; :func:`remove_stale_temps` clears such leftovers. Temp names always contain :data:`TMP_MARK`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+
+
+def temp_path_for(path: str | Path) -> Path:
+    """The temp file a writer of ``path`` uses: same folder, so the rename is atomic."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temp path to write ``path``'s content to; on success it replaces ``path``.
+
+    For writers that want a path (``safetensors.save_file``, ``PIL.Image.save``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` (str as UTF-8) to ``path`` atomically; returns ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """``obj`` as indented UTF-8 JSON (one trailing newline), atomically."""
+    return atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (what shard manifests record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
+    """Delete the temp files that killed writers of ``folder/<name>`` left; return what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.glob(f"{name}{TMP_MARK}*")):
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Persist a rename in ``folder`` (best effort: some filesystems refuse directory fsync)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,110 @@
+"""Turn the four stages' outputs into validated records: the one path the Ray job and tests share.
+
+``build_record`` is pure bookkeeping (no model): it joins one image's caption flags, panoptic
+result, chunked caption and match into a :class:`~datagen.record.schema.Record` and validates it.
+The Ray job's encode task calls it on what the stage actors returned.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from datagen.record.schema import MatchScores, Phrase, Provenance, Record, Segment
+
+if TYPE_CHECKING:
+    from datagen.sources.images import LoadedImage
+    from datagen.stages.matcher import MatchResult
+    from datagen.stages.phrases import ChunkedCaption
+    from datagen.stages.segmenter import PanopticResult
+
+PERSON_LABEL = "person"
+
+
+def build_record(
+    loaded: LoadedImage,
+    caption_flags: list[str],
+    panoptic: PanopticResult,
+    chunked: ChunkedCaption,
+    match: MatchResult,
+    models: dict[str, str],
+) -> Record:
+    item = loaded.item
+    width, height = loaded.image.size
+    if panoptic.segment_map.shape != (height, width):
+        raise ValueError(
+            f"{item.rel_path}: segment map is {panoptic.segment_map.shape[1]}x{panoptic.segment_map.shape[0]}, "
+            f"image is {width}x{height}"
+        )
+    col_of = {sid: j for j, sid in enumerate(match.segment_ids)}
+    seg_of_phrase = {p: sid for p, sid in match.pairs}
+
+    segments = []
+    for s in panoptic.segments:
+        seg = Segment(
+            id=int(s.id), coco_label=s.coco_label, category_id=int(s.category_id), is_thing=bool(s.is_thing),
+            bbox=[int(v) for v in s.bbox], area=int(s.area), score=float(s.score),
+        )
+        segments.append(seg)
+    seg_by_id = {s.id: s for s in segments}
+
+    phrases = []
+    for i, ph in enumerate(chunked.phrases):
+        sid = seg_of_phrase.get(i)
+        phrases.append(Phrase(text=ph.text, start=int(ph.start), end=int(ph.end), segment_id=sid))
+        if sid is not None:
+            seg, j = seg_by_id[sid], col_of[sid]
+            seg.word, seg.start, seg.end = ph.text, int(ph.start), int(ph.end)
+            seg.match_score = _round(match.product[i, j])
+            seg.clip_sim = _round(match.clip[i, j])
+            seg.sbert_sim = _round(match.sbert[i, j])
+
+    scores = MatchScores(
+        segment_ids=[int(s) for s in match.segment_ids],
+        clip=_rows(match.clip),
+        sbert=_rows(match.sbert),
+        product=_rows(match.product),
+        min_score=float(match.min_score),
+    )
+    meta: dict[str, Any] = item.meta or {}
+    provenance = Provenance(
+        source=meta["source"],
+        source_id=item.source_id,
+        path=item.rel_path,
+        pixel_md5=loaded.pixel_md5,
+        original_size=[int(v) for v in loaded.original_size],
+        license=meta.get("license"),
+        license_url=meta.get("license_url"),
+        author=meta.get("author"),
+        photo_url=meta.get("photo_url"),
+        photo_title=meta.get("photo_title"),
+        face_rect=meta.get("face_rect"),
+        duplicate_of=item.duplicate_of,
+    )
+    record = Record(
+        key=item.key,
+        caption=chunked.caption,
+        caption_raw=chunked.caption_raw,
+        width=width,
+        height=height,
+        segments=segments,
+        phrases=phrases,
+        scores=scores,
+        provenance=provenance,
+        split=item.split,
+        models=dict(models),
+        unmatched_phrases=[i for i, p in enumerate(phrases) if p.segment_id is None],
+        unmatched_person_segments=[s.id for s in segments if s.coco_label == PERSON_LABEL and not s.matched],
+        caption_flags=list(caption_flags),
+    )
+    return record.validate()
+
+
+SCORE_DIGITS = 6  # scores are float32 products; 6 decimals keep them exact enough and records short
+
+
+def _round(v) -> float:
+    return round(float(v), SCORE_DIGITS)
+
+
+def _rows(m) -> list[list[float]]:
+    return [[_round(v) for v in row] for row in m.tolist()] if getattr(m, "size", 0) else []

@@ -1,0 +1,113 @@
+"""The shard writer: one WebDataset tar per shard, written atomically (the reader: :mod:`datagen.shards.reader`).
+
+Per sample (WebDataset convention: members share the key, the extension names the field):
+
+* ``<key>.jpg``     the image, RGB JPEG (quality configurable, default 95, 4:4:4 chroma)
+* ``<key>.seg.png`` the segment-id map: 16-bit grayscale PNG, same size as the JPEG, lossless;
+                    pixel value = ``segments[i].id``, 0 = no segment
+* ``<key>.json``    the :class:`~datagen.record.schema.Record`
+
+Atomicity: a shard is written to ``<name>.tar.tmp-<pid>`` in the destination folder and renamed to
+``<name>.tar`` only after every sample is in and the file is flushed and fsync'd. A crash leaves
+at most a ``.tmp-*`` file, never a finished-looking ``.tar``; :func:`datagen.files.remove_stale_temps`
+clears them.
+Member mtimes/owners are fixed, so the same samples always give byte-identical tars.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from datagen.files import fsync_dir, temp_path_for
+from datagen.record.schema import Record
+from datagen.shards.reader import ShardError
+
+
+def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def encode_segment_map(segment_map: np.ndarray) -> bytes:
+    if segment_map.ndim != 2:
+        raise ShardError(f"segment map must be 2-D, got shape {segment_map.shape}")
+    if segment_map.size and (segment_map.min() < 0 or segment_map.max() > 65535):
+        raise ShardError("segment map values must fit in 16 bits (0..65535)")
+    buf = io.BytesIO()
+    Image.fromarray(segment_map.astype(np.uint16)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Write one shard tar atomically. Use as a context manager; an exception discards the shard."""
+
+    def __init__(self, path: str | Path, jpeg_quality: int = 95):
+        self.path = Path(path)
+        if self.path.suffix != ".tar":
+            raise ShardError(f"shard path must end in .tar: {self.path}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = temp_path_for(self.path)
+        self.jpeg_quality = jpeg_quality
+        self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._keys: set[str] = set()
+        self.count = 0
+
+    def write(self, image: Image.Image, segment_map: np.ndarray, record: Record) -> None:
+        record.validate()
+        key = record.key
+        if key in self._keys:
+            raise ShardError(f"{self.path.name}: sample key {key!r} written twice")
+        if image.size != (segment_map.shape[1], segment_map.shape[0]):
+            raise ShardError(
+                f"{self.path.name}: sample {key}: image is {image.size[0]}x{image.size[1]} but its "
+                f"segment map is {segment_map.shape[1]}x{segment_map.shape[0]}"
+            )
+        if image.size != (record.width, record.height):
+            raise ShardError(f"{self.path.name}: sample {key}: record says {record.width}x{record.height}, image is {image.size}")
+        self.write_encoded(key, encode_jpeg(image, self.jpeg_quality), encode_segment_map(segment_map), record.to_json().encode())
+
+    def write_encoded(self, key: str, jpg: bytes, seg_png: bytes, json_bytes: bytes) -> None:
+        self._keys.add(key)
+        for ext, data in (("jpg", jpg), ("seg.png", seg_png), ("json", json_bytes)):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> Path:
+        """Finish the tar and move it into place. Returns the final path."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        except Exception:  # noqa: BLE001 - we are discarding the file anyway
+            pass
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

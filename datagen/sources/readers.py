@@ -1,0 +1,378 @@
+"""Where source photos come from: an FFHQ-wild download or a plain folder of images.
+
+A source lists its items from metadata alone (nothing is decoded here): each :class:`SourceItem`
+carries its path, its sample key, its provenance, its duplicate group and its split.
+
+**FFHQ-wild** (:class:`FFHQWildSource`, DESIGN §5): ``root/ffhq-dataset-v2.json`` is a dict keyed
+by the image index (``"0"`` … ``"69999"``); each item's ``in_the_wild.file_path`` is resolved
+relative to ``root``. ``source_id`` is the index as a decimal string, ``key`` the index zero-padded
+to 5 digits (FFHQ's own file name), items are sorted by index. Provenance (licence, author, photo
+URL and title, country, face rect, pixel md5, …) is copied from the metadata into ``meta``. A
+malformed metadata file raises one :class:`SourceError` that names the file and lists what is
+wrong. A listed image that turns out to be missing or broken is *not* a listing error: it stays an
+item, and loading it reports the reason (``datagen.sources.images.ImageError``).
+
+**Image folder** (:class:`ImageFolderSource`): every file under ``root`` (recursively; hidden
+files and folders, whose names start with ".", are skipped) whose extension is one of
+:data:`IMAGE_EXTENSIONS` (any case), in sorted order of the relative POSIX path. ``source_id`` is the running index in that order (``"0"``, ``"1"``, …),
+``key`` the same index zero-padded to at least 5 digits. Adding or removing files renumbers the
+items after them.
+
+**Duplicates.** FFHQ-wild holds one in-the-wild copy of a photo per face extracted from it. Items
+are grouped by ``in_the_wild.pixel_md5`` (falling back to ``file_md5``, then to the index alone
+when the metadata has neither); folder items by the md5 of the file's bytes (exact copies only:
+re-encoded copies are not detected at listing time; zero-byte and unreadable files each form their
+own group so that each fails with its own reason). ``duplicate_of`` is the ``source_id`` of the
+group's first item (lowest index) on every other member, ``None`` on the first.
+
+**Held-out split** (DESIGN §3 step 5). The test set has :func:`held_out_size` images: by default
+``min(1000, n // 10)`` for ``n`` items, but at least 1 when ``n >= 2`` (and 0 for a single item),
+or an explicit ``test_size`` (capped at ``n``). Whole duplicate groups are drawn, in the order of
+``sha256("subject-ffhq/split/v1/" + group)``; a group is taken when it still fits in the remaining
+room, so the test set has exactly the target size whenever group sizes allow it and never more.
+The split therefore depends only on the set of groups and their sizes — not on listing order, not
+on the machine — and duplicates can never straddle train and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+METADATA_FILE = "ffhq-dataset-v2.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+DEFAULT_TEST_SIZE = 1000
+TEST_FRACTION_DIVISOR = 10  # small sources hold out n // 10 images
+SPLIT_SALT = "subject-ffhq/split/v1/"
+
+_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+_INDEX_RE = re.compile(r"^[0-9]+$")
+_MAX_PROBLEMS_SHOWN = 10
+
+
+class SourceError(ValueError):
+    """A source cannot be listed (missing root, malformed metadata, …). One error, naming the
+    file and everything found wrong with it."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One source image, known from metadata before decoding."""
+
+    source_id: str  # FFHQ index "0".."69999" / folder: running index in sorted path order
+    key: str  # sample key in shards: decimal digits (FFHQ: index zero-padded to 5)
+    path: str  # absolute path of the image file
+    rel_path: str  # path relative to the source root (POSIX separators)
+    group: str  # duplicate group (metadata pixel md5, or file-content md5 for folders)
+    split: str  # "train" | "test" (duplicates always share a split)
+    duplicate_of: str | None  # source_id of the first item of its group, else None
+    # provenance: source ("ffhq-wild" | "folder"), index, license, license_url, author, photo_url,
+    # photo_title, face_rect, pixel_md5 (metadata's), file_md5, file_size, ...
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+# --------------------------------------------------------------------------- split and duplicates
+
+
+def held_out_size(n_items: int, test_size: int | None = None) -> int:
+    """How many of ``n_items`` go to the test split (see module doc)."""
+    if n_items < 0:
+        raise ValueError(f"n_items must be >= 0, got {n_items}")
+    if test_size is not None:
+        if test_size < 0:
+            raise ValueError(f"test_size must be >= 0, got {test_size}")
+        return min(test_size, n_items)
+    if n_items < 2:
+        return 0
+    return min(DEFAULT_TEST_SIZE, max(1, n_items // TEST_FRACTION_DIVISOR))
+
+
+def split_rank(group: str) -> str:
+    """The order in which duplicate groups are drawn into the test split."""
+    return hashlib.sha256((SPLIT_SALT + group).encode("utf-8")).hexdigest()
+
+
+def choose_test_groups(group_sizes: dict[str, int], target: int) -> set[str]:
+    """Whole groups, drawn in :func:`split_rank` order, that add up to at most ``target`` images."""
+    chosen: set[str] = set()
+    room = target
+    for group in sorted(group_sizes, key=lambda g: (split_rank(g), g)):
+        if room == 0:
+            break
+        size = group_sizes[group]
+        if size <= room:
+            chosen.add(group)
+            room -= size
+    return chosen
+
+
+def assign_duplicates_and_split(items: list[SourceItem], test_size: int | None = None) -> list[SourceItem]:
+    """Fill ``duplicate_of`` and ``split``; return the items in source order (numeric ``source_id``).
+
+    The result does not depend on the order of ``items``: the first of a group is its lowest index.
+    """
+    items = sorted(items, key=lambda item: int(item.source_id))
+    first_of_group: dict[str, str] = {}
+    group_sizes: dict[str, int] = defaultdict(int)
+    for item in items:
+        first_of_group.setdefault(item.group, item.source_id)
+        group_sizes[item.group] += 1
+    test_groups = choose_test_groups(dict(group_sizes), held_out_size(len(items), test_size))
+    out = []
+    for item in items:
+        first = first_of_group[item.group]
+        out.append(
+            replace(
+                item,
+                duplicate_of=None if first == item.source_id else first,
+                split="test" if item.group in test_groups else "train",
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- FFHQ-wild
+
+
+class FFHQWildSource:
+    """Reader of an FFHQ-wild download: ``ffhq-dataset-v2.json`` + ``in-the-wild-images/``."""
+
+    name = "ffhq-wild"
+
+    def __init__(self, root: str | os.PathLike, test_size: int | None = None):
+        self.root = Path(root).resolve()
+        self.metadata_path = self.root / METADATA_FILE
+        self.test_size = test_size
+        if not self.metadata_path.is_file():
+            raise SourceError(f"{self.metadata_path}: FFHQ metadata file not found")
+        self._items: list[SourceItem] | None = None
+
+    def items(self) -> list[SourceItem]:
+        """All items, sorted by index, with duplicates and split assigned."""
+        if self._items is None:
+            self._items = assign_duplicates_and_split(self._read(), self.test_size)
+        return list(self._items)
+
+    def _read(self) -> list[SourceItem]:
+        where = self.metadata_path
+        try:
+            text = where.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SourceError(f"{where}: cannot read FFHQ metadata ({e})") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SourceError(
+                f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+            ) from e
+        if not isinstance(data, dict):
+            raise SourceError(
+                f'{where}: expected a JSON object keyed by image index ("0", "1", ...), '
+                f"found a JSON {type(data).__name__}"
+            )
+        if not data:
+            raise SourceError(f"{where}: the metadata lists no images")
+        problems: list[str] = []
+        items: list[tuple[int, SourceItem]] = []
+        seen: dict[int, str] = {}
+        for index_str, entry in data.items():
+            item = self._item(index_str, entry, problems)
+            if item is None:
+                continue
+            index = item[0]
+            if index in seen:
+                problems.append(f"keys {seen[index]!r} and {index_str!r} name the same index {index}")
+                continue
+            seen[index] = index_str
+            items.append(item)
+        if problems:
+            shown = "; ".join(problems[:_MAX_PROBLEMS_SHOWN])
+            more = len(problems) - _MAX_PROBLEMS_SHOWN
+            tail = f"; ... and {more} more" if more > 0 else ""
+            raise SourceError(f"{where}: malformed FFHQ metadata, {len(problems)} problem(s): {shown}{tail}")
+        items.sort(key=lambda pair: pair[0])
+        return [item for _, item in items]
+
+    def _item(self, index_str: str, entry: Any, problems: list[str]) -> tuple[int, SourceItem] | None:
+        if not isinstance(index_str, str) or not _INDEX_RE.match(index_str):
+            problems.append(f"key {index_str!r} is not a decimal image index")
+            return None
+        label = f"item {index_str!r}"
+        if not isinstance(entry, dict):
+            problems.append(f"{label} is a JSON {type(entry).__name__}, not an object")
+            return None
+        wild = entry.get("in_the_wild")
+        if not isinstance(wild, dict):
+            problems.append(f"{label} has no 'in_the_wild' object")
+            return None
+        file_path = wild.get("file_path")
+        if not isinstance(file_path, str) or not file_path.strip():
+            problems.append(f"{label} has no 'in_the_wild.file_path'")
+            return None
+        rel = Path(file_path)
+        # Lexical check (no symlink resolution): in-the-wild-images may be a link to another disk.
+        resolved = Path(os.path.normpath(self.root / rel))
+        if rel.is_absolute() or not resolved.is_relative_to(self.root):
+            problems.append(f"{label}: in_the_wild.file_path {file_path!r} points outside the source root")
+            return None
+        metadata = entry.get("metadata", {})
+        if not isinstance(metadata, dict):
+            problems.append(f"{label}: 'metadata' is a JSON {type(metadata).__name__}, not an object")
+            return None
+        pixel = _md5_field(wild, "pixel_md5", label, problems)
+        file_md5 = _md5_field(wild, "file_md5", label, problems)
+        face_rect = wild.get("face_rect")
+        if face_rect is not None and not _is_box(face_rect):
+            problems.append(f"{label}: in_the_wild.face_rect {face_rect!r} is not [x0, y0, x1, y1]")
+        index = int(index_str)
+        source_id = str(index)
+        meta = {
+            "source": self.name,
+            "index": index,
+            "category": entry.get("category"),
+            "license": metadata.get("license"),
+            "license_url": metadata.get("license_url"),
+            "author": metadata.get("author"),
+            "photo_url": metadata.get("photo_url"),
+            "photo_title": metadata.get("photo_title"),
+            "country": metadata.get("country"),
+            "date_uploaded": metadata.get("date_uploaded"),
+            "face_rect": list(face_rect) if _is_box(face_rect) else None,
+            "pixel_md5": pixel,
+            "file_md5": file_md5,
+            "file_size": wild.get("file_size"),
+            "pixel_size": wild.get("pixel_size"),
+        }
+        group = pixel or (f"file:{file_md5}" if file_md5 else f"index:{index}")
+        item = SourceItem(
+            source_id=source_id,
+            key=f"{index:05d}",
+            path=str(resolved),
+            rel_path=resolved.relative_to(self.root).as_posix(),
+            group=group,
+            split="train",
+            duplicate_of=None,
+            meta=meta,
+        )
+        return index, item
+
+
+def _md5_field(wild: dict, name: str, label: str, problems: list[str]) -> str | None:
+    value = wild.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _MD5_RE.match(value.lower()):
+        problems.append(f"{label}: in_the_wild.{name} {value!r} is not an md5 hex digest")
+        return None
+    return value.lower()
+
+
+def _is_box(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+class ImageFolderSource:
+    """Reader of a plain folder of photos (recursive), for people who bring their own."""
+
+    name = "folder"
+
+    def __init__(self, root: str | os.PathLike, test_size: int | None = None):
+        self.root = Path(root).resolve()
+        self.test_size = test_size
+        if not self.root.is_dir():
+            raise SourceError(f"{self.root}: image folder not found")
+        self._items: list[SourceItem] | None = None
+
+    def items(self) -> list[SourceItem]:
+        """All image files in sorted relative-path order, with duplicates and split assigned."""
+        if self._items is None:
+            paths = list_image_files(self.root)
+            if not paths:
+                raise SourceError(
+                    f"{self.root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, recursively)"
+                )
+            items = [self._item(i, rel) for i, rel in enumerate(paths)]
+            self._items = assign_duplicates_and_split(items, self.test_size)
+        return list(self._items)
+
+    def _item(self, index: int, rel: str) -> SourceItem:
+        path = self.root / rel
+        meta: dict[str, Any] = {
+            "source": self.name,
+            "index": index,
+            "license": None,
+            "license_url": None,
+            "author": None,
+            "photo_url": None,
+            "photo_title": Path(rel).name,
+            "face_rect": None,
+            "pixel_md5": None,
+            "file_md5": None,
+            "file_size": None,
+        }
+        try:
+            size = path.stat().st_size
+            meta["file_size"] = size
+            if size == 0:
+                group = f"empty:{rel}"
+            else:
+                digest = _file_md5(path)
+                meta["file_md5"] = digest
+                group = digest
+        except OSError as e:
+            meta["listing_error"] = f"cannot read file ({e.strerror or e})"
+            group = f"unreadable:{rel}"
+        return SourceItem(
+            source_id=str(index),
+            key=f"{index:05d}",
+            path=str(path),
+            rel_path=rel,
+            group=group,
+            split="train",
+            duplicate_of=None,
+            meta=meta,
+        )
+
+
+def list_image_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the image files under ``root``, sorted; hidden files and folders skipped."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _file_md5(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def open_source(root: str | os.PathLike, test_size: int | None = None) -> FFHQWildSource | ImageFolderSource:
+    """An FFHQ-wild source if ``root/ffhq-dataset-v2.json`` exists, else an image folder."""
+    root = Path(root)
+    if not root.exists():
+        raise SourceError(f"{root}: source folder not found")
+    if not root.is_dir():
+        raise SourceError(f"{root}: source is not a folder")
+    if (root / METADATA_FILE).is_file():
+        return FFHQWildSource(root, test_size=test_size)
+    return ImageFolderSource(root, test_size=test_size)

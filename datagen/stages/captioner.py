@@ -1,0 +1,158 @@
+"""Captioning stage: BLIP-2 captions for a batch of images (DESIGN §3, step 1).
+
+``Captioner`` loads the model named in the profile's ``captioner`` section (a hub id such as
+``Salesforce/blip2-opt-6.7b-coco`` or a local folder such as the tiny model) through
+:func:`~datagen.stages.model_loading.resolve_model`, so both go through one path, and generates with the
+section's settings:
+
+=================  ====================================================================
+key                meaning
+=================  ====================================================================
+``model``          hub id or folder (``Blip2ForConditionalGeneration`` + its processor)
+``batch_size``     images per ``generate`` call (results do not depend on it)
+``max_new_tokens`` longest caption, in tokens
+``num_beams``      beam search width (1 = greedy); decoding is never sampled
+``dtype``          ``auto`` (bf16 on GPU, fp16 where bf16 is unsupported, fp32 on CPU) or a dtype
+``device``         optional; else the ``device`` argument, else CUDA when visible
+=================  ====================================================================
+
+Captions are cleaned (:func:`clean_caption`); an empty or degenerate caption is returned as is and
+flagged by :func:`caption_flags`, never raised on, so the record can say what happened.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from PIL import Image
+
+from datagen.stages.model_loading import ModelNotFoundError, pick_device, pick_dtype, resolve_model
+
+WHAT = "captioner (BLIP-2)"
+FLAG_EMPTY = "empty"
+FLAG_DEGENERATE = "degenerate"
+
+_WS = re.compile(r"\s+")
+_LETTER = re.compile(r"[^\W\d_]")
+_REPEATED_PIECE = re.compile(r"([^\W\d_]{1,8}?)\1{3,}")
+
+
+def clean_caption(text: str, special_tokens: Iterable[str] = ()) -> str:
+    """Remove special-token strings, control characters and U+FFFD (bytes that did not decode),
+    collapse runs of whitespace to one space, and strip both ends."""
+    for token in special_tokens:
+        if token:
+            text = text.replace(token, " ")
+    text = "".join(
+        " " if (unicodedata.category(ch) in ("Cc", "Cf") or ch == "\ufffd") else ch for ch in text
+    )
+    return _WS.sub(" ", text).strip()
+
+
+def caption_flags(caption: str) -> list[str]:
+    """Quality flags of a cleaned caption, for the record's ``caption_flags``.
+
+    * ``"empty"``: nothing is left after cleaning.
+    * ``"degenerate"``: a caption no one would write, by any of these rules:
+      it has no letter at all (``"1 2 3"``, ``"..."``); the same word appears three or more times
+      in a row (``"a table table table"``); one word makes up more than half of a caption of at
+      least four words (``"dog a dog the dog dog"``); or a word holds a short piece of letters
+      (1–8) four or more times in a row (``"okokokok"``, ``"QQQQ"``, ``"ssesssesssessses"``).
+      Words are compared lower-cased with surrounding punctuation removed.
+
+    A caption that is fine gets ``[]``.
+    """
+    if not caption.strip():
+        return [FLAG_EMPTY]
+    if not _LETTER.search(caption):
+        return [FLAG_DEGENERATE]
+    words = [w for w in (w.strip(".,;:!?\"'()[]").lower() for w in caption.split()) if w]
+    if not words:
+        return [FLAG_DEGENERATE]
+    run = 1
+    for prev, cur in zip(words, words[1:], strict=False):
+        run = run + 1 if cur == prev else 1
+        if run >= 3:
+            return [FLAG_DEGENERATE]
+    if len(words) >= 4 and Counter(words).most_common(1)[0][1] * 2 > len(words):
+        return [FLAG_DEGENERATE]
+    if any(_REPEATED_PIECE.search(w) for w in words):
+        return [FLAG_DEGENERATE]
+    return []
+
+
+class Captioner:
+    """BLIP-2 captioning: ``caption(images) -> list[str]`` (one cleaned caption per image)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        dtype: str = "auto",
+        device: str | None = None,
+    ):
+        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+        if int(batch_size) < 1 or int(max_new_tokens) < 1 or int(num_beams) < 1:
+            raise ValueError(
+                f"{WHAT}: batch_size, max_new_tokens and num_beams must be >= 1 "
+                f"(got {batch_size}, {max_new_tokens}, {num_beams})"
+            )
+        self.model_id = model
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.num_beams = int(num_beams)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        path = resolve_model(model, WHAT)
+        try:
+            self.processor = AutoProcessor.from_pretrained(path)
+            self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
+        except OSError as e:
+            raise ModelNotFoundError(f"{WHAT}: cannot load model {model!r} from {path}: {e}") from e
+        self.model.to(self.device).eval()
+        tokenizer = self.processor.tokenizer
+        self._special = sorted(set(tokenizer.all_special_tokens) | {"<image>"}, key=len, reverse=True)
+
+    @classmethod
+    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> Captioner:
+        """Build from a profile's ``captioner`` section (see the module docstring for the keys)."""
+        if "model" not in section:
+            raise ValueError(f"{WHAT}: the profile's captioner section has no 'model' (keys: {sorted(section)})")
+        return cls(
+            section["model"],
+            batch_size=section.get("batch_size", 8),
+            max_new_tokens=section.get("max_new_tokens", 30),
+            num_beams=section.get("num_beams", 1),
+            dtype=section.get("dtype", "auto"),
+            device=device or section.get("device"),
+        )
+
+    def caption(self, images: Sequence[Image.Image]) -> list[str]:
+        """One cleaned caption per image, in order, generated ``batch_size`` images at a time."""
+        captions: list[str] = []
+        for start in range(0, len(images), self.batch_size):
+            captions.extend(self._caption_batch(images[start:start + self.batch_size]))
+        return captions
+
+    def _caption_batch(self, images: Sequence[Image.Image]) -> list[str]:
+        import torch
+
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        inputs = self.processor(images=rgb, return_tensors="pt").to(self.device, self.dtype)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                num_beams=self.num_beams,
+                do_sample=False,
+            )
+        texts = self.processor.batch_decode(out, skip_special_tokens=True)
+        return [clean_caption(t, self._special) for t in texts]

@@ -1,0 +1,485 @@
+"""Match noun phrases to panoptic segments: CLIP × Sentence-BERT scores, greedy assignment (DESIGN §3.4).
+
+For every image, with ``P`` phrases (rows) and ``S`` segments (columns, in the segmenter's order):
+
+* ``clip[p, s]``  = cosine of the OpenCLIP text embedding of phrase ``p`` and the OpenCLIP image
+  embedding of segment ``s``'s crop (both L2-normalised);
+* ``sbert[p, s]`` = cosine of the Sentence-Transformers embeddings of phrase ``p`` and of segment
+  ``s``'s COCO label (e.g. ``"person"``, ``"wall-other-merged"``; the label string as the
+  segmenter gives it);
+* ``product = clip * sbert`` (elementwise, as the paper defines the score; no clamping — with real
+  CLIP both cosines are positive for any plausible pair, a negative SBERT cosine gives a negative
+  score that the profile's ``min_score: 0.0`` keeps out; the random tiny CLIP gives cosines of
+  either sign, so tiny-profile matches are plumbing, not meaning);
+* ``pairs = greedy_match(product, min_score)``, reported as ``(phrase index, segment id)``: a pair
+  is taken only if its product is ``>= min_score``; ``min_score: null`` in the profile means no
+  threshold (stored as -1.0, the lowest possible product, so records hold a finite number).
+
+**The crop of a segment** is the segment's ``bbox`` ``[x0, y0, x1, y1]`` cut from the image; inside
+that box every pixel that is *not* in the segment's mask (``segment_map != id``) is replaced by a
+neutral grey, the CLIP normalisation mean (RGB 123, 117, 104 for the OpenAI mean), which
+normalises to ~0 and so carries no signal. The box is then padded to a square with the same grey, centred, so the model's
+preprocess (resize shortest side + centre crop) never cuts part of the segment away, and goes
+through the model's own OpenCLIP ``preprocess`` (resize to the model's input size, normalise).
+:func:`segment_crop` is that function.
+
+**Label embeddings** depend only on the label string and the model, so the :class:`Matcher` keeps
+them in a per-instance cache (``label → normalised embedding``) and encodes a label only the first
+time it is seen; phrase embeddings are computed once per call for each distinct phrase text.
+CLIP image crops of all images of a call are batched together (``batch_size`` per forward).
+
+**Models** are named in the profile's ``matcher`` section and loaded through one path:
+OpenCLIP by built-in architecture + ``clip_pretrained`` tag (``ViT-H-14`` + ``laion2b_s32b_b79k``),
+by ``hf-hub:org/repo``, by ``local-dir:FOLDER`` or by a plain folder holding
+``open_clip_config.json``; Sentence-Transformers by hub id or folder. With the hub switched off
+(``HF_HUB_OFFLINE=1``) a model that is not available locally fails at construction with
+:class:`~datagen.stages.model_loading.ModelNotFoundError` naming the model, where it was looked for and
+how to get it. A built-in OpenCLIP architecture without a ``clip_pretrained`` tag is refused:
+random weights are never silently used in place of real ones.
+
+The matcher relies only on attributes of its inputs (``segment_map``, ``segments[i].id`` /
+``.coco_label`` / ``.bbox``; ``phrases[i].text``), so it does not import the segmenter or phrases
+modules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datagen.stages.model_loading import (
+    ModelNotFoundError,
+    hub_offline,
+    looks_like_path,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+)
+
+CLIP_WHAT = "matcher image-text model (OpenCLIP)"
+SBERT_WHAT = "matcher label-text model (Sentence-Transformers)"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+class MatchError(ValueError):
+    """An input of :meth:`Matcher.match` is malformed. The message names the image and the segment."""
+
+
+@dataclass
+class MatchResult:
+    """One image's match. Matrices are ``P x S``: rows = phrases (caption order), columns = ``segment_ids``."""
+
+    segment_ids: list[int]
+    clip: np.ndarray
+    sbert: np.ndarray
+    product: np.ndarray
+    pairs: list[tuple[int, int]]  # (phrase index, segment id), in greedy pick order
+    min_score: float
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy assignment (pure)
+# --------------------------------------------------------------------------------------------
+def greedy_match(scores: np.ndarray, min_score: float = -math.inf) -> list[tuple[int, int]]:
+    """Greedy one-to-one assignment on a ``rows x cols`` score matrix.
+
+    Repeatedly takes the highest-scoring remaining ``(row, col)`` pair whose row and column are both
+    still free, until no free pair scores ``>= min_score``. Each row and each column is used at most
+    once. Ties are broken by the lowest row, then the lowest column (row-major order). Returns the
+    pairs in pick order (so scores are non-increasing). Empty sides give ``[]``. This is the
+    paper's greedy rule, not the optimal (Hungarian) assignment: it can give a lower total.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"greedy_match: scores must be a 2-D matrix (rows x cols), got shape {scores.shape}")
+    n_rows, n_cols = scores.shape
+    if n_rows == 0 or n_cols == 0:
+        return []
+    if np.isnan(scores).any():
+        raise ValueError("greedy_match: scores hold NaN; every score must be a number")
+    flat = scores.ravel()
+    # One stable sort, descending: equal scores keep row-major order -> lowest row, then lowest col.
+    order = np.argsort(-flat, kind="stable")
+    order = order[flat[order] >= min_score]
+    rows, cols = np.divmod(order, n_cols)
+    want = min(n_rows, n_cols)
+    row_used = [False] * n_rows
+    col_used = [False] * n_cols
+    pairs: list[tuple[int, int]] = []
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        if row_used[r] or col_used[c]:
+            continue
+        row_used[r] = col_used[c] = True
+        pairs.append((r, c))
+        if len(pairs) == want:
+            break
+    return pairs
+
+
+def score_image(
+    phrase_clip: np.ndarray,
+    crop_clip: np.ndarray,
+    phrase_sbert: np.ndarray,
+    label_sbert: np.ndarray,
+    segment_ids: Sequence[int],
+    min_score: float,
+) -> MatchResult:
+    """Scores and greedy match of one image from normalised embeddings (no model forward here).
+
+    ``phrase_clip`` P x Dc, ``crop_clip`` S x Dc, ``phrase_sbert`` P x Ds, ``label_sbert`` S x Ds.
+    """
+    clip = (phrase_clip @ crop_clip.T).astype(np.float32, copy=False)
+    sbert = (phrase_sbert @ label_sbert.T).astype(np.float32, copy=False)
+    product = clip * sbert
+    ids = [int(s) for s in segment_ids]
+    pairs = [(p, ids[s]) for p, s in greedy_match(product, min_score)]
+    return MatchResult(segment_ids=ids, clip=clip, sbert=sbert, product=product, pairs=pairs, min_score=float(min_score))
+
+
+# --------------------------------------------------------------------------------------------
+# Crops
+# --------------------------------------------------------------------------------------------
+def fill_colour(mean: Sequence[float]) -> np.ndarray:
+    """The neutral grey (uint8 RGB) that the CLIP normalisation maps to ~0."""
+    return np.array([round(255 * m) for m in mean], dtype=np.uint8)
+
+
+def segment_crop(image: np.ndarray, segment_map: np.ndarray, segment_id: int, bbox: Sequence[int], fill: np.ndarray) -> np.ndarray:
+    """The square uint8 RGB crop of one segment (see the module docstring).
+
+    ``image`` H x W x 3 uint8, ``segment_map`` H x W; ``bbox`` ``[x0, y0, x1, y1]`` (x1/y1 exclusive).
+    Pixels in the box but outside the mask, and the square padding, are ``fill``.
+    """
+    x0, y0, x1, y1 = (int(v) for v in bbox)
+    width, height = x1 - x0, y1 - y0
+    side = max(width, height)
+    # Work on (rows, cols * 3) views: filling by a pre-tiled row and a 2-D copyto mask are far
+    # faster than broadcasting a 3-vector or boolean fancy indexing on H x W x 3 arrays.
+    flat = np.empty((side, side * 3), dtype=np.uint8)
+    flat[:] = np.tile(np.asarray(fill, dtype=np.uint8), side)
+    top, left = (side - height) // 2, (side - width) // 2
+    inside = np.repeat(segment_map[y0:y1, x0:x1] == segment_id, 3, axis=1)
+    box = np.ascontiguousarray(image[y0:y1, x0:x1]).reshape(height, width * 3)
+    np.copyto(flat[top:top + height, 3 * left:3 * (left + width)], box, where=inside)
+    out = flat.reshape(side, side, 3)
+    return out
+
+
+def _check_segment(index: int, segment: Any, segment_map: np.ndarray) -> None:
+    sid = getattr(segment, "id", None)
+    bbox = getattr(segment, "bbox", None)
+    height, width = segment_map.shape
+    if not isinstance(sid, int | np.integer) or sid <= 0:
+        raise MatchError(f"image {index}: segment id {sid!r} is not a positive integer")
+    if bbox is None or len(bbox) != 4:
+        raise MatchError(f"image {index}: segment {sid} has bbox {bbox!r}, not [x0, y0, x1, y1]")
+    x0, y0, x1, y1 = (int(v) for v in bbox)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise MatchError(f"image {index}: segment {sid} bbox {list(bbox)} is not a non-empty box inside the {width}x{height} image")
+    if not (segment_map[y0:y1, x0:x1] == sid).any():
+        raise MatchError(f"image {index}: segment {sid} has no pixel with its id inside its bbox {list(bbox)}")
+    label = getattr(segment, "coco_label", None)
+    if not isinstance(label, str) or not label:
+        raise MatchError(f"image {index}: segment {sid} has coco_label {label!r}, not a non-empty string")
+
+
+@dataclass
+class MatchInputs:
+    """What one :meth:`Matcher.match` call feeds the models, gathered from all its images.
+
+    ``images[i]`` is ``(phrase texts, segment ids, segment labels)``; ``crops`` holds the crops of
+    the images that have both phrases and segments, in image then segment order; ``texts`` and
+    ``labels`` are the distinct phrase texts and labels of those images (sorted).
+    """
+
+    images: list[tuple[list[str], list[int], list[str]]]
+    crops: list[np.ndarray]
+    texts: list[str]
+    labels: list[str]
+
+
+def prepare_inputs(images: Sequence, panoptic: Sequence, chunked: Sequence, fill: np.ndarray) -> MatchInputs:
+    """Check the inputs (raising :class:`MatchError` naming the image and segment) and cut the crops."""
+    if not (len(images) == len(panoptic) == len(chunked)):
+        raise MatchError(
+            f"match needs one panoptic result and one chunked caption per image, got {len(images)} images, "
+            f"{len(panoptic)} panoptic results, {len(chunked)} chunked captions"
+        )
+    crops: list[np.ndarray] = []
+    per_image: list[tuple[list[str], list[int], list[str]]] = []
+    for i, (image, pan, chunk) in enumerate(zip(images, panoptic, chunked, strict=True)):
+        rgb = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        seg_map = np.asarray(pan.segment_map)
+        if seg_map.shape != rgb.shape[:2]:
+            raise MatchError(
+                f"image {i}: segment map is {seg_map.shape[1]}x{seg_map.shape[0]} (w x h), "
+                f"image is {rgb.shape[1]}x{rgb.shape[0]}"
+            )
+        phrases = [p.text for p in chunk.phrases]
+        segments = list(pan.segments)
+        for s in segments:
+            _check_segment(i, s, seg_map)
+        ids = [int(s.id) for s in segments]
+        if len(set(ids)) != len(ids):
+            raise MatchError(f"image {i}: segment ids {ids} are not unique")
+        if phrases and segments:  # crops are needed only when there is something to score
+            crops.extend(segment_crop(rgb, seg_map, sid, s.bbox, fill) for sid, s in zip(ids, segments, strict=True))
+        per_image.append((phrases, ids, [s.coco_label for s in segments]))
+    scored = [(ph, labels) for ph, ids, labels in per_image if ph and ids]
+    return MatchInputs(
+        images=per_image,
+        crops=crops,
+        texts=sorted({t for ph, _ in scored for t in ph}),
+        labels=sorted({label for _, labels in scored for label in labels}),
+    )
+
+
+def assemble_results(
+    inputs: MatchInputs,
+    phrase_clip: np.ndarray,
+    phrase_sbert: np.ndarray,
+    crop_clip: np.ndarray,
+    label_sbert: dict[str, np.ndarray],
+    min_score: float,
+) -> list[MatchResult]:
+    """Per-image scores and greedy matches from the embeddings of ``inputs.texts``, ``inputs.crops``
+    and the labels (rows of ``phrase_*`` follow ``inputs.texts``; ``crop_clip`` follows ``inputs.crops``)."""
+    text_row = {t: k for k, t in enumerate(inputs.texts)}
+    results = []
+    at = 0
+    for phrases, ids, labels in inputs.images:
+        if not (phrases and ids):
+            empty = np.zeros((len(phrases), len(ids)), dtype=np.float32)
+            results.append(MatchResult(ids, empty, empty.copy(), empty.copy(), [], float(min_score)))
+            continue
+        rows = [text_row[t] for t in phrases]
+        results.append(
+            score_image(
+                phrase_clip[rows], crop_clip[at:at + len(ids)], phrase_sbert[rows],
+                np.stack([label_sbert[label] for label in labels]), ids, min_score,
+            )
+        )
+        at += len(ids)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Model loading
+# --------------------------------------------------------------------------------------------
+def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | None]:
+    """``(model_name, pretrained)`` for ``open_clip.create_model_and_transforms``; checks availability.
+
+    Raises :class:`ModelNotFoundError` (folder missing; weights not cached while offline) or
+    ``ValueError`` (unknown architecture or tag; a built-in architecture without a tag).
+    """
+    import open_clip
+
+    if not isinstance(model, str) or not model.strip():
+        raise ModelNotFoundError(f"{CLIP_WHAT}: no model given (got {model!r}); set matcher.clip_model in the profile")
+    if model.startswith(("local-dir:", "hf-hub:")) or Path(model).expanduser().is_dir() or looks_like_path(model):
+        if model.startswith("hf-hub:"):
+            resolved = resolve_model(model[len("hf-hub:"):], CLIP_WHAT)  # offline: must be in the HF cache
+            # offline, resolve_model hands back the cached snapshot folder: load that, as a local dir
+            return (("local-dir:" + resolved) if Path(resolved).is_dir() else model), None
+        folder = Path(model[len("local-dir:"):] if model.startswith("local-dir:") else model).expanduser()
+        resolve_model("local-dir:" + str(folder), CLIP_WHAT)
+        if not (folder / OPEN_CLIP_CONFIG).is_file():
+            raise ModelNotFoundError(
+                f"{CLIP_WHAT}: model {model!r} not found: {folder.resolve()} has no {OPEN_CLIP_CONFIG}.\n"
+                f"How to get it: for the tiny profile build the tiny models with `subject-ffhq tiny-models DIR` "
+                f"and `export SUBJECT_FFHQ_TINY_MODELS=DIR`; otherwise point matcher.clip_model at an OpenCLIP "
+                f"folder (open_clip_config.json + weights) or a built-in architecture with clip_pretrained."
+            )
+        return "local-dir:" + str(folder), None
+
+    name = model.replace("/", "-")
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"{CLIP_WHAT}: {model!r} is neither an OpenCLIP architecture, 'hf-hub:org/repo', 'local-dir:FOLDER' "
+            f"nor an existing folder"
+        )
+    if not pretrained:
+        raise ValueError(
+            f"{CLIP_WHAT}: {model!r} is an architecture without weights; set matcher.clip_pretrained to one of "
+            f"{open_clip.list_pretrained_tags_by_model(name)} (random weights are never used silently)"
+        )
+    if os.path.isfile(pretrained):
+        return name, pretrained
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        raise ValueError(
+            f"{CLIP_WHAT}: clip_pretrained {pretrained!r} is neither a weights file nor a tag of {name}; "
+            f"tags: {open_clip.list_pretrained_tags_by_model(name)}"
+        )
+    if hub_offline():
+        if cfg.get("hf_hub"):
+            repo_id = cfg["hf_hub"].rstrip("/")
+            repo_id = repo_id if repo_id.count("/") == 1 else os.path.dirname(repo_id)
+            resolve_model(repo_id, f"{CLIP_WHAT} {name} {pretrained}")
+        elif cfg.get("url"):
+            cached = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+            if not cached.is_file():
+                raise ModelNotFoundError(
+                    f"{CLIP_WHAT}: weights {name} {pretrained} are not downloaded and the hub is switched off "
+                    f"(HF_HUB_OFFLINE=1).\nLooked in: {cached}.\nHow to get it: run once with network access "
+                    f"(unset HF_HUB_OFFLINE), or download {cfg['url']} to {cached}."
+                )
+    return name, pretrained
+
+
+def load_open_clip(model: str, pretrained: str | None, device: str):
+    """``(model, preprocess, tokenizer)``: one loading path for hub names, tags and local folders."""
+    import open_clip
+
+    name, tag = resolve_open_clip(model, pretrained)
+    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
+    clip.eval()
+    return clip, preprocess, open_clip.get_tokenizer(name)
+
+
+def load_sbert(model: str, device: str):
+    """A SentenceTransformer from a hub id or a folder (checked by :func:`resolve_model`)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_model(model, SBERT_WHAT), device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+class Matcher:
+    """Scores every (phrase, segment) pair of an image with CLIP × SBERT and matches greedily."""
+
+    def __init__(
+        self,
+        clip_model,
+        clip_preprocess,
+        clip_tokenizer,
+        sbert_model,
+        *,
+        device: str = "cpu",
+        dtype=None,
+        batch_size: int = 64,
+        min_score: float = 0.0,
+    ):
+        import torch
+
+        if int(batch_size) < 1:
+            raise ValueError(f"matcher batch_size must be >= 1, got {batch_size!r}")
+        self.clip = clip_model
+        self.preprocess = clip_preprocess
+        self.tokenizer = clip_tokenizer
+        self.sbert = sbert_model
+        self.device = device
+        self.dtype = dtype or torch.float32
+        self.batch_size = int(batch_size)
+        self.min_score = float(min_score)
+        mean = getattr(getattr(clip_model, "visual", None), "preprocess_cfg", {}).get("mean")
+        self.fill = fill_colour(mean or (0.48145466, 0.4578275, 0.40821073))
+        self._label_embeddings: dict[str, np.ndarray] = {}
+        self.labels_encoded = 0  # how many label strings went through the SBERT model (cache misses)
+
+    @classmethod
+    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> Matcher:
+        device = pick_device(device)
+        dtype = pick_dtype(device, section.get("dtype", "auto"))
+        # Check both models before loading either, so a missing one fails fast.
+        resolve_open_clip(section["clip_model"], section.get("clip_pretrained"))
+        resolve_model(section["sbert_model"], SBERT_WHAT)
+        clip, preprocess, tokenizer = load_open_clip(section["clip_model"], section.get("clip_pretrained"), device)
+        sbert = load_sbert(section["sbert_model"], device)
+        return cls(
+            clip, preprocess, tokenizer, sbert, device=device, dtype=dtype,
+            batch_size=section.get("batch_size", 64), min_score=_min_score(section.get("min_score", 0.0)),
+        )
+
+    # ---- public --------------------------------------------------------------------------
+    def match(self, images: Sequence, panoptic: Sequence, chunked: Sequence) -> list[MatchResult]:
+        """One :class:`MatchResult` per image; inputs are parallel lists (PIL image, PanopticResult, ChunkedCaption)."""
+        inputs = prepare_inputs(images, panoptic, chunked, self.fill)
+        phrase_clip = self.encode_texts_clip(inputs.texts)
+        phrase_sbert = self._encode_sbert(inputs.texts)
+        crop_clip = self.encode_crops(inputs.crops)
+        labels = self.label_embeddings(inputs.labels)
+        return assemble_results(inputs, phrase_clip, phrase_sbert, crop_clip, labels, self.min_score)
+
+    def label_embeddings(self, labels) -> dict[str, np.ndarray]:
+        """Normalised SBERT embeddings of ``labels``; each label is encoded once per Matcher, then cached."""
+        missing = sorted({label for label in labels if label not in self._label_embeddings})
+        # One label per forward: an embedding must not depend on which other labels happened to be
+        # new in the same call (batch shape shifts SBERT outputs ~1e-7), or a resumed run would not
+        # reproduce an uninterrupted one byte for byte. At most 133 COCO labels, once per Matcher.
+        for label in missing:
+            self._label_embeddings[label] = self._encode_sbert([label])[0]
+        self.labels_encoded += len(missing)
+        return {label: self._label_embeddings[label] for label in labels}
+
+    @property
+    def cached_labels(self) -> list[str]:
+        return sorted(self._label_embeddings)
+
+    def encode_texts_clip(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised OpenCLIP text embeddings (N x D float32)."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        out = []
+        for k in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[k:k + self.batch_size])).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                out.append(self.clip.encode_text(tokens, normalize=True).float().cpu())
+        return torch.cat(out).numpy()
+
+    def encode_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Normalised OpenCLIP image embeddings of uint8 RGB crops (N x D float32), ``batch_size`` per forward."""
+        import torch
+        from PIL import Image
+
+        if not crops:
+            return np.zeros((0, 0), dtype=np.float32)
+        out = []
+        for k in range(0, len(crops), self.batch_size):
+            batch = torch.stack([self.preprocess(Image.fromarray(c)) for c in crops[k:k + self.batch_size]])
+            with torch.inference_mode(), self._autocast():
+                out.append(self.clip.encode_image(batch.to(self.device), normalize=True).float().cpu())
+        return torch.cat(out).numpy()
+
+    # ---- internals -----------------------------------------------------------------------
+    def _encode_sbert(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        emb = self.sbert.encode(
+            list(texts), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(emb, dtype=np.float32)
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if str(self.device).startswith("cuda") and self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+
+def _min_score(value) -> float:
+    """``matcher.min_score`` from the profile. ``null`` means no threshold; it becomes -1.0, the lowest
+    product two cosines can give, rather than -inf, so the value stays a finite number in records."""
+    if value is None:
+        return -1.0
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"matcher min_score must be a number or null, got {value!r}") from None
+    if math.isnan(score):
+        raise ValueError("matcher min_score is NaN; give a number or null")
+    return score

@@ -1,0 +1,260 @@
+"""Panoptic segmentation stage: Mask2Former segments for a batch of images (DESIGN §3, step 2).
+
+``PanopticSegmenter`` loads the model named in the profile's ``segmenter`` section (a hub id such
+as ``facebook/mask2former-swin-large-coco-panoptic`` or a local folder such as the tiny model)
+through :func:`~datagen.stages.model_loading.resolve_model` and runs transformers'
+``Mask2FormerForUniversalSegmentation`` + ``post_process_panoptic_segmentation``.
+
+=================================  =============================================================
+key                                meaning
+=================================  =============================================================
+``model``                          hub id or folder (a COCO-panoptic Mask2Former + its processor)
+``batch_size``                     images per forward pass (results do not depend on it)
+``resolution``                     shortest side the model sees (longest side capped at
+                                   ``resolution × 1333 / 800``, Mask2Former's own ratio)
+``threshold``                      minimum class score of a query to be kept
+``mask_threshold``                 binarisation threshold of (score × mask probability)
+``overlap_mask_area_threshold``    minimum share of a query's mask it must keep after overlaps
+``dtype`` / ``device``             as for the other stages (``auto``: bf16/fp16 on GPU, fp32 on CPU)
+=================================  =============================================================
+
+What comes back is at the **stored image's size** (``target_sizes``), whatever the processing
+resolution:
+
+* ``segment_map``: ``uint16`` array, ``H × W`` of the image, 0 = no segment, ``1..N`` = segment ids,
+  numbered in the order the segments are listed;
+* ``segments``: one :class:`SegmentInfo` per id, with the COCO label from the model's own
+  ``config.id2label``, ``is_thing``, the tight ``bbox`` ``[x0, y0, x1, y1]`` (x = column, y = row,
+  ``x1``/``y1`` exclusive) and ``area`` (pixel count) of its pixels in the map, and the score.
+
+Details that matter:
+
+* **Things and stuff.** A COCO-panoptic label map lists the 80 thing classes first (ids 0–79)
+  and then the 53 stuff classes (ids 80–132); this is the order of detectron2's COCO categories,
+  which the Hugging Face checkpoints keep. :func:`is_thing` is that rule, and the only place it
+  lives; a model whose label map does not have 133 classes is refused at load time.
+* **Stuff is fused** as detectron2's panoptic inference does: all masks of one stuff class become
+  one segment (score = the highest of the fused masks). This is done here on the unfused output of
+  ``post_process_panoptic_segmentation`` (``label_ids_to_fuse=set()``), because that function's
+  own fusion re-uses segment ids (after a fused mask its id counter steps back), which would give
+  two different segments the same id.
+* **No padding.** Images are only batched with images the processor resized to the same size, so
+  no padding enters the model (padding would shift the features and misalign the masks, which
+  ``post_process_panoptic_segmentation`` stretches over the whole input) and a result does not
+  depend on ``batch_size`` or on the other images of the call.
+* Segments with no pixel left in the map are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from datagen.stages.model_loading import ModelNotFoundError, pick_device, pick_dtype, resolve_model
+
+WHAT = "segmenter (Mask2Former, COCO panoptic)"
+COCO_PANOPTIC_NUM_CLASSES = 133
+COCO_PANOPTIC_NUM_THINGS = 80
+LONG_SIDE_RATIO = 1333 / 800  # Mask2Former's default longest_edge / shortest_edge
+
+
+def is_thing(category_id: int) -> bool:
+    """COCO panoptic: ids 0–79 are things (countable objects), 80–132 are stuff (amorphous regions)."""
+    return 0 <= int(category_id) < COCO_PANOPTIC_NUM_THINGS
+
+
+@dataclass
+class SegmentInfo:
+    id: int
+    category_id: int
+    coco_label: str
+    is_thing: bool
+    bbox: list[int]  # [x0, y0, x1, y1], x = column, y = row, x1/y1 exclusive; tight box of the mask
+    area: int
+    score: float
+
+
+@dataclass
+class PanopticResult:
+    segment_map: np.ndarray  # uint16, H x W of the image, 0 = none
+    segments: list[SegmentInfo] = field(default_factory=list)
+
+
+class PanopticSegmenter:
+    """Mask2Former panoptic segmentation: ``segment(images) -> list[PanopticResult]``."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        batch_size: int = 4,
+        resolution: int = 384,
+        threshold: float = 0.8,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        dtype: str = "auto",
+        device: str | None = None,
+    ):
+        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+
+        if int(batch_size) < 1 or int(resolution) < 32:
+            raise ValueError(f"{WHAT}: batch_size must be >= 1 and resolution >= 32 (got {batch_size}, {resolution})")
+        self.model_id = model
+        self.batch_size = int(batch_size)
+        self.resolution = int(resolution)
+        self.threshold = float(threshold)
+        self.mask_threshold = float(mask_threshold)
+        self.overlap_mask_area_threshold = float(overlap_mask_area_threshold)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        path = resolve_model(model, WHAT)
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(path)
+            self.model = Mask2FormerForUniversalSegmentation.from_pretrained(path, dtype=self.dtype)
+        except OSError as e:
+            raise ModelNotFoundError(f"{WHAT}: cannot load model {model!r} from {path}: {e}") from e
+        self.model.to(self.device).eval()
+        self.id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
+        if sorted(self.id2label) != list(range(COCO_PANOPTIC_NUM_CLASSES)):
+            raise ValueError(
+                f"{WHAT}: model {model!r} has {len(self.id2label)} classes, not COCO panoptic's "
+                f"{COCO_PANOPTIC_NUM_CLASSES} (80 things + 53 stuff); use a COCO-panoptic Mask2Former"
+            )
+        self.size = {
+            "shortest_edge": self.resolution,
+            "longest_edge": math.ceil(self.resolution * LONG_SIDE_RATIO),
+        }
+
+    @classmethod
+    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> PanopticSegmenter:
+        """Build from a profile's ``segmenter`` section (see the module docstring for the keys)."""
+        if "model" not in section:
+            raise ValueError(f"{WHAT}: the profile's segmenter section has no 'model' (keys: {sorted(section)})")
+        keys = ("batch_size", "resolution", "threshold", "mask_threshold", "overlap_mask_area_threshold", "dtype")
+        return cls(
+            section["model"],
+            **{k: section[k] for k in keys if k in section},
+            device=device or section.get("device"),
+        )
+
+    def segment(self, images: Sequence[Image.Image]) -> list[PanopticResult]:
+        """One :class:`PanopticResult` per image, in input order.
+
+        Each image is resized by the processor on its own; images that come out the same size are
+        run together, ``batch_size`` at a time, so no padding enters the model and an image's result
+        does not depend on which other images were passed with it.
+        """
+        import torch
+
+        pixels = []
+        for im in images:
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            pixels.append(self.processor(images=[rgb], size=self.size, return_tensors="pt")["pixel_values"])
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, px in enumerate(pixels):
+            by_size.setdefault(tuple(px.shape[-2:]), []).append(i)
+
+        results: list[PanopticResult | None] = [None] * len(images)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                batch = torch.cat([pixels[i] for i in chunk]).to(self.device, self.dtype)
+                with torch.inference_mode():
+                    out = self.model(pixel_values=batch)
+                # post-processing (upsampling to the image size) stays on the model's device, in fp32
+                class_logits = out.class_queries_logits.float()
+                mask_logits = out.masks_queries_logits.float()
+                for row, i in enumerate(chunk):
+                    results[i] = self._post_process(class_logits[row:row + 1], mask_logits[row:row + 1], images[i].size)
+        return results  # type: ignore[return-value]
+
+    def _post_process(self, class_logits, mask_logits, size: tuple[int, int]) -> PanopticResult:
+        from transformers.models.mask2former.modeling_mask2former import (
+            Mask2FormerForUniversalSegmentationOutput,
+        )
+
+        width, height = size
+        post = self.processor.post_process_panoptic_segmentation(
+            Mask2FormerForUniversalSegmentationOutput(
+                class_queries_logits=class_logits, masks_queries_logits=mask_logits
+            ),
+            threshold=self.threshold,
+            mask_threshold=self.mask_threshold,
+            overlap_mask_area_threshold=self.overlap_mask_area_threshold,
+            label_ids_to_fuse=set(),
+            target_sizes=[(height, width)],
+        )[0]
+        return self._to_result(post["segmentation"], post["segments_info"], size)
+
+    def _to_result(self, segmentation, segments_info: list[dict], size: tuple[int, int]) -> PanopticResult:
+        """Fuse stuff per class, renumber ids 1..N, measure bbox and area on the final map."""
+        width, height = size
+        raw = np.asarray(segmentation.cpu().numpy() if hasattr(segmentation, "cpu") else segmentation)
+        raw = raw.astype(np.int64)
+        if raw.shape != (height, width):
+            raise RuntimeError(f"{WHAT}: post-processing returned a {raw.shape} map for a {width}x{height} image")
+
+        # Group the post-processor's segments into final segments: one per thing, one per stuff class.
+        groups: list[dict[str, Any]] = []
+        stuff_group: dict[int, dict[str, Any]] = {}
+        for info in segments_info:
+            label_id = int(info["label_id"])
+            score = float(info["score"])
+            if not is_thing(label_id) and label_id in stuff_group:
+                group = stuff_group[label_id]
+                group["raw_ids"].append(int(info["id"]))
+                group["score"] = max(group["score"], score)
+                continue
+            group = {"label_id": label_id, "raw_ids": [int(info["id"])], "score": score}
+            groups.append(group)
+            if not is_thing(label_id):
+                stuff_group[label_id] = group
+
+        lut = np.zeros(max(int(raw.max()), 0) + 1, dtype=np.int64)
+        for new_id, group in enumerate(groups, 1):
+            for raw_id in group["raw_ids"]:
+                if raw_id < len(lut):
+                    lut[raw_id] = new_id
+        renumbered = np.where(raw > 0, lut[np.clip(raw, 0, None)], 0)
+        # drop groups without pixels, then renumber densely 1..N in list order
+        areas = np.bincount(renumbered.ravel(), minlength=len(groups) + 1)
+        keep = [g for g, group in enumerate(groups, 1) if areas[g] > 0]
+        dense = np.zeros(len(groups) + 1, dtype=np.uint16)
+        dense[keep] = np.arange(1, len(keep) + 1, dtype=np.uint16)
+        segment_map = dense[renumbered].astype(np.uint16)
+
+        boxes = _tight_boxes(segment_map, len(keep))
+        areas = np.bincount(segment_map.ravel(), minlength=len(keep) + 1)
+        segments = []
+        for new_id, old in enumerate(keep, 1):
+            group = groups[old - 1]
+            label_id = group["label_id"]
+            segments.append(
+                SegmentInfo(
+                    id=new_id,
+                    category_id=label_id,
+                    coco_label=self.id2label[label_id],
+                    is_thing=is_thing(label_id),
+                    bbox=boxes[new_id],
+                    area=int(areas[new_id]),
+                    score=round(group["score"], 6),
+                )
+            )
+        return PanopticResult(segment_map=segment_map, segments=segments)
+
+
+def _tight_boxes(segment_map: np.ndarray, count: int) -> dict[int, list[int]]:
+    """``{id: [x0, y0, x1, y1]}`` (x1/y1 exclusive) of ids 1..count in ``segment_map``, in one pass."""
+    from scipy import ndimage
+
+    boxes = {}
+    for index, slices in enumerate(ndimage.find_objects(segment_map, max_label=count), 1):
+        if slices is not None:
+            rows, cols = slices
+            boxes[index] = [int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)]
+    return boxes

@@ -1,0 +1,131 @@
+"""The CPU work of a shard, as plain functions the job runs as Ray tasks.
+
+A shard's non-duplicate items are cut, in plan order, into *chunks* of ``images_per_call``:
+
+1. :func:`load_chunk` decodes, validates and downscales a chunk's images (a bad image becomes a
+   recorded failure naming the file, never an exception);
+2. the stage actors caption, segment and match the chunk (``ray_jobs.actors``);
+3. :func:`encode_chunk` joins the stage outputs into validated records and encodes each sample's
+   members (JPEG, 16-bit PNG, JSON), so only compact bytes wait for the shard to finish;
+4. :func:`write_shard_tar` writes every encoded sample of the shard, in plan order, into one tar
+   atomically and returns the shard's sample outcomes (written / duplicate / failed + reason).
+
+Everything here is deterministic: the same items give the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from datagen.files import TMP_MARK, file_sha256
+from datagen.manifests.shard_entry import DUPLICATE, FAILED, WRITTEN
+from datagen.shards.plan import ShardSpec
+from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
+from datagen.sources.images import ImageError, load_image
+from datagen.sources.readers import SourceItem
+from datagen.stages.failures import StageFailure
+from ray_jobs.chunks import EncodedChunk, EncodedSample, LoadedChunk
+
+
+def split_chunks(spec: ShardSpec, images_per_call: int) -> list[list[SourceItem]]:
+    """The shard's items that need annotating (duplicates excluded), cut into chunks in plan order."""
+    todo = [item for item in spec.items if item.duplicate_of is None]
+    return [todo[i : i + images_per_call] for i in range(0, len(todo), images_per_call)]
+
+
+def load_chunk(
+    shard: int, chunk: int, items: list[SourceItem], max_side: int, verify_pixel_md5: bool = False
+) -> LoadedChunk:
+    """``verify_pixel_md5``: the ``shards.verify_pixel_md5`` setting (recompute metadata md5s)."""
+    t = time.perf_counter()
+    loaded, failed = [], {}
+    for item in items:
+        try:
+            loaded.append(load_image(item, max_side=max_side, verify_md5=verify_pixel_md5))
+        except ImageError as e:
+            failed[item.source_id] = f"image: {e}"
+    return LoadedChunk(shard=shard, chunk=chunk, loaded=loaded, failed=failed, seconds=time.perf_counter() - t)
+
+
+def encode_chunk(
+    chunk: LoadedChunk,
+    captions: list,
+    panoptic: list,
+    matched: list,
+    models: dict[str, str],
+    jpeg_quality: int,
+) -> EncodedChunk:
+    """Records + encoded members for a chunk. ``captions[i]`` is ``(caption, flags)``,
+    ``matched[i]`` is ``(chunked, match)``; any of them may be a :class:`StageFailure`."""
+    from datagen.record.build import build_record
+
+    t = time.perf_counter()
+    outcomes: dict[str, tuple[str, str | None]] = {sid: (FAILED, reason) for sid, reason in chunk.failed.items()}
+    samples = []
+    for li, cap, pan, mat in zip(chunk.loaded, captions, panoptic, matched, strict=True):
+        sid = li.item.source_id
+        failure = next((r for r in (cap, pan, mat) if isinstance(r, StageFailure)), None)
+        if failure is not None:
+            outcomes[sid] = (FAILED, failure.reason)
+            continue
+        (_, flags), (chunked, match) = cap, mat
+        try:
+            record = build_record(li, flags, pan, chunked, match, models)
+        except ValueError as e:
+            outcomes[sid] = (FAILED, f"record: {li.item.rel_path}: {e}")
+            continue
+        samples.append(
+            EncodedSample(
+                key=record.key,
+                jpg=encode_jpeg(li.image, jpeg_quality),
+                seg_png=encode_segment_map(pan.segment_map),
+                json=record.to_json().encode("utf-8"),
+            )
+        )
+        outcomes[sid] = (WRITTEN, None)
+    return EncodedChunk(samples, outcomes, load_seconds=chunk.seconds, encode_seconds=time.perf_counter() - t)
+
+
+def write_shard_tar(spec: ShardSpec, tar_path: str, *chunks: EncodedChunk) -> dict[str, Any]:
+    """Write the shard's tar atomically; return ``sha256``, ``bytes``, the per-item ``samples``
+    and the CPU seconds its chunks spent loading, encoding and writing (``cpu_seconds``).
+
+    ``chunks`` are the shard's encoded chunks (separate arguments, so that Ray hands the task
+    their values)."""
+    t = time.perf_counter()
+    path = Path(tar_path)
+    for stale in path.parent.glob(f"{path.name}{TMP_MARK}*"):  # left by an earlier, killed attempt
+        stale.unlink(missing_ok=True)
+    by_id: dict[str, tuple[str, str | None]] = {}
+    encoded: dict[str, EncodedSample] = {}
+    for c in chunks:
+        by_id.update(c.outcomes)
+        encoded.update({s.key: s for s in c.samples})
+
+    samples, to_write = [], []
+    for item in spec.items:
+        if item.duplicate_of is not None:
+            status, reason = DUPLICATE, f"duplicate of source_id {item.duplicate_of} (same image)"
+        elif item.source_id in by_id:
+            status, reason = by_id[item.source_id]
+        else:
+            raise RuntimeError(f"{spec.name}: no outcome for source_id {item.source_id} ({item.rel_path})")
+        if status == WRITTEN:
+            to_write.append(encoded[item.key])
+        samples.append(
+            {"source_id": item.source_id, "key": item.key, "rel_path": item.rel_path, "status": status, "reason": reason}
+        )
+
+    with ShardWriter(path) as writer:
+        for s in to_write:
+            writer.write_encoded(s.key, s.jpg, s.seg_png, s.json)
+    digest = file_sha256(path)
+    timings = {
+        "load": round(sum(c.load_seconds for c in chunks), 4),
+        "encode": round(sum(c.encode_seconds for c in chunks), 4),
+        "write": round(time.perf_counter() - t, 4),
+    }
+    return {"sha256": digest, "bytes": path.stat().st_size, "samples": samples, "cpu_seconds": timings}
+
