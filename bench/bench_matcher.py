@@ -31,14 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datagen.stages.matcher import (
-    Matcher,
-    assemble_results,
-    fill_colour,
-    greedy_match,
-    prepare_inputs,
-    score_image,
-)
+from datagen.stages.crops import fill_colour
+from datagen.stages.greedy import greedy_match
+from datagen.stages.matcher import Matcher, assemble_results, prepare_inputs, score_image
 from datagen.stages.phrases import ChunkedCaption, NounPhrase
 
 P, S = 10, 20

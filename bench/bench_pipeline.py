@@ -70,7 +70,8 @@ def fake_stage_outputs(image: Image.Image, n_segments: int = 12):
     segments, a caption with phrases, and a greedy match over random scores."""
     from skimage.segmentation import slic
 
-    from datagen.stages.matcher import MatchResult, greedy_match
+    from datagen.stages.greedy import greedy_match
+    from datagen.stages.matcher import MatchResult
     from datagen.stages.phrases import ChunkedCaption, NounPhrase
     from datagen.stages.segmenter import PanopticResult, SegmentInfo
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from datagen.stages.matcher import greedy_match
+from datagen.stages.greedy import greedy_match
 
 
 def reference_greedy(scores: np.ndarray, min_score: float = -math.inf) -> list[tuple[int, int]]:

@@ -11,14 +11,9 @@ import torch
 from PIL import Image
 from sentence_transformers import SentenceTransformer
 
-from datagen.stages.matcher import (
-    Matcher,
-    MatchError,
-    MatchResult,
-    fill_colour,
-    greedy_match,
-    segment_crop,
-)
+from datagen.stages.crops import fill_colour, segment_crop
+from datagen.stages.greedy import greedy_match
+from datagen.stages.matcher import Matcher, MatchError, MatchResult
 from datagen.stages.model_loading import ModelNotFoundError
 from datagen.stages.phrases import ChunkedCaption, NounPhrase
 from datagen.stages.segmenter import PanopticResult, SegmentInfo

