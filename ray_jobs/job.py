@@ -44,9 +44,8 @@ from datagen.manifests.tables import SAMPLES_TABLE, write_manifest_tables
 from datagen.shards.plan import ShardSpec, plan_shards, source_order
 from datagen.sources.readers import SourceItem, open_source
 from ray_jobs import tasks as shard_tasks
-from ray_jobs.actors import CaptionerActor, MatcherActor, SegmenterActor
 from ray_jobs.hooks import JobHooks
-from ray_jobs.pool import StagePool, root_cause
+from ray_jobs.pool import StagePool, StagePools, pools_key, root_cause
 from ray_jobs.progress import ProgressReporter
 from ray_jobs.settings import BuildSettings, config_digest, resolve_settings, with_defaults
 
@@ -68,6 +67,7 @@ class BuildRequest:
     limit: int | None = None
     command_line: list[str] = field(default_factory=list)
     hooks: JobHooks = field(default_factory=JobHooks)
+    pools: StagePools | None = None  # started by the caller and kept running after the build
 
     @property
     def run_dir(self) -> Path:
@@ -137,6 +137,7 @@ class BuildJob:
         self.digest = config_digest(self.profile)
         self.models = model_ids(self.profile)
         self.pools: dict[str, StagePool] = {}
+        self.stats_before: dict[str, tuple | None] = {}
         self.actor_info: dict[str, list[dict]] = {}
         self.entries: dict[int, dict[str, Any]] = {}
         self.shards_run = self.shards_failed = self.retries = 0
@@ -191,8 +192,9 @@ class BuildJob:
                 self.say(f"interrupted ({e or 'Ctrl-C'}); finished shards are kept, re-run the same command to resume")
             finally:
                 self.stage_rates = self.collect_stage_rates()
-                for pool in self.pools.values():
-                    pool.shutdown()
+                if self.request.pools is None:
+                    for pool in self.pools.values():
+                        pool.shutdown()
         else:
             self.say("nothing to do: every shard is already done")
 
@@ -224,18 +226,19 @@ class BuildJob:
 
     # ------------------------------------------------------------------------------- actors
     def start_pools(self) -> None:
-        s, p = self.settings, self.profile
-        self.pools = {
-            "captioner": StagePool(s.stages["captioner"], CaptionerActor, (p["captioner"],), s),
-            "segmenter": StagePool(s.stages["segmenter"], SegmenterActor, (p["segmenter"],), s),
-            "matcher": StagePool(s.stages["matcher"], MatcherActor, (p["matcher"], p["phrases"], p["segmenter"]), s),
-        }
+        s = self.settings
+        given = self.request.pools
+        if given is not None and given.key != pools_key(s, self.profile):
+            raise ValueError("BuildRequest.pools were started with other stage settings than this build's")
+        self.pools = (given or StagePools.start(s, self.profile)).pools
         for name, pool in self.pools.items():
             info = pool.wait_ready(s.actor_start_timeout_s)
             self.actor_info[name] = info
             pl = pool.placement
             where = ", ".join(f"{i['device']} on node {i['node_id'][:8]}" for i in info)
             self.say(f"{name}: {pl.replicas} actor(s) (num_gpus={pl.num_gpus}, num_cpus={pl.num_cpus}) ready: {where}")
+        if given is not None:
+            self.stats_before = {name: self.pool_totals(pool) for name, pool in self.pools.items()}
 
     # ------------------------------------------------------------------------------- stream
     def stream(self, todo: list[ShardSpec], progress: ProgressReporter) -> None:
@@ -342,19 +345,29 @@ class BuildJob:
         """Each stage's images and busy seconds, summed over its actors (what the throughput model uses)."""
         rates = {}
         for name, pool in self.pools.items():
-            try:
-                stats = pool.stats(timeout_s=10)
-            except ray.exceptions.RayError:
+            totals = self.pool_totals(pool)
+            if totals is None:
                 continue
-            images = sum(st["images"] for st in stats)
-            busy = sum(st["busy_seconds"] for st in stats)
+            replicas, images, busy = totals
+            before = self.stats_before.get(name)
+            if before is not None:  # pools handed in by the caller have counted earlier builds too
+                images, busy = images - before[1], busy - before[2]
             rates[name] = {
-                "replicas": len(stats),
+                "replicas": replicas,
                 "images": images,
                 "busy_seconds": round(busy, 3),
                 "images_per_second_per_replica": round(images / busy, 3) if busy else None,
             }
         return rates
+
+    @staticmethod
+    def pool_totals(pool: StagePool) -> tuple[int, int, float] | None:
+        """``(live actors, images, busy seconds)`` summed over a pool's actors."""
+        try:
+            stats = pool.stats(timeout_s=10)
+        except ray.exceptions.RayError:
+            return None
+        return len(stats), sum(st["images"] for st in stats), sum(st["busy_seconds"] for st in stats)
 
     def cpu_per_image(self) -> dict[str, float]:
         n = self.cpu_seconds["images"]

@@ -87,6 +87,41 @@ class StagePool:
         self.actors = []
 
 
+class StagePools:
+    """The three stage pools of a build. A build starts its own and shuts them down at its end;
+    a caller that runs several builds with the same stage settings in one Ray session (a notebook,
+    the test suite) can start them once with :meth:`start` and hand them to each build
+    (``BuildRequest.pools``), which then neither restarts nor stops them."""
+
+    def __init__(self, pools: dict[str, StagePool], key: str):
+        self.pools = pools
+        self.key = key  # what the actors were built from: placement and stage sections
+
+    @classmethod
+    def start(cls, settings: BuildSettings, profile: dict[str, Any]) -> StagePools:
+        from ray_jobs.actors import CaptionerActor, MatcherActor, SegmenterActor
+
+        s, p = settings, profile
+        pools = {
+            "captioner": StagePool(s.stages["captioner"], CaptionerActor, (p["captioner"],), s),
+            "segmenter": StagePool(s.stages["segmenter"], SegmenterActor, (p["segmenter"],), s),
+            "matcher": StagePool(s.stages["matcher"], MatcherActor, (p["matcher"], p["phrases"], p["segmenter"]), s),
+        }
+        return cls(pools, pools_key(settings, profile))
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            pool.shutdown()
+
+
+def pools_key(settings: BuildSettings, profile: dict[str, Any]) -> str:
+    """Pools built under one key serve any build with the same key."""
+    import json
+
+    sections = {k: profile.get(k) for k in ("captioner", "segmenter", "phrases", "matcher")}
+    return json.dumps({"stages": {k: vars(v) for k, v in settings.stages.items()}, **sections}, sort_keys=True, default=str)
+
+
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Failure|Interrupt|Exit))(?::\s?(.*))?$")
 
 

@@ -64,3 +64,21 @@ def sample_source(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample")
     build_sample(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray for the whole session, shared by every test that needs Ray (starting
+    Ray costs seconds). Tests that need a cluster of their own run last (see below) and end it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that start their own (multi-node) Ray cluster run after every test on the shared one."""
+    own_cluster = [it for it in items if "own_ray_cluster" in it.keywords]
+    items[:] = [it for it in items if "own_ray_cluster" not in it.keywords] + own_cluster

@@ -34,6 +34,8 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():  # the session's shared Ray (tests/conftest.py); this test runs last
+        ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
@@ -45,6 +47,7 @@ def two_node_cluster():
         cluster.shutdown()
 
 
+@pytest.mark.own_ray_cluster
 def test_losing_a_worker_node_mid_run_loses_nothing(two_node_cluster, tiny_models_all, sample_source, tmp_path, monkeypatch):
     cluster, worker = two_node_cluster
     monkeypatch.setenv(TINY_MODELS_ENV, str(tiny_models_all))

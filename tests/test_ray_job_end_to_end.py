@@ -15,6 +15,8 @@ from datagen.shards.reader import read_shard
 from datagen.sources.readers import open_source
 from fixtures.failure_hooks import ShardFaults
 from ray_jobs.job import BuildRequest, run_build
+from ray_jobs.pool import StagePools
+from ray_jobs.settings import resolve_settings, with_defaults
 
 pytestmark = pytest.mark.slow
 
@@ -24,15 +26,6 @@ TEST_CONFIG = {
     "shards": {"size": 3, "max_side": 256},
     "ray": {"images_per_call": 2, "shard_attempts": 2, "task_max_retries": 1, "progress_interval_s": 10},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +43,21 @@ def profile(tiny_models_all):
             os.environ[TINY_MODELS_ENV] = old
 
 
-def build(source, root: Path, profile, name: str = "run", **faults):
+@pytest.fixture(scope="module")
+def pools(ray_local, profile):
+    """The stage actors every build of this module shares (loading the models once)."""
+    import ray
+
+    pools = StagePools.start(resolve_settings(profile, ray.cluster_resources()), with_defaults(profile))
+    yield pools
+    pools.shutdown()
+
+
+def build(source, root: Path, profile, pools=None, name: str = "run", **faults):
     prof = json.loads(json.dumps(profile))
     request = BuildRequest(
         source=source, out=root / "out", profile=prof, run_name=name, manifests_root=root / "manifests",
-        hooks=ShardFaults(**faults),
+        hooks=ShardFaults(**faults), pools=pools,
     )
     return run_build(request)
 
@@ -95,10 +98,10 @@ def _members(tar_path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, profile, sample_source, tmp_path_factory):
+def reference(pools, profile, sample_source, tmp_path_factory):
     """One uninterrupted run over the sample; the other runs are compared with it."""
     root = tmp_path_factory.mktemp("reference")
-    summary = build(sample_source, root, profile)
+    summary = build(sample_source, root, profile, pools)
     return root, summary
 
 
@@ -166,21 +169,21 @@ def test_every_shard_and_sample_is_consistent(reference, sample_source):
     assert run["invocations"][-1]["shards_run"] == 4
 
 
-def test_second_run_is_a_no_op(reference, profile, sample_source):
+def test_second_run_is_a_no_op(reference, pools, profile, sample_source):
     root, first = reference
     before = tar_bytes(root)
     ents_before = entries(first.run_dir)
     mtimes = {p: p.stat().st_mtime_ns for p in [*(root / "out" / "shards").iterdir(), *(first.run_dir / "shards").iterdir()]}
-    again = build(sample_source, root, profile)
+    again = build(sample_source, root, profile, pools)
     assert again.status == "complete"
     assert (again.shards_run, again.shards_skipped) == (0, 4)
     assert tar_bytes(root) == before and entries(first.run_dir) == ents_before
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
-def test_failed_shards_are_recorded_then_resumed_to_identical_bytes(reference, profile, sample_source, tmp_path):
+def test_failed_shards_are_recorded_then_resumed_to_identical_bytes(reference, pools, profile, sample_source, tmp_path):
     ref_root, _ = reference
-    first = build(sample_source, tmp_path, profile, fail_shards={1: "raise", 2: "kill"})
+    first = build(sample_source, tmp_path, profile, pools, fail_shards={1: "raise", 2: "kill"})
     assert first.status == "incomplete" and first.exit_code == 1
     ents = entries(first.run_dir)
     assert [ents[k]["status"] for k in range(4)] == ["done", "failed", "failed", "done"]
@@ -191,16 +194,16 @@ def test_failed_shards_are_recorded_then_resumed_to_identical_bytes(reference, p
     check_run(first.run_dir, sample_source)
     assert sorted(tar_bytes(tmp_path)) == ["subjects-00000.tar", "subjects-00003.tar"]  # no temp left
 
-    resumed = build(sample_source, tmp_path, profile)
+    resumed = build(sample_source, tmp_path, profile, pools)
     assert resumed.status == "complete" and (resumed.shards_run, resumed.shards_skipped) == (2, 2)
     assert_same_shards(tmp_path, ref_root)
     run = json.loads((resumed.run_dir / "run.json").read_text())
     assert [i["status"] for i in run["invocations"]] == ["incomplete", "complete"]
 
 
-def test_interrupted_run_resumes_to_identical_bytes(reference, profile, sample_source, tmp_path):
+def test_interrupted_run_resumes_to_identical_bytes(reference, pools, profile, sample_source, tmp_path):
     ref_root, _ = reference
-    stopped = build(sample_source, tmp_path, profile, stop_after_shards=1)
+    stopped = build(sample_source, tmp_path, profile, pools, stop_after_shards=1)
     assert stopped.status == "interrupted" and stopped.exit_code == 130
     assert stopped.counts["pending"] > 0
     done_before = set(entries(stopped.run_dir))
@@ -208,13 +211,13 @@ def test_interrupted_run_resumes_to_identical_bytes(reference, profile, sample_s
     # a crash can leave a half-written temp file: plant one, resume must clear it
     shards_dir = tmp_path / "out" / "shards"
     (shards_dir / "subjects-00003.tar.tmp-99999").write_bytes(b"partial")
-    resumed = build(sample_source, tmp_path, profile)
+    resumed = build(sample_source, tmp_path, profile, pools)
     assert resumed.status == "complete"
     assert resumed.shards_skipped == len(done_before) and resumed.shards_run == 4 - len(done_before)
     assert_same_shards(tmp_path, ref_root)
 
 
-def test_corrupt_and_missing_images_are_recorded_and_named(ray_local, profile, sample_source, tmp_path):
+def test_corrupt_and_missing_images_are_recorded_and_named(pools, profile, sample_source, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(sample_source, source)
     wild = source / "in-the-wild-images"
@@ -222,7 +225,7 @@ def test_corrupt_and_missing_images_are_recorded_and_named(ray_local, profile, s
     truncated = wild / "01000" / "01001.png"
     truncated.write_bytes(truncated.read_bytes()[:500])  # truncated PNG
     (wild / "02000" / "02000.png").write_bytes(b"this is not an image")  # garbage
-    summary = build(source, tmp_path, profile)
+    summary = build(source, tmp_path, profile, pools)
     assert summary.status == "complete"
     statuses = check_run(summary.run_dir, source)
     failed = {sid: s["reason"] for sid, s in statuses.items() if s["status"] == "failed"}

@@ -14,9 +14,7 @@ from training.config import TrainConfig
 
 
 @pytest.mark.slow
-def test_two_cpu_workers_train_checkpoint_and_resume(sample_source, tiny_model, tmp_path, capsys):
-    import ray
-
+def test_two_cpu_workers_train_checkpoint_and_resume(ray_local, sample_source, tiny_model, tmp_path, capsys):
     from training.ray_train import run_training
 
     shards = [str(p) for p in build_training_shards(sample_source, tmp_path / "shards")]
@@ -26,26 +24,22 @@ def test_two_cpu_workers_train_checkpoint_and_resume(sample_source, tiny_model, 
         image_encoder=str(tiny_model("clip-vision")), steps=2, checkpoint_every=2, batch_size=1, resolution=64,
         loader_workers=0, shuffle_buffer=1, num_workers=2, max_failures=0,
     )
-    ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        run_training(cfg)
-        first = capsys.readouterr().out
-        assert "Starting a new training run" in first
-        checkpoint = latest_checkpoint(out)
-        assert checkpoint is not None and checkpoint.name == "checkpoint-00000002"
-        assert read_state(checkpoint)["step"] == 2
-        for name in ("unet/config.json", "fusion.safetensors", "image_encoder_blocks.safetensors", "optimizer.pt"):
-            assert (checkpoint / name).is_file(), name
+    run_training(cfg)
+    first = capsys.readouterr().out
+    assert "Starting a new training run" in first
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and checkpoint.name == "checkpoint-00000002"
+    assert read_state(checkpoint)["step"] == 2
+    for name in ("unet/config.json", "fusion.safetensors", "image_encoder_blocks.safetensors", "optimizer.pt"):
+        assert (checkpoint / name).is_file(), name
 
-        # Second run: on to step 4; the rank-1 worker dies once after step 3 (testing hook), Ray Train
-        # restarts the group, which resumes from the step-2 checkpoint again.
-        marker = tmp_path / "killed-once"
-        drill = {"kill_worker_at_step": 3, "kill_rank": 1, "kill_marker": str(marker)}
-        run_training(dataclasses.replace(cfg, steps=4, max_failures=1, extra=drill))
-        second = capsys.readouterr().out
-        assert f"Resuming from checkpoint {checkpoint} (step 2)" in second
-    finally:
-        ray.shutdown()
+    # Second run: on to step 4; the rank-1 worker dies once after step 3 (testing hook), Ray Train
+    # restarts the group, which resumes from the step-2 checkpoint again.
+    marker = tmp_path / "killed-once"
+    drill = {"kill_worker_at_step": 3, "kill_rank": 1, "kill_marker": str(marker)}
+    run_training(dataclasses.replace(cfg, steps=4, max_failures=1, extra=drill))
+    second = capsys.readouterr().out
+    assert f"Resuming from checkpoint {checkpoint} (step 2)" in second
 
     assert marker.is_file()  # a worker was lost, and the run still finished
     resumed = latest_checkpoint(out)
