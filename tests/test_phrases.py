@@ -457,8 +457,17 @@ def case_results(chunker) -> list[ChunkedCaption]:
     return chunker.chunk([raw for raw, _, _ in CASES])
 
 
-def test_enough_hand_written_cases():
-    assert len(CASES) >= 40
+@pytest.mark.parametrize("count", range(2, 13))
+def test_every_count_up_to_max_expand_becomes_that_many_phrases(chunker, count):
+    words = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine",
+             10: "ten", 11: "eleven", 12: "twelve"}
+    (result,) = chunker.chunk([f"{words[count]} women on a beach"])
+    if count <= 10:  # max_expand (default 10)
+        assert result.caption == " and ".join(["a woman"] * count) + " on a beach"
+        assert [p.text for p in result.phrases] == ["a woman"] * count + ["a beach"]
+    else:
+        assert result.caption == f"{words[count]} women on a beach"
+        assert [p.text for p in result.phrases] == [f"{words[count]} women", "a beach"]
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[repr(c[0])[:50] for c in CASES])

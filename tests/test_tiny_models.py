@@ -21,8 +21,16 @@ def astronaut(size=(96, 96)) -> Image.Image:
     return Image.fromarray(data.astronaut()).resize(size)
 
 
-def test_every_model_the_project_loads_has_a_builder():
-    assert set(BUILDERS) == ALL_NAMES
+def test_every_model_the_tiny_profile_names_has_a_builder(tmp_path, monkeypatch):
+    from datagen.config import TINY_MODELS_ENV, load_profile
+
+    monkeypatch.setenv(TINY_MODELS_ENV, str(tmp_path))
+    profile = load_profile("tiny")
+    named = [profile["captioner"]["model"], profile["segmenter"]["model"], profile["matcher"]["clip_model"],
+             profile["matcher"]["sbert_model"], profile["trainer"]["pretrained"], profile["trainer"]["image_encoder"]]
+    folders = {str(v).removeprefix("local-dir:").removeprefix(str(tmp_path) + "/") for v in named}
+    assert folders <= set(BUILDERS), f"tiny profile names models no builder makes: {folders - set(BUILDERS)}"
+    assert ALL_NAMES <= set(BUILDERS)
 
 
 @pytest.mark.parametrize(
