@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from datagen.record.schema import Record
-from datagen.shards.reader import decode_segment_map
+from datagen.shards.reader import decode_segment_map, require_members
 from training.collate import collate_examples
 from training.preprocess import ExamplePreprocessor, SampleError
 
@@ -86,11 +86,9 @@ class ShuffleSamples:
         yield from wds.filters._shuffle(src, bufsize=self.bufsize, initial=max(1, self.bufsize // 4), rng=rng)
 
 
-def decode_sample(raw: dict) -> tuple[torch.Tensor, np.ndarray, Record]:
+def decode_training_sample(raw: dict) -> tuple[torch.Tensor, np.ndarray, Record]:
     """A raw tar sample → (image uint8 (3, H, W), segment map (H, W), validated record)."""
-    missing = [m for m in ("jpg", "seg.png", "json") if m not in raw]
-    if missing:
-        raise ValueError(f"lacks member(s) {missing}")
+    require_members(str(raw.get("__url__", "?")), str(raw.get("__key__", "?")), raw)
     record = Record.from_json(raw["json"])
     image = decode_jpeg(torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
     segment_map = decode_segment_map(raw["seg.png"])
@@ -115,7 +113,7 @@ class ExampleStage:
         for raw in src:
             where = f"shard {raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
             try:
-                image, segment_map, record = decode_sample(raw)
+                image, segment_map, record = decode_training_sample(raw)
                 if self.split is not None and record.split != self.split:
                     continue
                 example = self.preprocessor(image, segment_map, record)

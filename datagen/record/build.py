@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from datagen.record.schema import MatchScores, Phrase, Provenance, Record, Segment
+from datagen.record.schema import PERSON_LABEL, MatchScores, Phrase, Provenance, Record, Segment
 
 if TYPE_CHECKING:
     from datagen.sources.images import LoadedImage
@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from datagen.stages.phrases import ChunkedCaption
     from datagen.stages.segmenter import PanopticResult
 
-PERSON_LABEL = "person"
 
 
 def build_record(

@@ -28,9 +28,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from datagen.record.schema import Record
+from datagen.record.schema import PERSON_LABEL, Record
 
-PERSON_LABEL = "person"
 AMBIGUOUS_MARGIN = 0.01
 
 PERSON_WORDS = frozenset(

@@ -24,6 +24,7 @@ from typing import Any
 
 SCHEMA_VERSION = "1.0"
 SPLITS = ("train", "test")
+PERSON_LABEL = "person"  # the COCO panoptic label of people
 
 
 class RecordError(ValueError):

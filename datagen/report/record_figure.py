@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from datagen.record.quality import PERSON_LABEL, MatchQuality, match_margins, match_quality
-from datagen.record.schema import Record
+from datagen.record.quality import MatchQuality, match_margins, match_quality
+from datagen.record.schema import PERSON_LABEL, Record
 
 # tab10 without its grey, then a few more distinct colours
 PALETTE = [
