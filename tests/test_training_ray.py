@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from fixtures.failure_hooks import KillWorkerOnce
 from fixtures.training_shards import build_training_shards
 from training.checkpoint import latest_checkpoint, read_state
 from training.config import TrainConfig
@@ -36,8 +37,7 @@ def test_two_cpu_workers_train_checkpoint_and_resume(ray_local, sample_source, t
     # Second run: on to step 4; the rank-1 worker dies once after step 3 (testing hook), Ray Train
     # restarts the group, which resumes from the step-2 checkpoint again.
     marker = tmp_path / "killed-once"
-    drill = {"kill_worker_at_step": 3, "kill_rank": 1, "kill_marker": str(marker)}
-    run_training(dataclasses.replace(cfg, steps=4, max_failures=1, extra=drill))
+    run_training(dataclasses.replace(cfg, steps=4, max_failures=1), after_step=KillWorkerOnce(3, 1, str(marker)))
     second = capsys.readouterr().out
     assert f"Resuming from checkpoint {checkpoint} (step 2)" in second
 

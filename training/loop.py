@@ -34,7 +34,6 @@ import torch
 from training.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from training.collate import batch_to
 from training.config import TrainConfig
-from training.failure_drill import maybe_kill_worker
 from training.loader import loader_from_config
 from training.model import FastComposerModel
 from training.preprocess import ExamplePreprocessor
@@ -142,7 +141,10 @@ def format_log_line(step: int, total: int, result: StepResult, samples_per_s: fl
     )
 
 
-def train_loop(cfg: TrainConfig, ctx: WorkerContext, print_fn: Callable[[str], None] = print) -> int:
+def train_loop(
+    cfg: TrainConfig, ctx: WorkerContext, print_fn: Callable[[str], None] = print,
+    after_step: Callable[[int, int], None] | None = None,
+) -> int:
     """Train until ``cfg.steps``; return the final step."""
     device = ctx.device
     is_main = ctx.rank == 0
@@ -196,7 +198,8 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, print_fn: Callable[[str], N
             torch.cuda.synchronize(device)
         compute_s = time.perf_counter() - compute_start
         step += 1
-        maybe_kill_worker(cfg.extra, step, ctx.rank)  # testing hook, off unless configured
+        if after_step is not None:  # fault drills (fixtures.failure_hooks); None in a real run
+            after_step(step, ctx.rank)
         elapsed = time.perf_counter() - step_start
         lr = optimizer.param_groups[0]["lr"]
         if is_main and (step % cfg.log_every == 0 or step == cfg.steps):

@@ -66,10 +66,14 @@ class RayWorkerContext:
 
 def train_worker(config: dict) -> None:
     """The function every Ray Train worker runs (module level, so Ray can ship it).
-    ``config``: ``{"train": TrainConfig.to_dict(), "resume_from": checkpoint path or None}``."""
+    ``config``: ``{"train": TrainConfig.to_dict(), "resume_from": checkpoint path or None,
+    "after_step": callable or None}``."""
     from training.loop import train_loop
 
-    train_loop(TrainConfig.from_dict(config["train"]), RayWorkerContext(config.get("resume_from")), print_fn=_console)
+    train_loop(
+        TrainConfig.from_dict(config["train"]), RayWorkerContext(config.get("resume_from")), print_fn=_console,
+        after_step=config.get("after_step"),
+    )
 
 
 def _console(line: str) -> None:
@@ -106,10 +110,11 @@ def check_resources(cfg: TrainConfig) -> None:
         )
 
 
-def run_training(cfg: TrainConfig, print_fn=print, worker_env: dict[str, str] | None = None):
+def run_training(cfg: TrainConfig, print_fn=print, worker_env: dict[str, str] | None = None, after_step=None):
     """Train with Ray Train; return Ray's ``Result``. Raises ``ray.train.TrainingFailedError`` when
     the workers fail more than ``max_failures`` times. ``worker_env``: environment variables for
-    the workers (model cache, offline switches)."""
+    the workers (model cache, offline switches); ``after_step(step, rank)``: called by every worker
+    after each step (fault drills; must pickle)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -118,7 +123,9 @@ def run_training(cfg: TrainConfig, print_fn=print, worker_env: dict[str, str] | 
     resume_from = announce(cfg, print_fn)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train": cfg.to_dict(), "resume_from": str(resume_from) if resume_from else None},
+        train_loop_config={
+            "train": cfg.to_dict(), "resume_from": str(resume_from) if resume_from else None, "after_step": after_step,
+        },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
