@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml requirements.lock.txt
 	@touch $(STAMP)
 
 test: install
-	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider
+	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider --durations=10
 
 demo: install
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq sample-data out/demo-source

@@ -1,0 +1,110 @@
+"""The layering rules of docs/architecture.md, checked on the source: every import statement,
+module level or inside a function, of every product module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("cli", "datagen", "ray_jobs", "training", "fixtures")
+
+
+def product_modules() -> dict[str, Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+def imports_of(path: Path, module: str) -> set[str]:
+    """Every module name an import statement in ``path`` names (relative imports resolved)."""
+    found: set[str] = set()
+    package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+MODULES = product_modules()
+IMPORTS = {name: imports_of(path, name) for name, path in MODULES.items()}
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_the_rules_see_the_whole_product():
+    assert {top(m) for m in MODULES} == set(PACKAGES)
+    assert "ray_jobs.job" in MODULES and "datagen.stages.matcher" in MODULES and "cli.main" in MODULES
+    assert "ray" in IMPORTS["ray_jobs.job"]  # the parser sees imports
+
+
+def test_ray_is_imported_only_by_the_ray_driver_and_the_ray_train_entry_point():
+    offenders = {
+        m for m, names in IMPORTS.items()
+        if any(n == "ray" or n.startswith("ray.") for n in names)
+        and not (m.startswith("ray_jobs.") or m.startswith("training.ray_"))
+    }
+    assert not offenders, f"import ray outside ray_jobs/ and training/ray_*: {sorted(offenders)}"
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("datagen", {"ray_jobs", "training", "cli", "fixtures", "tests"}),
+        ("training", {"cli", "fixtures", "tests"}),
+        ("ray_jobs", {"training", "cli", "fixtures", "tests"}),
+        ("fixtures", {"cli", "tests"}),
+        ("cli", {"tests"}),
+    ],
+)
+def test_imports_run_downward(package, forbidden):
+    bad = sorted(
+        f"{m} imports {n}" for m, names in IMPORTS.items() if top(m) == package for n in names if top(n) in forbidden
+    )
+    assert not bad, bad
+
+
+def test_training_imports_of_ray_jobs_are_none():
+    # the trainer's Ray Train entry point gets a connected Ray from the CLI; it needs nothing of the dataset driver
+    bad = sorted(m for m, names in IMPORTS.items() if top(m) == "training" and any(top(n) == "ray_jobs" for n in names))
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    graph = {m: {n for n in names if n in MODULES and n != m} for m, names in IMPORTS.items()}
+    # a package's __init__ importing its own modules is not a cycle of ideas; ours are empty anyway
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n) :] + [n]
+            if n not in state:
+                cycle = visit(n)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            cycle = visit(m)
+            assert cycle is None, " -> ".join(cycle)
