@@ -1,8 +1,9 @@
-"""``subject-ffhq export --format fastcomposer SHARDS_DIR OUT``: write FastComposer's on-disk layout.
+"""``subject-ffhq export --format FORMAT SHARDS_DIR OUT``: write the shards in another layout.
 
-Reads every ``subjects-*.tar`` in SHARDS_DIR; writes ``image_ids*.txt`` and ``<id[:5]>/<id>.jpg|.json|.npy``
-under OUT (see :mod:`datagen.export.fastcomposer`). Quality filters drop whole samples; how many
-each filter dropped is printed and kept in ``OUT/export_summary.json``.
+Reads every ``subjects-*.tar`` in SHARDS_DIR. ``fastcomposer`` writes ``image_ids*.txt`` and
+``<id[:5]>/<id>.jpg|.json|.npy`` (see :mod:`datagen.export.fastcomposer`); ``seg-conditioning`` and
+``subject-crops`` write the views of :mod:`datagen.export.views`. Quality filters drop whole samples;
+how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from datagen.export.fastcomposer import SEGMAP_DTYPES, ExportError, ExportFilters, export_fastcomposer
 
-FORMATS = ("fastcomposer",)
+FORMATS = ("fastcomposer", "seg-conditioning", "subject-crops")
 
 
 def add_arguments(parser) -> None:
@@ -34,6 +35,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--segmap-dtype", choices=SEGMAP_DTYPES, default="auto",
                         help="dtype of the .npy maps (auto: uint8 when every id fits, else int32)")
     parser.add_argument("--workers", type=int, default=1, help="processes exporting shards in parallel (default 1)")
+    parser.add_argument("--object-types", default="person",
+                        help="subject-crops: comma-separated COCO labels of the subjects to crop (default person)")
+    parser.add_argument("--placeholder", default="S*",
+                        help="subject-crops: the token that replaces the subject's phrase in its prompt (default S*)")
     parser.add_argument("--overwrite", action="store_true", help="export into a non-empty OUT, replacing an earlier export")
 
 
@@ -44,6 +49,8 @@ def run(args) -> int:
         exclude_unmatched_person=args.exclude_unmatched_person,
         splits=("train", "test") if args.split == "all" else (args.split,),
     )
+    if args.format != "fastcomposer":
+        return _export_view(args, filters)
     try:
         summary = export_fastcomposer(args.shards_dir, args.out, filters, overwrite=args.overwrite,
                                       segmap_dtype=args.segmap_dtype, workers=args.workers)
@@ -57,4 +64,23 @@ def run(args) -> int:
     if any(v not in (None, False, 0, ("train", "test")) for v in asdict(filters).values()):
         print(f"filters: {json.dumps(asdict(filters))}")
     print(Path(summary.out) / "export_summary.json")
+    return 0
+
+
+def _export_view(args, filters) -> int:
+    from datagen.export.views import export_view
+
+    object_types = tuple(t.strip() for t in args.object_types.split(",") if t.strip())
+    try:
+        summary = export_view(args.format, args.shards_dir, args.out, filters, overwrite=args.overwrite,
+                              object_types=object_types, placeholder=args.placeholder)
+    except ExportError as e:
+        print(f"subject-ffhq export: {e}", file=sys.stderr)
+        return 1
+    subjects = f", {summary['subjects']} subject(s)" if summary["subjects"] is not None else ""
+    print(f"exported {summary['exported']} of {summary['samples_seen']} samples{subjects} from {summary['shards']} "
+          f"shard(s) as {args.format} to {summary['out']}")
+    dropped = sum(summary["filtered_out"].values())
+    print(f"filtered out: {dropped}" + (f" {json.dumps(summary['filtered_out'])}" if dropped else ""))
+    print(Path(summary["out"]) / "export_summary.json")
     return 0
