@@ -63,6 +63,7 @@ class Card:
     key: str
     source_id: str
     file: str  # the source image's path under its source
+    credit: str  # the photo's author and licence, when its record names them
     split: str
     shard_name: str
     weakest: str
@@ -181,8 +182,10 @@ def _card(pick: GalleryPick, record, b64: str, size: tuple[int, int], run_name: 
                    None if margin_of.get(sid) is None else fixed(margin_of[sid]))
         for sid, st in styles.items() if st.badge
     ]
+    pv = record.provenance
     return Card(
-        key=show(r["key"]), source_id=show(r["source_id"]), file=show(r.get("rel_path") or record.provenance.path),
+        key=show(r["key"]), source_id=show(r["source_id"]), file=show(r.get("rel_path") or pv.path),
+        credit=" · ".join(v for v in (pv.author, pv.license) if v),
         split=show(r["split"]), shard_name=show(r["shard_name"]), weakest=fixed(r["min_match_score"]),
         n_matched=show(r["n_matched"]), n_phrases=show(r["n_phrases"]), n_person_segments=show(r["n_person_segments"]),
         caption=caption, legend=legend, tags=list(pick.tags), jpeg_base64=b64, width=size[0], height=size[1],
