@@ -81,6 +81,7 @@ class Chromium:
         self._buf = b""
         self._id = 0
         self.events = []
+        self.last_dialog = None
 
     def _recv(self, until=None):
         while b"\0" not in self._buf:

@@ -44,7 +44,7 @@ from datagen.report.gallery import (
     sections,
     select_gallery,
 )
-from datagen.report.values import DASH, as_dict, as_number, fixed, mib, percent_of, ratio, show
+from datagen.report.values import as_dict, as_number, fixed, mib, percent_of, ratio, show
 
 __all__ = ["GALLERY_BUDGET", "GALLERY_MAX", "REPORT", "THUMB_SIDE", "build_report", "render_page"]
 
@@ -115,8 +115,7 @@ def render_page(run_dir: Path, run: dict, summary: dict, shards: list[dict], car
              percent_of(c.get("with_matched_person"), written)),
             ("matched subjects", show(c.get("matches")),
              f"{ratio(c.get('matches'), written)} per image" if ratio(c.get("matches"), written) else ""),
-            ("weakest match, median", fixed(weakest.get("median")) if weakest else DASH,
-             f"p05 {fixed(weakest.get('p05')) if weakest else DASH}"),
+            ("weakest match, median", fixed(weakest.get("median")), f"p05 {fixed(weakest.get('p05'))}"),
             ("flagged images", show(c.get("flagged")), percent_of(c.get("flagged"), written)),
         ],
         charts=_charts(summary, thresholds),
