@@ -2,7 +2,8 @@
 
 The PNG shows the image with its segments overlaid and labelled (phrase, COCO label, score), the
 caption with matched spans marked, the match table (CLIP, SBERT, score, margin per phrase) and the
-phrase × segment score matrix. ``ID`` is a source id (FFHQ index) or a sample key.
+phrase × segment score matrix. ``ID`` is a source id (FFHQ index) or a sample key. A run made with
+random weights gets a red first line saying that its captions, segments and matches are meaningless.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import sys
 from pathlib import Path
 
 from datagen.files import atomic_write
-from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT, resolve_run_dir
-from datagen.manifests.tables import ensure_tables, find_sample
+from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT, load_run_manifest, resolve_run_dir
+from datagen.manifests.tables import ensure_tables, find_sample, random_weights, random_weights_note
 from datagen.shards.reader import read_samples
 
 
@@ -45,7 +46,9 @@ def inspect_sample(run_dir: Path, sample_id: str, out: Path | None = None, shard
     sample = read_samples(tar, [row["key"]])[row["key"]]
     title = (f"run {run_dir.name} · source {row['source_id']} · key {row['key']} · {row['shard_name']} · "
              f"{row['split']} · {sample.image.width}×{sample.image.height}")
-    fig = sample_figure(sample.image, sample.segment_map, sample.record, title=title)
+    run = load_run_manifest(run_dir)
+    warning = random_weights_note(run) if random_weights(run) else None
+    fig = sample_figure(sample.image, sample.segment_map, sample.record, title=title, warning=warning)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

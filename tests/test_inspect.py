@@ -1,12 +1,21 @@
 """``subject-ffhq inspect`` and the overlay it shares with the report gallery."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
 from cli.main import main
-from datagen.report.record_figure import PALETTE, UNMATCHED_PERSON, caption_runs, overlay, segment_styles
+from datagen.report.record_figure import (
+    PALETTE,
+    UNMATCHED_PERSON,
+    WARNING_COLOUR,
+    caption_runs,
+    overlay,
+    segment_styles,
+)
 from tests.run_factory import TEMPLATES, make_run, make_sample
 
 
@@ -33,6 +42,23 @@ def test_inspect_writes_a_png_of_the_sample(run, tmp_path, capsys):
     for colour in (PALETTE[0], PALETTE[1]):
         assert _near(pixels, colour, tol=3).sum() > 200, colour
     assert _near(pixels, UNMATCHED_PERSON, tol=3).sum() > 50
+
+
+def _warning_pixels(path):
+    with Image.open(path) as im:
+        top = np.asarray(im.convert("RGB"))[:40]
+    red = tuple(int(WARNING_COLOUR[i:i + 2], 16) for i in (1, 3, 5))
+    return int(_near(top, red, tol=10).sum())
+
+
+def test_inspect_says_first_when_the_run_used_random_weights(tmp_path, capsys):
+    run = make_run(tmp_path, plan=[["w", "w"]])  # the factory's run.json names the tiny profile
+    assert main(["inspect", str(run["run_dir"]), "0", "--out", str(tmp_path / "tiny.png")]) == 0
+    assert _warning_pixels(tmp_path / "tiny.png") > 300  # the red first line
+    run_json = run["run_dir"] / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "profile": "paper"}))
+    assert main(["inspect", str(run["run_dir"]), "0", "--out", str(tmp_path / "paper.png")]) == 0
+    assert _warning_pixels(tmp_path / "paper.png") == 0
 
 
 def test_inspect_finds_samples_by_key_and_writes_into_the_run_by_default(run, capsys):

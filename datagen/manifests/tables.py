@@ -10,8 +10,11 @@ the entries name; see :mod:`datagen.manifests.shard_entry`.
   order, whatever became of it: ``status`` is ``written``, ``duplicate`` or ``failed`` with its
   ``reason``. Written rows carry the record's caption, split, counts and the match quality of
   :mod:`datagen.record.quality` (scores, weakest score, margin, flags); other rows leave those null.
-* ``summary.json``: counts and distributions (histograms of match scores, weakest scores, margins,
-  subjects / person segments / segments / phrases per image, failures by reason, flag counts).
+* ``summary.json``: first a ``note`` (what the numbers are worth) and ``random_weights`` (true
+  when the run was made with random weights, see :func:`random_weights`: its captions, segments
+  and matches are then meaningless), then counts and distributions (histograms of match scores,
+  weakest scores, margins, subjects / person segments / segments / phrases per image, failures by
+  reason, flag counts).
 
 Every row of the tables is checked against the shards: a written sample the tar lacks, or a tar
 sample the entry does not list, is an error naming both. Files are written atomically.
@@ -39,7 +42,7 @@ SHARDS_TABLE = "shards.parquet"
 SAMPLES_TABLE = "samples.parquet"
 SUMMARY = "summary.json"
 SCORE_BINS = 40
-TABLES_VERSION = 1  # bump when the tables' columns or summary.json's fields change: older tables get rebuilt
+TABLES_VERSION = 2  # bump when the tables' columns or summary.json's fields change: older tables get rebuilt
 
 SHARDS_SCHEMA = pa.schema([
     ("shard", pa.int32()),
@@ -97,6 +100,19 @@ class ManifestTables:
     shards: Path
     samples: Path
     summary: Path
+
+
+def random_weights(run: dict) -> bool:
+    """True when ``run.json`` says the run was made with random weights: the ``tiny`` profile, or
+    any profile whose config carries ``random_weights: true``."""
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    return run.get("profile") == "tiny" or config.get("random_weights") is True
+
+
+def random_weights_note(run: dict) -> str:
+    profile = run.get("profile") if isinstance(run.get("profile"), str) else "?"
+    return (f"Made with random weights (profile {profile}): captions, segments and matches are meaningless; "
+            "this run shows only the plumbing.")
 
 
 def reason_kind(reason: str | None) -> str | None:
@@ -212,7 +228,11 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
         "flagged": sum(1 for r in written if any(r[f] for f in FLAG_NAMES)),
         **{f: sum(1 for r in written if r[f]) for f in FLAG_NAMES},
     }
+    random = random_weights(run)
     return {
+        "note": random_weights_note(run) if random else
+        f"Counts and distributions of run {Path(run_dir).name}, from its manifests and the records in its shards.",
+        "random_weights": random,
         "tables_version": TABLES_VERSION,
         "run": Path(run_dir).name,
         "run_dir": str(run_dir),

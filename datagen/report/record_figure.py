@@ -7,7 +7,8 @@ segments carry a numbered badge (1 = first match in caption order) at their most
 
 * :func:`overlay` — a PIL image (any size; the report uses small thumbnails), drawn with PIL + numpy.
 * :func:`sample_figure` — the full ``inspect`` figure (matplotlib): the overlay with text labels,
-  the caption with matched spans marked, the match table and the phrase × segment score matrix.
+  the caption with matched spans marked, the match table and the phrase × segment score matrix,
+  under a red first line when the run used random weights.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ PALETTE = [
 ]
 UNMATCHED_PERSON = (128, 128, 128)
 UNMATCHED_OUTLINE = (220, 220, 220)
+WARNING_COLOUR = "#b00020"
 
 
 @dataclass
@@ -188,8 +190,10 @@ def match_table_rows(record: Record, quality: MatchQuality | None = None) -> lis
     return rows
 
 
-def sample_figure(image: Image.Image, segment_map: np.ndarray, record: Record, title: str = ""):
-    """The ``inspect`` figure (a matplotlib Figure; the caller saves and closes it)."""
+def sample_figure(image: Image.Image, segment_map: np.ndarray, record: Record, title: str = "",
+                  warning: str | None = None):
+    """The ``inspect`` figure (a matplotlib Figure; the caller saves and closes it). ``warning``
+    (e.g. that the run used random weights) is written in red as the figure's first line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,6 +220,8 @@ def sample_figure(image: Image.Image, segment_map: np.ndarray, record: Record, t
         ax_img.text(x * scale, y * scale, text, fontsize=9, color="white", ha="center", va="center",
                     bbox={"boxstyle": "round,pad=0.25", "facecolor": hex_colour(st.colour), "edgecolor": "white", "alpha": 0.9})
     ax_img.set_title(title, fontsize=11, loc="left")
+    if warning:
+        fig.text(0.01, 0.995, warning, fontsize=12, fontweight="bold", color=WARNING_COLOUR, va="top", ha="left")
 
     ax_cap = fig.add_subplot(grid[0, 1])
     ax_cap.set_axis_off()
