@@ -69,3 +69,25 @@ def sample_source(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample")
     build_sample(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    """Shuts down, at the end of the session, the local Ray that :func:`ray_local` started."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_shared_ray):
+    """A local Ray (2 CPUs) shared by every module that asks for it: started on first use, kept
+    until the session ends. A test that needs its own Ray calls ``ray.shutdown()`` first; the next
+    module that asks for this one starts it again."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield

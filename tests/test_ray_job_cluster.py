@@ -34,6 +34,8 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():  # the shared local Ray of the job tests (conftest.ray_local)
+        ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()

@@ -27,15 +27,6 @@ TEST_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def profile(tiny_models_all):
     import os
 

@@ -26,6 +26,8 @@ def test_two_cpu_workers_train_checkpoint_and_resume(sample_source, tiny_model, 
         image_encoder=str(tiny_model("clip-vision")), steps=2, checkpoint_every=2, batch_size=1, resolution=64,
         loader_workers=0, shuffle_buffer=1, num_workers=2, max_failures=0,
     )
+    if ray.is_initialized():  # the shared local Ray of the job tests (conftest.ray_local)
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         run_training(cfg)
