@@ -63,6 +63,14 @@ def run(args) -> int:
     print(f"filtered out: {dropped}" + (f" {json.dumps(summary.filtered_out)}" if dropped else ""))
     if any(v not in (None, False, 0, ("train", "test")) for v in asdict(filters).values()):
         print(f"filters: {json.dumps(asdict(filters))}")
+    if summary.ignored_old_ids:
+        shown = ", ".join(repr(x) for x in summary.ignored_old_ids[:5])
+        more = len(summary.ignored_old_ids) - 5
+        print(f"ignored {len(summary.ignored_old_ids)} line(s) of the old image_ids.txt that are not ids "
+              f"(never used as paths): {shown}" + (f" and {more} more" if more > 0 else ""))
+    if summary.not_removed:
+        print(f"left {len(summary.not_removed)} stale file group(s) in place (their folder is not a real folder "
+              f"inside OUT): {', '.join(summary.not_removed[:5])}")
     print(Path(summary.out) / "export_summary.json")
     return 0
 

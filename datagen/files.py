@@ -55,8 +55,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """``obj`` as indented UTF-8 JSON (one trailing newline), atomically."""
-    return atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    """``obj`` as indented UTF-8 JSON (one trailing newline), atomically. A lone surrogate (what
+    Python makes of a file name's non-UTF-8 byte; no UTF-8 file can hold it) is written as the
+    JSON escape ``\\udNNN``, so the file is valid UTF-8 JSON and reads back to the same string."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
+    return atomic_write(path, text.encode("utf-8", "backslashreplace"))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -10,7 +10,8 @@ data between them. Each call splits its chunk into the stage's own ``batch_size`
   separate pool) and the CLIP × SBERT greedy match.
 
 Each call runs its stage through :func:`datagen.stages.failures.in_batches`, so one image the
-model cannot handle fails alone (see there).
+model cannot handle fails alone (see there); each actor's ``probe`` is the known-good input that
+tells a broken stage from bad images when every image of a batch fails.
 
 The classes are plain; ``ray_jobs.pool`` makes them Ray actors with their placement.
 """
@@ -24,6 +25,28 @@ from typing import Any
 
 from datagen.stages.failures import StageFailure, in_batches
 from ray_jobs.chunks import LoadedChunk
+
+PROBE_SIZE = (64, 48)
+
+
+def probe_image():
+    """A plain grey picture every stage must handle: the known-good input of the probes."""
+    from PIL import Image
+
+    return Image.new("RGB", PROBE_SIZE, (128, 128, 128))
+
+
+def probe_panoptic():
+    """A segmentation of :func:`probe_image`: one ``person`` segment over all of it."""
+    import numpy as np
+
+    from datagen.stages.segmenter import PanopticResult, SegmentInfo
+
+    w, h = PROBE_SIZE
+    return PanopticResult(
+        segment_map=np.ones((h, w), dtype=np.uint16),
+        segments=[SegmentInfo(id=1, category_id=0, coco_label="person", is_thing=True, bbox=[0, 0, w, h], area=w * h, score=1.0)],
+    )
 
 
 def actor_device() -> str:
@@ -92,7 +115,10 @@ class CaptionerActor(_StageActor):
         def run(images: list) -> list:
             return [(c, list(self.caption_flags(c))) for c in self.captioner.caption(images)]
 
-        return self._timed(len(chunk.loaded), lambda: in_batches(self.stage, run, chunk.images, _labels(chunk), self.batch_size))
+        return self._timed(
+            len(chunk.loaded),
+            lambda: in_batches(self.stage, run, chunk.images, _labels(chunk), self.batch_size, probe_image),
+        )
 
 
 class SegmenterActor(_StageActor):
@@ -108,7 +134,9 @@ class SegmenterActor(_StageActor):
         """A ``PanopticResult`` or a :class:`StageFailure` per loaded image of the chunk."""
         return self._timed(
             len(chunk.loaded),
-            lambda: in_batches(self.stage, self.segmenter.segment, chunk.images, _labels(chunk), self.batch_size),
+            lambda: in_batches(
+                self.stage, self.segmenter.segment, chunk.images, _labels(chunk), self.batch_size, probe_image
+            ),
         )
 
 
@@ -132,7 +160,8 @@ class MatcherActor(_StageActor):
     def match(self, chunk: LoadedChunk, captions: list, panoptic: list) -> list:
         """``(chunked caption, MatchResult)`` or a :class:`StageFailure` per loaded image.
 
-        An image whose caption or segmentation failed keeps that failure."""
+        An image whose caption or segmentation failed keeps that failure; one whose noun phrases
+        or match failed gets a failure naming the ``phrases`` or ``matcher`` stage."""
         out: list = [None] * len(chunk.loaded)
         todo, labels = [], []
         for i, (li, cap, pan) in enumerate(zip(chunk.loaded, captions, panoptic, strict=True)):
@@ -143,15 +172,31 @@ class MatcherActor(_StageActor):
                 todo.append((i, li.image, cap[0], pan))
                 labels.append(li.item.rel_path)
 
-        def run(batch: list) -> list:
-            chunked = self.chunker.chunk([caption for _, _, caption, _ in batch])
-            matches = self.matcher.match([img for _, img, _, _ in batch], [pan for *_, pan in batch], chunked)
-            return list(zip(chunked, matches, strict=True))
+        def run() -> list:
+            chunked = in_batches(
+                "phrases", self.chunker.chunk, [caption for *_, caption, _ in todo], labels, self.batch_size,
+                lambda: "a person",
+            )
+            for (i, *_), c in zip(todo, chunked, strict=True):
+                if isinstance(c, StageFailure):
+                    out[i] = c
+            ok = [(t, c, label) for t, c, label in zip(todo, chunked, labels, strict=True) if not isinstance(c, StageFailure)]
 
-        results = self._timed(len(todo), lambda: in_batches("phrases/matcher", run, todo, labels, self.batch_size))
-        for (i, *_), result in zip(todo, results, strict=True):
-            out[i] = result
-        return out
+            def match(batch: list) -> list:
+                matches = self.matcher.match([t[1] for t, _ in batch], [t[3] for t, _ in batch], [c for _, c in batch])
+                return [(c, m) for (_, c), m in zip(batch, matches, strict=True)]
+
+            def probe() -> tuple:
+                return ((-1, probe_image(), "a person", probe_panoptic()), self.chunker.chunk(["a person"])[0])
+
+            matched = in_batches(
+                self.stage, match, [(t, c) for t, c, _ in ok], [label for *_, label in ok], self.batch_size, probe
+            )
+            for (t, _, _), m in zip(ok, matched, strict=True):
+                out[t[0]] = m
+            return out
+
+        return self._timed(len(todo), run)
 
 
 def _labels(chunk: LoadedChunk) -> list[str]:

@@ -39,18 +39,22 @@ from datagen.config import model_ids
 from datagen.files import TMP_MARK, remove_stale_temps
 from datagen.manifests import shard_entry
 from datagen.manifests.run_manifest import host_info, package_versions, write_run_manifest
-from datagen.manifests.shard_entry import account
+from datagen.manifests.shard_entry import ManifestError, account
 from datagen.manifests.tables import SAMPLES_TABLE, write_manifest_tables
 from datagen.shards.plan import ShardSpec, plan_shards, source_order
-from datagen.sources.readers import SourceItem, open_source
+from datagen.sources.readers import SourceError, SourceItem, describe_skipped, open_source
 from ray_jobs import tasks as shard_tasks
 from ray_jobs.hooks import JobHooks
-from ray_jobs.pool import StagePool, StagePools, pools_key, root_cause
+from ray_jobs.pool import StagePool, StagePools, StageStartError, pools_key, root_cause
 from ray_jobs.progress import ProgressReporter
-from ray_jobs.settings import BuildSettings, config_digest, resolve_settings, with_defaults
+from ray_jobs.settings import BuildSettings, SettingsError, config_digest, resolve_settings, with_defaults
 
-COMPLETE, INCOMPLETE, INTERRUPTED = "complete", "incomplete", "interrupted"
-EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, INTERRUPTED: 130}
+COMPLETE, INCOMPLETE, INTERRUPTED, FAILED = "complete", "incomplete", "interrupted", "failed"
+EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, INTERRUPTED: 130, FAILED: 1}
+# Errors found before anything is written (bad source, settings, models, an older run's manifests):
+# raised to the caller as they are, which says so in one line (the CLI: exit code 2).
+SETUP_ERRORS = (SourceError, SettingsError, ManifestError, StageStartError)
+SKIPPED_KEPT = 1000  # things a source passed over, listed in run.json (the count is always there)
 
 
 class RunInterrupted(Exception):
@@ -69,6 +73,9 @@ class BuildRequest:
     hooks: JobHooks = field(default_factory=JobHooks)
     pools: StagePools | None = None  # started by the caller and kept running after the build
 
+    def __post_init__(self) -> None:
+        check_run_name(self.run_name)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.manifests_root) / self.run_name
@@ -76,6 +83,19 @@ class BuildRequest:
     @property
     def shards_dir(self) -> Path:
         return Path(self.out) / "shards"
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one folder name inside the manifests folder; anything else is refused."""
+    bad = (
+        not isinstance(name, str) or not name.strip() or name in (".", "..")
+        or any(c in name for c in ("/", "\\", "\0")) or Path(name).name != name
+    )
+    if bad:
+        raise ValueError(
+            f"run name {name!r} is not a plain folder name (no '/', '\\', not '.' or '..'): "
+            "a run's manifests go to MANIFESTS/<run name>/ and nowhere else"
+        )
 
 
 @dataclass
@@ -87,6 +107,7 @@ class BuildSummary:
     shards_skipped: int
     shards_failed: int
     seconds: float
+    error: str | None = None  # status "failed": what stopped the driver
 
     @property
     def exit_code(self) -> int:
@@ -147,17 +168,34 @@ class BuildJob:
 
     # ---------------------------------------------------------------------------------- run
     def run(self) -> BuildSummary:
-        started_wall, t0 = time.time(), time.monotonic()
+        """Run the job. Setup errors (:data:`SETUP_ERRORS`) are raised before anything is written;
+        any other error ends the run as ``failed``: ``run.json`` says so with the reason, no temp
+        file is left, and the summary (exit code 1) carries the reason."""
+        self.started_wall, self.t0 = time.time(), time.monotonic()
+        self.source = self.plan = self.progress = None
+        self.skipped: list[dict[str, str]] = []
+        try:
+            return self._run()
+        except SETUP_ERRORS:
+            raise
+        except Exception as e:  # noqa: BLE001 -- recorded in run.json and returned as a failed run
+            return self.fail(e)
+
+    def _run(self) -> BuildSummary:
+        started_wall, t0 = self.started_wall, self.t0
         req, s = self.request, self.settings
-        source = open_source(req.source)
+        source = self.source = open_source(req.source)
         items = source.items()
         if req.limit is not None:
             items = sorted(items, key=source_order)[: req.limit]
-        plan = plan_shards(items, s.shard_size)
+        plan = self.plan = plan_shards(items, s.shard_size)
         self.say(
             f"source {source.root} ({source.name}): {len(items)} images -> {len(plan)} shard(s) of up to "
             f"{s.shard_size}; out {req.out}, manifests {req.run_dir}"
         )
+        self.skipped = list(getattr(source, "skipped", []))
+        if self.skipped:
+            self.say(f"the source passed over {len(self.skipped)} thing(s): {describe_skipped(self.skipped)} (all in run.json)")
         if not any(p.num_gpus for p in s.stages.values()):
             self.say(
                 "no GPU for the stages (none in the Ray cluster, or num_gpus 0): the models run on CPU; "
@@ -180,7 +218,7 @@ class BuildJob:
                 if entry is not None:
                     self.say(f"{spec.name}: redoing ({why})")
 
-        progress = ProgressReporter(len(plan), len(items), s.progress_interval_s, self.out)
+        progress = self.progress = ProgressReporter(len(plan), len(items), s.progress_interval_s, self.out)
         progress.already_done([self.entries[k] for k in sorted(self.entries)])
         status = COMPLETE
         if todo:
@@ -373,13 +411,82 @@ class BuildJob:
         n = self.cpu_seconds["images"]
         return {k: round(v / n, 4) for k, v in self.cpu_seconds.items() if k != "images"} if n else {}
 
+    # ----------------------------------------------------------------------------- failure
+    def fail(self, error: Exception) -> BuildSummary:
+        """End the run as ``failed``: clear temp files, record the reason in ``run.json``."""
+        import traceback
+
+        req = self.request
+        reason = f"{type(error).__name__}: {error}"
+        for pool in self.pools.values():  # already shut down when streaming had started; idempotent
+            try:
+                pool.shutdown()
+            except Exception:  # noqa: BLE001 -- best effort, the run is failing anyway
+                pass
+        for folder in (req.shards_dir, req.run_dir / "shards", req.run_dir):
+            remove_stale_temps(folder)
+        counts: dict[str, Any] = {}
+        if self.plan is not None:
+            try:
+                counts = account(self.plan, self.entries)
+            except Exception:  # noqa: BLE001 -- the accounting itself may be what failed
+                counts = {}
+        seconds = time.monotonic() - self.t0
+        summary = BuildSummary(
+            req.run_dir, FAILED, counts, self.shards_run, 0, self.shards_failed, seconds, error=reason
+        )
+        self.write_failed_run_manifest(summary, "".join(traceback.format_exception(error)))
+        for folder in (req.run_dir, req.shards_dir):
+            remove_stale_temps(folder)
+        self.say(f"failed: {reason}; finished shards are kept, the reason is in {req.run_dir / 'run.json'}")
+        return summary
+
+    def write_failed_run_manifest(self, summary: BuildSummary, trace: str) -> None:
+        req, source = self.request, self.source
+        manifest = {
+            "run": req.run_name,
+            "status": FAILED,
+            "error": summary.error,
+            "source": {
+                "path": str(Path(source.root if source is not None else req.source).resolve()),
+                "type": getattr(source, "name", None), "limit": req.limit,
+                "skipped_count": len(self.skipped), "skipped": self.skipped[:SKIPPED_KEPT],
+            },
+            "out": str(Path(req.out).resolve()),
+            "shards_dir": str(req.shards_dir.resolve()),
+            "run_dir": str(req.run_dir.resolve()),
+            "profile": self.profile.get("name"),
+            "config": self.profile,
+            "config_digest": self.digest,
+            "models": self.models,
+            "packages": package_versions(),
+            "plan": {"shard_size": self.settings.shard_size, "shards": len(self.plan) if self.plan is not None else None},
+            "counts": summary.counts,
+        }
+        invocation = {
+            "command_line": list(req.command_line),
+            "status": FAILED,
+            "error": summary.error,
+            "traceback": trace,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_wall)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(summary.seconds, 3),
+            "shards_run": summary.shards_run,
+            "host": host_info(),
+            "fault_drill": self.hooks.describe() or None,
+        }
+        write_run_manifest(req.run_dir, manifest, invocation)
+
     # ----------------------------------------------------------------------------- manifest
     def write_run_manifest(self, source, plan, summary: BuildSummary, started_wall: float, progress) -> None:
         req = self.request
         manifest = {
             "run": req.run_name,
             "status": summary.status,
-            "source": {"path": str(Path(source.root).resolve()), "type": source.name, "limit": req.limit},
+            "source": {
+                "path": str(Path(source.root).resolve()), "type": source.name, "limit": req.limit,
+                "skipped_count": len(self.skipped), "skipped": self.skipped[:SKIPPED_KEPT],
+            },
             "out": str(Path(req.out).resolve()),
             "shards_dir": str(req.shards_dir.resolve()),
             "run_dir": str(req.run_dir.resolve()),

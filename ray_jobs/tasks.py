@@ -2,11 +2,13 @@
 
 A shard's non-duplicate items are cut, in plan order, into *chunks* of ``images_per_call``:
 
-1. :func:`load_chunk` decodes, validates and downscales a chunk's images (a bad image becomes a
-   recorded failure naming the file, never an exception);
+1. :func:`load_chunk` decodes, validates and downscales a chunk's images (a bad image, or one
+   whose stored size is under ``MIN_SIDE``, becomes a recorded failure naming the file, never an
+   exception);
 2. the stage actors caption, segment and match the chunk (``ray_jobs.actors``);
 3. :func:`encode_chunk` joins the stage outputs into validated records and encodes each sample's
-   members (JPEG, 16-bit PNG, JSON), so only compact bytes wait for the shard to finish;
+   members (JPEG, 16-bit PNG, JSON), so only compact bytes wait for the shard to finish (an image
+   whose record cannot be built or encoded fails alone, as ``"record: <file>: <error>"``);
 4. :func:`write_shard_tar` writes every encoded sample of the shard, in plan order, into one tar
    atomically and returns the shard's sample outcomes (written / duplicate / failed + reason).
 
@@ -25,7 +27,7 @@ from datagen.shards.plan import ShardSpec
 from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
 from datagen.sources.images import ImageError, load_image
 from datagen.sources.readers import SourceItem
-from datagen.stages.failures import StageFailure
+from datagen.stages.failures import StageFailure, failure_reason, size_problem
 from ray_jobs.chunks import EncodedChunk, EncodedSample, LoadedChunk
 
 
@@ -38,14 +40,26 @@ def split_chunks(spec: ShardSpec, images_per_call: int) -> list[list[SourceItem]
 def load_chunk(
     shard: int, chunk: int, items: list[SourceItem], max_side: int, verify_pixel_md5: bool = False
 ) -> LoadedChunk:
-    """``verify_pixel_md5``: the ``shards.verify_pixel_md5`` setting (recompute metadata md5s)."""
+    """``verify_pixel_md5``: the ``shards.verify_pixel_md5`` setting (recompute metadata md5s).
+
+    Every image that cannot be used (any error while loading it, or a stored size under
+    :data:`~datagen.stages.failures.MIN_SIDE`) fails alone, as ``"load: <file>: <why>"``."""
     t = time.perf_counter()
     loaded, failed = [], {}
     for item in items:
         try:
-            loaded.append(load_image(item, max_side=max_side, verify_md5=verify_pixel_md5))
+            li = load_image(item, max_side=max_side, verify_md5=verify_pixel_md5)
         except ImageError as e:
-            failed[item.source_id] = f"image: {e}"
+            failed[item.source_id] = f"load: {item.rel_path}: {e.reason}"
+            continue
+        except Exception as e:  # noqa: BLE001 -- one image's unexpected error fails that image alone
+            failed[item.source_id] = failure_reason("load", item.rel_path, e)
+            continue
+        problem = size_problem(li.image.size)
+        if problem is not None:
+            failed[item.source_id] = f"load: {item.rel_path}: {problem} (original {li.original_size[0]}x{li.original_size[1]})"
+            continue
+        loaded.append(li)
     return LoadedChunk(shard=shard, chunk=chunk, loaded=loaded, failed=failed, seconds=time.perf_counter() - t)
 
 
@@ -73,17 +87,16 @@ def encode_chunk(
         (_, flags), (chunked, match) = cap, mat
         try:
             record = build_record(li, flags, pan, chunked, match, models)
-        except ValueError as e:
-            outcomes[sid] = (FAILED, f"record: {li.item.rel_path}: {e}")
-            continue
-        samples.append(
-            EncodedSample(
+            sample = EncodedSample(
                 key=record.key,
                 jpg=encode_jpeg(li.image, jpeg_quality),
                 seg_png=encode_segment_map(pan.segment_map),
                 json=record.to_json().encode("utf-8"),
             )
-        )
+        except Exception as e:  # noqa: BLE001 -- one image's record or encoding fails that image alone
+            outcomes[sid] = (FAILED, failure_reason("record", li.item.rel_path, e))
+            continue
+        samples.append(sample)
         outcomes[sid] = (WRITTEN, None)
     return EncodedChunk(samples, outcomes, load_seconds=chunk.seconds, encode_seconds=time.perf_counter() - t)
 

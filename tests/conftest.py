@@ -19,7 +19,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:
-    """A session-wide folder where tiny models are built (each at most once, on first use)."""
+    """A session-wide folder where tiny models are built (each at most once, on first use).
+    ``SUBJECT_FFHQ_TEST_TINY_MODELS=DIR`` keeps them in DIR across sessions (built there if missing)."""
+    kept = os.environ.get("SUBJECT_FFHQ_TEST_TINY_MODELS")
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        return Path(kept)
     return tmp_path_factory.mktemp("tiny-models")
 
 

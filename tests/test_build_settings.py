@@ -96,14 +96,14 @@ def test_load_chunk_passes_verify_pixel_md5_to_load_image(tmp_path):
     from ray_jobs.tasks import load_chunk
 
     path = tmp_path / "00000.png"
-    Image.new("RGB", (8, 6), (10, 20, 30)).save(path)
+    Image.new("RGB", (24, 18), (10, 20, 30)).save(path)
     wrong = "e" * 32
     item = SourceItem("0", "00000", str(path), path.name, wrong, "train", None, {"pixel_md5": wrong})
     trusted = load_chunk(0, 0, [item], max_side=64)
     assert [li.pixel_md5 for li in trusted.loaded] == [wrong] and trusted.failed == {}
     verified = load_chunk(0, 0, [item], max_side=64, verify_pixel_md5=True)
     assert verified.loaded == []
-    assert "pixel md5 mismatch" in verified.failed["0"] and str(path) in verified.failed["0"]
+    assert verified.failed["0"].startswith("load: 00000.png: pixel md5 mismatch")
 
 
 def test_fault_drill_hooks():
@@ -131,17 +131,38 @@ def test_isolate_failures_fails_only_the_bad_input():
     assert out[1].reason.startswith("stage: b.png: ValueError: negative input in [-1]")
 
 
-def test_isolate_failures_reraises_when_every_input_fails():
-    with pytest.raises(ValueError, match=r"\[-1, -4\]"):
-        isolate_failures("stage", _square_roots, [-1, -4], ["a", "b"])
-    with pytest.raises(ValueError):
-        isolate_failures("stage", _square_roots, [-1], ["a"])
+def test_isolate_failures_when_every_input_fails_the_probe_decides():
+    from datagen.stages.failures import StageBroken
+
+    # the images are at fault (the probe passes): each fails alone, a batch of one included
+    out = isolate_failures("stage", _square_roots, [-1, -4], ["a.png", "b.png"], probe=lambda: 1)
+    assert [o.reason for o in out] == [
+        "stage: a.png: ValueError: negative input in [-1]", "stage: b.png: ValueError: negative input in [-4]"
+    ]
+    (alone,) = isolate_failures("stage", _square_roots, [-9], ["c.png"], probe=lambda: 1)
+    assert alone.reason == "stage: c.png: ValueError: negative input in [-9]"
+    # the stage is at fault (the probe fails too): the batch error is raised, to fail the shard
+    with pytest.raises(StageBroken, match=r"every image of a batch failed \(a, b\).*negative input in \[-1, -4\]"):
+        isolate_failures("stage", _square_roots, [-1, -4], ["a", "b"], probe=lambda: -1)
+    with pytest.raises(StageBroken, match=r"\(a\)"):
+        isolate_failures("stage", _square_roots, [-1], ["a"], probe=lambda: -1)
+
+
+def test_size_problem_refuses_thin_images():
+    from datagen.stages.failures import MIN_SIDE, size_problem
+
+    assert size_problem((MIN_SIDE, 1024)) is None and size_problem((40, 30)) is None
+    assert "1x1024 px as stored, under the minimum side of 16 px" in size_problem((1, 1024))
+    assert size_problem((1024, MIN_SIDE - 1)) is not None
 
 
 def test_in_batches_keeps_order_across_batches():
     out = in_batches("stage", _square_roots, [1, 4, 9, -1, 16], list("abcde"), batch_size=2)
     assert out[:3] == [1.0, 2.0, 3.0] and out[4] == 4.0
     assert isinstance(out[3], StageFailure) and "d" in out[3].reason
+    # the arrangement: the bad image alone in the last batch fails alone, not the chunk
+    out = in_batches("stage", _square_roots, [1, 4, 9, 16, -1], list("abcde"), batch_size=4, probe=lambda: 1)
+    assert out[:4] == [1.0, 2.0, 3.0, 4.0] and out[4].reason == "stage: e: ValueError: negative input in [-1]"
 
 
 def test_root_cause_finds_the_stage_exception_in_a_ray_traceback():

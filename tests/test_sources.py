@@ -161,9 +161,10 @@ def test_choose_test_groups_ignores_order_and_never_overshoots():
         assert sum(sizes[g] for g in chosen) == target
 
 
-def test_split_of_a_group_does_not_depend_on_item_order():
+def test_split_of_a_group_does_not_depend_on_item_order(tmp_path):
     def item(i: int, group: str) -> SourceItem:
-        return SourceItem(str(i), f"{i:05d}", f"/x/{i}.png", f"{i}.png", group, "train", None, {})
+        (tmp_path / f"{i}.png").touch()  # a duplicate must exist to be recorded as one
+        return SourceItem(str(i), f"{i:05d}", str(tmp_path / f"{i}.png"), f"{i}.png", group, "train", None, {})
 
     base = [item(i, f"g{i // 3}") for i in range(60)]  # groups of three
     ordered = assign_duplicates_and_split(base, test_size=9)
@@ -262,7 +263,10 @@ def test_metadata_without_pixel_md5_falls_back_to_file_md5_then_index(tmp_path):
         "1": {"in_the_wild": {"file_path": "b.png", "file_md5": md5.upper()}},
         "2": {"in_the_wild": {"file_path": "c.png"}},
     }
-    items = FFHQWildSource(with_metadata(tmp_path, data)).items()
+    root = with_metadata(tmp_path, data)
+    for name in ("a.png", "b.png"):
+        (root / name).touch()  # a duplicate must exist to be recorded as one
+    items = FFHQWildSource(root).items()
     assert [i.group for i in items] == [f"file:{md5}", f"file:{md5}", "index:2"]
     assert [i.duplicate_of for i in items] == [None, "0", None]
     assert items[0].meta["license"] is None

@@ -14,6 +14,16 @@ person segment would raise ``KeyError`` there. The exported ``segments`` therefo
 matched segments (each with ``word``/``start``/``end``); the unmatched ones move, unchanged, to
 ``unmatched_segments`` (their pixels stay in the ``.npy``). Everything else of the record is kept.
 
+**Ids and safety.** Before anything is written, every member name of every shard is checked:
+it must be ``<id>.<ext>`` with ``id`` made of ASCII decimal digits (``0``-``9`` only: ``²`` or
+Arabic-Indic digits pass ``str.isdigit()`` but are refused), and ids must be unique *as integers*
+(``1`` and ``00000001`` are the same sample to FastComposer's ``int(id)`` and are refused). Nothing
+outside ``OUT`` is ever read as a path, written or removed: with ``overwrite``, the old
+``image_ids.txt`` is only trusted line by line (a line that is not such an id, e.g. ``../../x``
+or an absolute path, is skipped and reported, never used as a path); a ``<id[:5]>`` folder that
+is a symbolic link (or not a folder) is refused before anything is written, and a stale file is
+removed only from a real ``<id[:5]>`` folder inside ``OUT``.
+
 **Split.** Each id goes to ``image_ids_train.txt`` or ``image_ids_test.txt`` by its record's
 ``split`` (duplicates share a split upstream); ``image_ids.txt`` lists both. An id seen twice is an
 error.
@@ -30,6 +40,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -46,6 +58,9 @@ from datagen.shards.reader import ShardError, decode_segment_map, iter_members
 ID_LISTS = ("image_ids.txt", "image_ids_train.txt", "image_ids_test.txt")
 SUMMARY = "export_summary.json"
 SEGMAP_DTYPES = ("auto", "uint8", "uint16", "int32", "int64")
+EXPORTED_EXTS = ("jpg", "json", "npy")
+_ID_RE = re.compile(r"[0-9]+")  # ASCII only (re's [0-9] never matches other scripts' digits)
+_MEMBER_RE = re.compile(r"([0-9]+)\.([A-Za-z0-9.]+)")
 
 
 class ExportError(ValueError):
@@ -99,6 +114,10 @@ class ExportSummary:
     segmap_dtype: str
     removed_stale: int = 0
     shard_names: list[str] = field(default_factory=list)
+    # lines of the old image_ids.txt that were not ids (never used as paths), and stale files left in
+    # place because their folder is not a real folder inside OUT
+    ignored_old_ids: list[str] = field(default_factory=list)
+    not_removed: list[str] = field(default_factory=list)
 
 
 def fastcomposer_json(record: Record) -> dict:
@@ -135,7 +154,10 @@ def export_fastcomposer(
     tars = sorted(shards_dir.glob("subjects-*.tar"))
     if not tars:
         raise ExportError(f"no shards (subjects-*.tar) in {shards_dir}")
-    old_ids = _previous_ids(out, overwrite)
+    keys = check_shard_ids(tars)  # before anything is written
+    old_ids, ignored = _previous_ids(out, overwrite)
+    if out.exists():
+        _check_id_folders(out, {k[:5] for k in keys})
     out.mkdir(parents=True, exist_ok=True)
 
     jobs = [(tar, out, filters, segmap_dtype) for tar in tars]
@@ -166,26 +188,19 @@ def export_fastcomposer(
     train = [i for i in ids if split_of[i] == "train"]
     test = [i for i in ids if split_of[i] == "test"]
     removed = 0
-    for stale in sorted(old_ids - set(ids)):
-        for ext in ("jpg", "json", "npy"):
-            p = out / stale[:5] / f"{stale}.{ext}"
-            if p.exists():
-                p.unlink()
-                removed += 1
-    # samples that a filter rejected this time but an earlier export wrote
-    for key in where:
-        if key not in split_of:
-            for ext in ("jpg", "json", "npy"):
-                p = out / key[:5] / f"{key}.{ext}"
-                if p.exists():
-                    p.unlink()
-                    removed += 1
+    not_removed: list[str] = []
+    # ids an earlier export wrote that this one does not, and samples a filter rejected this time
+    stale_ids = (old_ids - set(ids)) | {key for key in where if key not in split_of}
+    for stale in sorted(stale_ids, key=lambda k: (int(k), k)):
+        n, refused = _remove_exported(out, stale)
+        removed += n
+        not_removed += refused
     summary = ExportSummary(
         format="fastcomposer", shards_dir=str(shards_dir.resolve()), out=str(out.resolve()), shards=len(tars),
         samples_seen=seen, exported=len(ids), train=len(train), test=len(test),
         filtered_out=dict(sorted(rejected.items())), filters=asdict(filters), segments_exported=n_segments,
         unmatched_segments=n_unmatched, segmap_dtype=segmap_dtype, removed_stale=removed,
-        shard_names=[t.name for t in tars],
+        shard_names=[t.name for t in tars], ignored_old_ids=ignored, not_removed=not_removed,
     )
     atomic_write(out / SUMMARY, (json.dumps(asdict(summary), indent=1) + "\n").encode())
     for name, lst in zip(ID_LISTS, (ids, train, test), strict=True):
@@ -193,15 +208,88 @@ def export_fastcomposer(
     return summary
 
 
-def _previous_ids(out: Path, overwrite: bool) -> set[str]:
+def _previous_ids(out: Path, overwrite: bool) -> tuple[set[str], list[str]]:
+    """The ids an earlier export listed in ``OUT/image_ids.txt``, and the lines that are not ids
+    (skipped: a line is only ever used as a path when it is ASCII decimal digits)."""
     if not out.exists():
-        return set()
+        return set(), []
     if not out.is_dir():
         raise ExportError(f"output {out} exists and is not a folder")
     if any(out.iterdir()) and not overwrite:
         raise ExportError(f"output folder {out} is not empty; pass --overwrite (overwrite=True) to export over it")
     listed = out / ID_LISTS[0]
-    return set(listed.read_text().split()) if listed.is_file() else set()
+    if listed.is_symlink() or not listed.is_file():
+        return set(), ([f"{ID_LISTS[0]} is a symbolic link; not read"] if listed.is_symlink() else [])
+    ids, ignored = set(), []
+    for line in listed.read_text(encoding="utf-8", errors="backslashreplace").splitlines():
+        token = line.strip()
+        if not token:
+            continue
+        if _ID_RE.fullmatch(token):
+            ids.add(token)
+        else:
+            ignored.append(token)
+    return ids, ignored
+
+
+def check_shard_ids(tars: list[Path]) -> list[str]:
+    """Every sample id of the shards, after checking (from the tar headers alone) that each member
+    is ``<ASCII decimal id>.<ext>`` and that no two samples share an id or an ``int()`` value."""
+    by_value: dict[int, tuple[str, str]] = {}
+    keys: list[str] = []
+    for tar_path in tars:
+        seen_here: set[str] = set()
+        try:
+            with tarfile.open(tar_path, mode="r:") as tar:
+                for member in tar:
+                    m = _MEMBER_RE.fullmatch(member.name)
+                    if m is None:
+                        raise ExportError(
+                            f"{tar_path.name}: member {member.name!r} is not <id>.<ext> with an id of ASCII decimal "
+                            "digits 0-9 (FastComposer int()-parses ids and files are written to OUT/<id[:5]>/<id>.*)"
+                        )
+                    key = m.group(1)
+                    if key in seen_here:
+                        continue
+                    seen_here.add(key)
+                    value = int(key)
+                    if value in by_value:
+                        other, where = by_value[value]
+                        same = "the same id" if other == key else f"the same integer ({value}) as id {other!r}"
+                        raise ExportError(f"{tar_path.name}: sample id {key!r} is {same} in {where}; ids must be unique as integers")
+                    by_value[value] = (key, tar_path.name)
+                    keys.append(key)
+        except tarfile.TarError as e:
+            raise ExportError(f"{tar_path}: not a readable tar: {e}") from e
+    return keys
+
+
+def _check_id_folders(out: Path, folders: set[str]) -> None:
+    """Refuse an ``OUT/<id[:5]>`` that is a symbolic link or not a folder: writing there could land outside OUT."""
+    for name in sorted(folders):
+        p = out / name
+        if p.is_symlink():
+            raise ExportError(f"{p} is a symbolic link (to {p.readlink()}); refusing to write through it, remove it first")
+        if p.exists() and not p.is_dir():
+            raise ExportError(f"{p} exists and is not a folder; refusing to export over it")
+
+
+def _remove_exported(out: Path, key: str) -> tuple[int, list[str]]:
+    """Remove ``OUT/<key[:5]>/<key>.jpg|json|npy``, only from a real folder directly inside OUT."""
+    if not _ID_RE.fullmatch(key):  # never happens: every key was checked; kept as the last guard
+        return 0, [key]
+    folder = out / key[:5]
+    if not folder.exists():
+        return 0, []
+    if folder.is_symlink() or not folder.is_dir() or folder.resolve().parent != out.resolve():
+        return 0, [f"{folder.name}/{key}.*"]
+    removed = 0
+    for ext in EXPORTED_EXTS:
+        p = folder / f"{key}.{ext}"
+        if p.is_symlink() or p.is_file():  # a link is removed itself, never what it points to
+            p.unlink()
+            removed += 1
+    return removed, []
 
 
 def _export_shard(tar_path: Path, out: Path, filters: ExportFilters, segmap_dtype: str):
@@ -227,6 +315,8 @@ def _export_shard(tar_path: Path, out: Path, filters: ExportFilters, segmap_dtyp
                 )
             folder = out / key[:5]
             folder.mkdir(parents=True, exist_ok=True)
+            if folder.is_symlink() or folder.resolve().parent != out.resolve():  # appeared since the check
+                raise ExportError(f"{folder} is not a folder inside {out}; refusing to write through it")
             buf = io.BytesIO()
             np.save(buf, segmap_array(segmap, segmap_dtype, record), allow_pickle=False)
             atomic_write(folder / f"{key}.jpg", members["jpg"])
@@ -240,8 +330,8 @@ def _shard_members(tar_path: Path):
     """``(key, {"jpg", "seg.png", "json": bytes})`` per sample of a shard, in order."""
     try:
         for key, members in iter_members(tar_path):
-            if not key.isdigit():
-                raise ExportError(f"{tar_path.name}: sample key {key!r} is not decimal digits (FastComposer ids int()-parse)")
+            if not _ID_RE.fullmatch(key):  # checked before writing (check_shard_ids); the last guard
+                raise ExportError(f"{tar_path.name}: sample key {key!r} is not ASCII decimal digits")
             yield key, members
     except ShardError as e:
         raise ExportError(str(e)) from e

@@ -12,18 +12,30 @@ malformed metadata file raises one :class:`SourceError` that names the file and 
 wrong. A listed image that turns out to be missing or broken is *not* a listing error: it stays an
 item, and loading it reports the reason (``datagen.sources.images.ImageError``).
 
-**Image folder** (:class:`ImageFolderSource`): every file under ``root`` (recursively; hidden
-files and folders, whose names start with ".", are skipped) whose extension is one of
-:data:`IMAGE_EXTENSIONS` (any case), in sorted order of the relative POSIX path. ``source_id`` is the running index in that order (``"0"``, ``"1"``, …),
-``key`` the same index zero-padded to at least 5 digits. Adding or removing files renumbers the
-items after them.
+**Image folder** (:class:`ImageFolderSource`): every file under ``root`` (recursively) whose
+extension is one of :data:`IMAGE_EXTENSIONS` (any case), in sorted order of the relative POSIX
+path. ``source_id`` is the running index in that order (``"0"``, ``"1"``, …), ``key`` the same
+index zero-padded to at least 5 digits. Adding or removing files renumbers the items after them.
+What the folder source passes over is listed in ``ImageFolderSource.skipped`` (escaped path and
+why; the job prints it and writes it into ``run.json``): hidden files and folders (names starting
+with "."), files with another extension (``.gif`` included: GIFs are mostly animations), folders
+whose name looks like an image (``x.png/``), links to folders (not followed, so no link loop is
+walked), and anything that is neither a file nor a folder. A link to a file is taken (a dangling
+one then fails at load, "file is missing").
+
+**Names** are recorded (``rel_path``, the record's provenance, the manifests) in the escaped form
+of :mod:`datagen.sources.names`: unchanged for UTF-8 names, ``\\xNN`` for each byte that is not
+UTF-8. ``path`` (what is opened) keeps the name as the OS gave it.
 
 **Duplicates.** FFHQ-wild holds one in-the-wild copy of a photo per face extracted from it. Items
 are grouped by ``in_the_wild.pixel_md5`` (falling back to ``file_md5``, then to the index alone
 when the metadata has neither); folder items by the md5 of the file's bytes (exact copies only:
 re-encoded copies are not detected at listing time; zero-byte and unreadable files each form their
 own group so that each fails with its own reason). ``duplicate_of`` is the ``source_id`` of the
-group's first item (lowest index) on every other member, ``None`` on the first.
+group's first item (lowest index) on every other member, ``None`` on the first. A member is a
+duplicate only if its own file exists: a member whose file is missing is never recorded
+``duplicate`` (it is loaded, and fails "file is missing"), and the group's first member whose file
+exists is the one the others are duplicates of.
 
 **Held-out split** (DESIGN §3 step 5). The test set has :func:`held_out_size` images: by default
 ``min(1000, n // 10)`` for ``n`` items, but at least 1 when ``n >= 2`` (and 0 for a single item),
@@ -44,6 +56,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from datagen.sources.names import escape_path
 
 METADATA_FILE = "ffhq-dataset-v2.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -118,15 +132,21 @@ def assign_duplicates_and_split(items: list[SourceItem], test_size: int | None =
     The result does not depend on the order of ``items``: the first of a group is its lowest index.
     """
     items = sorted(items, key=lambda item: int(item.source_id))
-    first_of_group: dict[str, str] = {}
     group_sizes: dict[str, int] = defaultdict(int)
     for item in items:
-        first_of_group.setdefault(item.group, item.source_id)
         group_sizes[item.group] += 1
+    # Only members of groups with copies are looked at on disk (a stat each): a duplicate is never
+    # recorded for a file that is not there, and the first copy that exists stands for the group.
+    first_of_group: dict[str, str] = {}
+    for item in items:
+        if item.group not in first_of_group and (group_sizes[item.group] == 1 or os.path.isfile(item.path)):
+            first_of_group[item.group] = item.source_id
     test_groups = choose_test_groups(dict(group_sizes), held_out_size(len(items), test_size))
     out = []
     for item in items:
-        first = first_of_group[item.group]
+        first = first_of_group.get(item.group, item.source_id)
+        if first != item.source_id and not os.path.isfile(item.path):
+            first = item.source_id  # missing: loaded, so it fails with its own reason
         out.append(
             replace(
                 item,
@@ -254,7 +274,7 @@ class FFHQWildSource:
             source_id=source_id,
             key=f"{index:05d}",
             path=str(resolved),
-            rel_path=resolved.relative_to(self.root).as_posix(),
+            rel_path=escape_path(resolved.relative_to(self.root).as_posix()),
             group=group,
             split="train",
             duplicate_of=None,
@@ -295,14 +315,17 @@ class ImageFolderSource:
         if not self.root.is_dir():
             raise SourceError(f"{self.root}: image folder not found")
         self._items: list[SourceItem] | None = None
+        self.skipped: list[dict[str, str]] = []  # {"path": escaped rel path, "reason": why}, once listed
 
     def items(self) -> list[SourceItem]:
         """All image files in sorted relative-path order, with duplicates and split assigned."""
         if self._items is None:
-            paths = list_image_files(self.root)
+            paths, self.skipped = scan_folder(self.root)
             if not paths:
+                passed = f"; passed over {len(self.skipped)}: {describe_skipped(self.skipped)}" if self.skipped else ""
                 raise SourceError(
-                    f"{self.root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, recursively)"
+                    f"{self.root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
+                    f"recursively){passed}"
                 )
             items = [self._item(i, rel) for i, rel in enumerate(paths)]
             self._items = assign_duplicates_and_split(items, self.test_size)
@@ -317,7 +340,7 @@ class ImageFolderSource:
             "license_url": None,
             "author": None,
             "photo_url": None,
-            "photo_title": Path(rel).name,
+            "photo_title": escape_path(Path(rel).name),
             "face_rect": None,
             "pixel_md5": None,
             "file_md5": None,
@@ -339,7 +362,7 @@ class ImageFolderSource:
             source_id=str(index),
             key=f"{index:05d}",
             path=str(path),
-            rel_path=rel,
+            rel_path=escape_path(rel),
             group=group,
             split="train",
             duplicate_of=None,
@@ -347,15 +370,51 @@ class ImageFolderSource:
         )
 
 
-def list_image_files(root: Path) -> list[str]:
-    """Relative POSIX paths of the image files under ``root``, sorted; hidden files and folders skipped."""
+def scan_folder(root: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """``(image files, passed over)`` under ``root``: relative POSIX paths of the files taken, sorted
+    (as the OS names them), and ``{"path", "reason"}`` for each thing passed over (escaped path)."""
     found: list[str] = []
+    skipped: list[dict[str, str]] = []
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"path": escape_path(path.relative_to(root).as_posix()), "reason": reason})
+
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        here = Path(dirpath)
+        keep = []
+        for d in dirnames:
+            p = here / d
+            if d.startswith("."):
+                skip(p, "hidden folder, not searched")
+            elif p.is_symlink():
+                skip(p, "link to a folder, not followed")
+            elif d.lower().endswith(IMAGE_EXTENSIONS):
+                skip(p, "a folder named like an image (searched as a folder)")
+                keep.append(d)
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                found.append((Path(dirpath) / name).relative_to(root).as_posix())
-    return sorted(found)
+            p = here / name
+            if name.startswith("."):
+                skip(p, "hidden file")
+            elif not name.lower().endswith(IMAGE_EXTENSIONS):
+                ext = Path(name).suffix.lower()
+                what = f"extension {ext!r}" if ext else "no extension"
+                skip(p, f"not a supported image type ({what}; taken: {', '.join(IMAGE_EXTENSIONS)})")
+            elif not p.is_symlink() and p.exists() and not p.is_file():
+                skip(p, "not a regular file")
+            else:
+                found.append(p.relative_to(root).as_posix())
+    skipped.sort(key=lambda s: s["path"])
+    return sorted(found), skipped
+
+
+def describe_skipped(skipped: list[dict[str, str]], limit: int = 5) -> str:
+    """One line: the first ``limit`` things passed over and why, and how many more."""
+    shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:limit])
+    more = len(skipped) - limit
+    return shown + (f"; and {more} more" if more > 0 else "")
 
 
 def _file_md5(path: Path) -> str:
