@@ -3,7 +3,6 @@ pixels, and hands every file it cannot take to Pillow, so bad input is reported 
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
