@@ -229,6 +229,7 @@ class BuildJob:
                 status = INTERRUPTED
                 self.say(f"interrupted ({e or 'Ctrl-C'}); finished shards are kept, re-run the same command to resume")
             finally:
+                progress.close()  # the live bar, on a terminal
                 self.stage_rates = self.collect_stage_rates()
                 if self.request.pools is None:
                     for pool in self.pools.values():

@@ -1,7 +1,13 @@
-"""Console progress of the dataset job: a line per finished shard, and a heartbeat while waiting.
+"""Console progress of the dataset job.
+
+In a log (output is not a terminal): a line per finished shard, and a heartbeat while waiting::
 
     [build] 5/70 shards | subjects-00004 done: 998 written, 2 duplicate, 0 failed in 812.0s |
             4997/70000 images, 6.1 img/s, ETA 2:57:10 | failed so far: 3 images, 0 shards
+
+On a terminal: one live tqdm bar (images done of all, images/s and ETA of this run, shards done,
+failed images and shards); failed shards, retries and skipped shards are still printed as lines
+above the bar, routine "shard done" lines are not.
 """
 
 from __future__ import annotations
@@ -12,7 +18,15 @@ from typing import Any, TextIO
 
 
 class ProgressReporter:
-    def __init__(self, total_shards: int, total_images: int, interval_s: float = 30.0, out: TextIO | None = None):
+    def __init__(
+        self,
+        total_shards: int,
+        total_images: int,
+        interval_s: float = 30.0,
+        out: TextIO | None = None,
+        tty: bool | None = None,
+    ):
+        """``tty``: draw a live bar (default: when ``out`` is a terminal)."""
         self.total_shards = total_shards
         self.total_images = total_images
         self.interval_s = interval_s
@@ -24,10 +38,31 @@ class ProgressReporter:
         self.images_this_run = 0
         self.failed_images = 0
         self.failed_shards = 0
+        self.tty = _is_tty(self.out) if tty is None else bool(tty)
+        self.bar = None
 
     def start(self) -> None:
         """Start the clock for images/s and ETA (after the actors have loaded their models)."""
         self.started = self.last_line = time.monotonic()
+        if self.tty and self.bar is None:
+            from tqdm import tqdm
+
+            # initial: images done by earlier runs count towards the total, not towards the rate
+            self.bar = tqdm(total=self.total_images, initial=self.images_done, unit="img", file=self.out,
+                            desc="[build]", dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
+            self._refresh_bar()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._refresh_bar()
+            self.bar.close()
+            self.bar = None
+
+    def _refresh_bar(self) -> None:
+        self.bar.set_postfix_str(
+            f"shards {self.shards_done}/{self.total_shards}, failed {self.failed_images} img / "
+            f"{self.failed_shards} shards", refresh=False)
+        self.bar.refresh()
 
     def already_done(self, entries: list[dict[str, Any]]) -> None:
         for e in entries:
@@ -51,12 +86,22 @@ class ProgressReporter:
         else:
             self.failed_shards += 1
             what = f"{entry['name']} FAILED after {entry['attempts']} attempt(s): {entry['error']}"
+        if self.bar is not None:
+            self.bar.update(n)
+            self._refresh_bar()
+            if entry["status"] == "done":
+                return  # the bar shows it
         self.say(f"{what} | {self.rates()}")
+        if self.bar is not None and self.shards_done >= self.total_shards:
+            self.close()
 
     def retrying(self, name: str, attempt: int, attempts: int, error: str) -> None:
         self.say(f"{name} attempt {attempt}/{attempts} failed, retrying: {error}")
 
     def heartbeat(self, in_flight: int, chunks_in_flight: int) -> None:
+        if self.bar is not None:
+            self.bar.refresh()  # keeps the elapsed time and ETA moving while shards are open
+            return
         if time.monotonic() - self.last_line >= self.interval_s:
             self.say(f"working: {in_flight} shard(s), {chunks_in_flight} chunk(s) in flight | {self.rates()}")
 
@@ -72,7 +117,18 @@ class ProgressReporter:
 
     def say(self, message: str) -> None:
         self.last_line = time.monotonic()
-        print(f"[build] {self.shards_done}/{self.total_shards} shards | {message}", file=self.out, flush=True)
+        line = f"[build] {self.shards_done}/{self.total_shards} shards | {message}"
+        if self.bar is not None:
+            self.bar.write(line, file=self.out)  # above the bar
+        else:
+            print(line, file=self.out, flush=True)
+
+
+def _is_tty(out: TextIO) -> bool:
+    try:
+        return bool(out.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def format_duration(seconds: float) -> str:

@@ -96,6 +96,55 @@ def test_result_size_follows_the_image_not_the_resolution(tiny_section):
     assert result.segment_map.shape == (70, 130)
 
 
+def mixed_aspect_photos() -> list[Image.Image]:
+    """Eight photos in eight different aspect ratios (portrait, landscape, square, panorama, grey)."""
+    sizes = [(90, 120), (150, 100), (64, 64), (100, 75), (60, 130), (200, 70), (120, 90), (77, 101)]
+    sources = [data.astronaut(), data.coffee(), data.chelsea(), data.camera(), data.rocket(), data.chelsea(),
+               data.coffee(), data.astronaut()]
+    return [Image.fromarray(src).resize(size) for src, size in zip(sources, sizes, strict=True)]
+
+
+def segment_ious(a: PanopticResult, b: PanopticResult) -> list[float]:
+    """IoU of each segment of ``a`` with the segment of the same id in ``b``."""
+    ious = []
+    for s in a.segments:
+        x, y = a.segment_map == s.id, b.segment_map == s.id
+        ious.append(float((x & y).sum() / max((x | y).sum(), 1)))
+    return ious
+
+
+def assert_same_segments(batched: list[PanopticResult], one_by_one: list[PanopticResult]) -> None:
+    for a, b in zip(batched, one_by_one, strict=True):
+        assert [(s.category_id, s.is_thing) for s in a.segments] == [(s.category_id, s.is_thing) for s in b.segments]
+        assert a.segments, "every photo gets segments with the tiny profile's thresholds"
+        assert min(segment_ious(a, b)) >= 0.99  # identical up to float rounding of batched matmuls
+
+
+def test_mixed_aspect_batch_gives_the_same_segments_as_one_at_a_time(segmenter):
+    images = mixed_aspect_photos()
+    sizes = {tuple(segmenter.processor(images=[im.convert("RGB")], size=segmenter.size,
+                                       return_tensors="pt")["pixel_values"].shape[-2:]) for im in images}
+    assert len(sizes) >= 5, "the photos must reach the model at different sizes"
+    segmenter.forwards = 0
+    batched = segmenter.segment(images)
+    assert segmenter.forwards == 2  # 8 images of >= 5 sizes in batches of 4: every forward full
+    one_by_one = [segmenter.segment([im])[0] for im in images]
+    assert segmenter.forwards == 2 + len(images)
+    for result, image in zip(batched, images, strict=True):
+        check_consistent(result, image)
+    assert_same_segments(batched, one_by_one)
+
+
+def test_images_per_forward_on_a_mixed_aspect_source(segmenter):
+    """Batches of ``batch_size`` images of any aspect ratio: a full forward per batch."""
+    images = mixed_aspect_photos() * 2  # 16 images, 8 aspect ratios, shuffled order
+    order = np.random.default_rng(0).permutation(len(images))
+    segmenter.forwards = 0
+    for start in range(0, len(images), segmenter.batch_size):  # as the job's actor calls it
+        segmenter.segment([images[i] for i in order[start:start + segmenter.batch_size]])
+    assert len(images) / segmenter.forwards >= 0.9 * segmenter.batch_size
+
+
 def test_batching_does_not_change_results(segmenter, results):
     images = photos()
     segmenter.batch_size = 1
@@ -103,16 +152,29 @@ def test_batching_does_not_change_results(segmenter, results):
         one_by_one = segmenter.segment(images)
     finally:
         segmenter.batch_size = 4
-    for a, b in zip(results, one_by_one, strict=True):
-        assert [(s.category_id, s.is_thing) for s in a.segments] == [(s.category_id, s.is_thing) for s in b.segments]
-        assert np.mean(a.segment_map == b.segment_map) > 0.999  # float rounding of batched matmuls at most
+    assert_same_segments(results, one_by_one)
 
 
-def test_same_size_images_share_a_batch(segmenter):
-    image = photos()[0]
-    first, second = segmenter.segment([image, image.copy()])
-    assert np.array_equal(first.segment_map, second.segment_map)
-    assert first.segments == second.segments
+def test_crop_to_valid_keeps_the_unpadded_logits():
+    from datagen.segmenter import _crop_to_valid
+
+    logits = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
+    # a 64 x 32 image on a 128 x 128 canvas: logits at 1/16 of the input -> the top-left 4 x 2
+    cropped = _crop_to_valid(logits, (64, 32), (128, 128))
+    assert cropped.shape == (1, 2, 4, 2) and torch.equal(cropped, logits[:, :, :4, :2])
+    assert torch.equal(_crop_to_valid(logits, (128, 128), (128, 128)), logits)
+
+
+def test_unpadded_mode_batches_only_same_size_images(tiny_section):
+    seg = PanopticSegmenter.from_profile({**tiny_section, "pad_to": "none"}, device="cpu")
+    images = [mixed_aspect_photos()[i] for i in (0, 1, 2, 4)]  # four different processed sizes
+    results = seg.segment(images)
+    assert seg.forwards == 4
+    for result, image in zip(results, images, strict=True):
+        check_consistent(result, image)
+    assert_same_segments(results, [seg.segment([im])[0] for im in images])
+    with pytest.raises(ValueError, match="pad_to must be one of"):
+        PanopticSegmenter.from_profile({**tiny_section, "pad_to": "batch"}, device="cpu")
 
 
 def test_threshold_filters_segments(tiny_section, results):

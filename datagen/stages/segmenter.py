@@ -12,6 +12,7 @@ key                                meaning
 ``batch_size``                     images per forward pass (results do not depend on it)
 ``resolution``                     shortest side the model sees (longest side capped at
                                    ``resolution × 1333 / 800``, Mask2Former's own ratio)
+``pad_to``                         ``square`` (one canvas for every image: full batches) or ``none``
 ``threshold``                      minimum class score of a query to be kept
 ``mask_threshold``                 binarisation threshold of (score × mask probability)
 ``overlap_mask_area_threshold``    minimum share of a query's mask it must keep after overlaps
@@ -38,10 +39,19 @@ Details that matter:
   ``post_process_panoptic_segmentation`` (``label_ids_to_fuse=set()``), because that function's
   own fusion re-uses segment ids (after a fused mask its id counter steps back), which would give
   two different segments the same id.
-* **No padding.** Images are only batched with images the processor resized to the same size, so
-  no padding enters the model (padding would shift the features and misalign the masks, which
-  ``post_process_panoptic_segmentation`` stretches over the whole input) and a result does not
-  depend on ``batch_size`` or on the other images of the call.
+* **Mixed sizes share a batch, on one canvas.** The processor resizes each image on its own
+  (shortest side ``resolution``, sides rounded up to its ``size_divisor``); with ``pad_to: square``
+  (the default) every image is then padded at the bottom/right to the same square canvas, the
+  largest size the processor can produce (``longest_edge`` rounded up), so images of any aspect
+  ratio run ``batch_size`` at a time. The canvas depends only on the settings, never on the other
+  images of a batch, so a result is the same batched or one at a time: padding does change
+  Mask2Former's features (the model has no padding mask: Swin windows, the pixel decoder's
+  deformable attention and the decoder's cross-attention all see it), and measured on the tiny
+  model, padding each image only to its batch's largest size kept 2–25 % of the pixels' labels.
+  Post-processing is padding-aware, as detectron2's ``sem_seg_postprocess``: each image's mask
+  logits are cropped to its own valid (unpadded) region before they are resized to its size.
+  ``pad_to: none`` pads nothing: images are only batched with images of the same processed size
+  (less compute per image, emptier batches on mixed aspect ratios).
 * Segments with no pixel left in the map are dropped.
 """
 
@@ -61,6 +71,7 @@ WHAT = "segmenter (Mask2Former, COCO panoptic)"
 COCO_PANOPTIC_NUM_CLASSES = 133
 COCO_PANOPTIC_NUM_THINGS = 80
 LONG_SIDE_RATIO = 1333 / 800  # Mask2Former's default longest_edge / shortest_edge
+PAD_TO = ("square", "none")
 
 
 def is_thing(category_id: int) -> bool:
@@ -97,6 +108,7 @@ class PanopticSegmenter:
         threshold: float = 0.8,
         mask_threshold: float = 0.5,
         overlap_mask_area_threshold: float = 0.8,
+        pad_to: str = "square",
         dtype: str = "auto",
         device: str | None = None,
     ):
@@ -104,7 +116,10 @@ class PanopticSegmenter:
 
         if int(batch_size) < 1 or int(resolution) < 32:
             raise ValueError(f"{WHAT}: batch_size must be >= 1 and resolution >= 32 (got {batch_size}, {resolution})")
+        if pad_to not in PAD_TO:
+            raise ValueError(f"{WHAT}: pad_to must be one of {PAD_TO} (got {pad_to!r})")
         self.model_id = model
+        self.pad_to = pad_to
         self.batch_size = int(batch_size)
         self.resolution = int(resolution)
         self.threshold = float(threshold)
@@ -129,13 +144,19 @@ class PanopticSegmenter:
             "shortest_edge": self.resolution,
             "longest_edge": math.ceil(self.resolution * LONG_SIDE_RATIO),
         }
+        divisor = int(getattr(self.processor, "size_divisor", 0) or 1)
+        side = math.ceil(self.size["longest_edge"] / divisor) * divisor
+        self.canvas = (side, side)  # (height, width) every image is padded to with pad_to "square"
+        self.forwards = 0  # model forward passes run (for measuring how full the batches are)
 
     @classmethod
     def from_profile(cls, section: dict[str, Any], device: str | None = None) -> PanopticSegmenter:
         """Build from a profile's ``segmenter`` section (see the module docstring for the keys)."""
         if "model" not in section:
             raise ValueError(f"{WHAT}: the profile's segmenter section has no 'model' (keys: {sorted(section)})")
-        keys = ("batch_size", "resolution", "threshold", "mask_threshold", "overlap_mask_area_threshold", "dtype")
+        keys = (
+            "batch_size", "resolution", "pad_to", "threshold", "mask_threshold", "overlap_mask_area_threshold", "dtype",
+        )
         return cls(
             section["model"],
             **{k: section[k] for k in keys if k in section},
@@ -145,33 +166,57 @@ class PanopticSegmenter:
     def segment(self, images: Sequence[Image.Image]) -> list[PanopticResult]:
         """One :class:`PanopticResult` per image, in input order.
 
-        Each image is resized by the processor on its own; images that come out the same size are
-        run together, ``batch_size`` at a time, so no padding enters the model and an image's result
-        does not depend on which other images were passed with it.
+        With ``pad_to: square`` every image is padded to :attr:`canvas` and the images run
+        ``batch_size`` at a time in input order; with ``none`` images of the same processed size run
+        together. Either way an image's result does not depend on which other images were passed
+        with it (see the module docstring).
         """
         import torch
 
-        pixels = []
-        for im in images:
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-            pixels.append(self.processor(images=[rgb], size=self.size, return_tensors="pt")["pixel_values"])
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, px in enumerate(pixels):
-            by_size.setdefault(tuple(px.shape[-2:]), []).append(i)
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        if self.pad_to == "square":
+            groups = [list(range(len(rgb)))]
+            pixels = list(self._pixels(rgb, self.canvas))
+        else:
+            pixels = [self._pixels([im], None)[0] for im in rgb]
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for i, (_, valid) in enumerate(pixels):
+                by_size.setdefault(valid, []).append(i)
+            groups = list(by_size.values())
 
         results: list[PanopticResult | None] = [None] * len(images)
-        for indices in by_size.values():
+        for indices in groups:
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                batch = torch.cat([pixels[i] for i in chunk]).to(self.device, self.dtype)
+                batch = torch.stack([pixels[i][0] for i in chunk]).to(self.device, self.dtype)
                 with torch.inference_mode():
                     out = self.model(pixel_values=batch)
+                self.forwards += 1
                 # post-processing (upsampling to the image size) stays on the model's device, in fp32
                 class_logits = out.class_queries_logits.float()
                 mask_logits = out.masks_queries_logits.float()
+                padded = tuple(batch.shape[-2:])
                 for row, i in enumerate(chunk):
-                    results[i] = self._post_process(class_logits[row:row + 1], mask_logits[row:row + 1], images[i].size)
+                    valid_logits = _crop_to_valid(mask_logits[row:row + 1], pixels[i][1], padded)
+                    results[i] = self._post_process(class_logits[row:row + 1], valid_logits, images[i].size)
         return results  # type: ignore[return-value]
+
+    def _pixels(self, images: list[Image.Image], canvas: tuple[int, int] | None):
+        """``[(pixel_values C×H×W, (valid_height, valid_width))]``: the processor's resize and
+        normalisation of each image, zero-padded at the bottom/right to ``canvas`` (as the
+        processor's own padding does) or left unpadded."""
+        import torch
+
+        out = []
+        for im in images:
+            px = self.processor(images=[im], size=self.size, return_tensors="pt")["pixel_values"][0]
+            valid = (int(px.shape[-2]), int(px.shape[-1]))
+            if canvas is not None:
+                padded = torch.zeros((px.shape[0], *canvas), dtype=px.dtype)
+                padded[:, : valid[0], : valid[1]] = px
+                px = padded
+            out.append((px, valid))
+        return out
 
     def _post_process(self, class_logits, mask_logits, size: tuple[int, int]) -> PanopticResult:
         from transformers.models.mask2former.modeling_mask2former import (
@@ -246,6 +291,15 @@ class PanopticSegmenter:
                 )
             )
         return PanopticResult(segment_map=segment_map, segments=segments)
+
+
+def _crop_to_valid(mask_logits, valid: tuple[int, int], padded: tuple[int, int]):
+    """Keep the part of ``1 × Q × h × w`` mask logits that covers the image's valid ``(height, width)``
+    out of the ``padded`` input (the logits are at a fixed fraction of the input size)."""
+    h, w = mask_logits.shape[-2:]
+    rows = math.ceil(valid[0] * h / padded[0])
+    cols = math.ceil(valid[1] * w / padded[1])
+    return mask_logits[..., :rows, :cols]
 
 
 def _tight_boxes(segment_map: np.ndarray, count: int) -> dict[int, list[int]]:
