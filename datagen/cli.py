@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ray_jobs.export_command", "export shards to FastComposer's on-disk layout"),
     "train": ("training.train_command", "train FastComposer on shards with Ray Train"),
     "sample": ("training.sample_command", "generate an image from a checkpoint, a prompt and subject photos"),
+    "evaluate": ("training.evaluate_command", "score a checkpoint: identity preservation and prompt consistency"),
 }
 
 

@@ -14,11 +14,14 @@ name                   what
 ``sbert``              Sentence-Transformers all-MiniLM-L6-v2 (real weights, from a package)
 ``stable-diffusion``   SD1.5-shaped U-Net, VAE, CLIP text encoder, tokenizer and scheduler
 ``clip-vision``        ``CLIPVisionModelWithProjection`` + image processor (trainer's encoder)
+``facenet``            FaceNet InceptionResnetV1 with fewer blocks (evaluation's face embedder)
 =====================  =========================================================================
 
 A folder is finished when it holds ``.complete`` (written last). :func:`build_one` builds into a
 temporary folder next to the target and renames it into place, so an interrupted build never
-leaves a folder that looks finished; an unfinished one is rebuilt.
+leaves a folder that looks finished; an unfinished one is rebuilt. :func:`random_weights` tells
+whether a model reference points at one of these folders with random weights (every one but ``sbert``),
+so that outputs made with them can say so.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ def _clip_vision(dest: Path) -> None:
     build_clip_vision(dest)
 
 
+def _facenet(dest: Path) -> None:
+    from datagen.tiny_models.facenet import build_facenet
+
+    build_facenet(dest)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "blip2": _blip2,
     "mask2former": _mask2former,
@@ -75,7 +84,25 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "sbert": _sbert,
     "stable-diffusion": _stable_diffusion,
     "clip-vision": _clip_vision,
+    "facenet": _facenet,
 }
+REAL_WEIGHTS = {"sbert"}  # the real all-MiniLM-L6-v2 that a package ships
+
+
+def random_weights(ref: str | Path | None) -> bool:
+    """True when ``ref`` (a folder, ``local-dir:FOLDER``, or a path inside one) is a tiny model with
+    random weights: a finished build whose ``.complete`` names a builder other than ``sbert``."""
+    if not ref:
+        return False
+    text = str(ref)
+    text = text[len("local-dir:"):] if text.startswith("local-dir:") else text
+    path = Path(text).expanduser()
+    for folder in (path, *path.parents[:2]):
+        marker = folder / COMPLETE
+        if marker.is_file():
+            name = marker.read_text().strip()
+            return name in BUILDERS and name not in REAL_WEIGHTS
+    return False
 
 
 def is_complete(folder: Path) -> bool:
