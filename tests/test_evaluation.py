@@ -335,16 +335,16 @@ def test_page_opens_in_chromium_without_errors_and_sorts_by_score(evaluation, tm
         page.call("Page.navigate", {"url": (evaluation / "evaluation.html").resolve().as_uri()})
         page.wait_for("Page.loadEventFired")
         first_line = page.evaluate("document.body.innerText.split('\\n')[0]")
-        page.evaluate("Array.from(document.images).forEach(i => { i.loading = 'eager'; })")
-        page.call("Runtime.evaluate", {"expression": "Promise.all(Array.from(document.images).map(i => i.decode()))",
-                                       "awaitPromise": True})
-        images = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+        images = page.call("Runtime.evaluate", {"expression": (
+            "Promise.all(Array.from(document.images).map(i => { i.loading = 'eager';"
+            " return i.decode().then(() => i.naturalWidth, () => 0); }))"), "awaitPromise": True,
+            "returnByValue": True})["result"]["value"]
         order = "Array.from(document.querySelectorAll('.card')).map(c => parseFloat(c.dataset.{}))"
         page.evaluate("(() => { const s = document.getElementById('sort'); s.value = 'prompt-desc';"
-                      " s.dispatchEvent(new Event('change')); })()")
+                      " s.dispatchEvent(new Event('change')); return s.value; })()")
         by_prompt = page.evaluate(order.format("prompt"))
         page.evaluate("(() => { const s = document.getElementById('sort'); s.value = 'identity-asc';"
-                      " s.dispatchEvent(new Event('change')); })()")
+                      " s.dispatchEvent(new Event('change')); return s.value; })()")
         by_identity = page.evaluate(order.format("identity"))
         events = list(page.events)
     finally:

@@ -19,6 +19,10 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CA
                  "TOKENIZERS_PARALLELISM", "SUBJECT_FFHQ_TINY_MODELS")
 
 
+class RayUnavailableError(ValueError):
+    """Ray could not be started or joined at the given address."""
+
+
 class _EvalActor:
     def __init__(self, settings: WorkerSettings):
         self.worker = Worker(settings)
@@ -35,10 +39,14 @@ def connect(address: str) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    if address == "local":
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None)
-    else:
-        ray.init(address=address)  # the cluster's nodes have their own environment
+    try:
+        if address == "local":
+            ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None)
+        else:
+            ray.init(address=address)  # the cluster's nodes have their own environment
+    except Exception as e:  # Ray raises bare Exception / ConnectionError on start-up failures
+        raise RayUnavailableError(f"--ray-address {address}: cannot {'start' if address == 'local' else 'join'} "
+                                  f"Ray: {e}") from e
     return True
 
 
