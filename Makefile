@@ -22,11 +22,21 @@ TRAIN_ARGS ?=
 # make report
 RUN ?= manifests/demo
 
+# make evaluate
+CHECKPOINT ?= out/train
+SUBJECTS ?= out/eval-subjects
+PROMPTS ?=
+EVAL_OUT ?= out/evaluation
+EVAL_ARGS ?=
+# facenet-pytorch pins old torch/numpy in its metadata: installed without its dependencies (it needs
+# only torch, torchvision, numpy and Pillow, which the lock file already has).
+FACENET := facenet-pytorch==2.6.0
+
 TINY := out/tiny-models
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SUBJECT_FFHQ_TINY_MODELS=$(CURDIR)/$(TINY)
 QUIET := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test demo dataset train report lint bench clean export-fc
+.PHONY: install test demo dataset train evaluate report lint bench clean export-fc
 
 install: $(STAMP)
 
@@ -36,6 +46,7 @@ $(STAMP): pyproject.toml requirements.lock.txt
 	UV="$$(command -v uv || echo "$(PYTHON) -m uv")"; \
 	rm -rf $(VENV) && $$UV venv -q --python $(PYTHON) $(VENV) && \
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q -r requirements.lock.txt && \
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q --no-deps $(FACENET) && \
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q --no-deps -e . && \
 	echo "installed .venv in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"
 	@touch $(STAMP)
@@ -60,6 +71,13 @@ train: install
 	$(if $(filter tiny,$(PROFILE)),$(OFFLINE)) $(QUIET) $(BIN)/subject-ffhq train --shards '$(SHARDS)' \
 		--profile $(PROFILE) --out $(if $(filter command line,$(origin OUT)),$(OUT),$(TRAIN_OUT)) \
 		--steps $(STEPS) --workers $(WORKERS) $(if $(filter 1 yes true,$(GPU)),--gpu) $(TRAIN_ARGS)
+
+# PROFILE=tiny evaluates with the tiny face/CLIP models (offline); SHARDS adds the leak check.
+evaluate: install
+	$(if $(filter tiny,$(PROFILE)),$(OFFLINE)) $(QUIET) $(BIN)/subject-ffhq evaluate --checkpoint $(CHECKPOINT) \
+		--subjects $(SUBJECTS) --out $(EVAL_OUT) --profile $(PROFILE) $(if $(PROMPTS),--prompts $(PROMPTS)) \
+		$(if $(filter command line,$(origin SHARDS)),--shards '$(SHARDS)') \
+		$(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EVAL_ARGS)
 
 report: install
 	$(BIN)/subject-ffhq report $(RUN)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cli.export", "export shards to FastComposer's on-disk layout"),
     "train": ("cli.train", "train FastComposer on shards with Ray Train"),
     "sample": ("cli.generate", "generate an image from a checkpoint, a prompt and subject photos"),
+    "evaluate": ("cli.evaluate", "score a checkpoint: identity preservation and prompt consistency"),
 }
 
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from datagen import image_io
-from datagen.image_io import ImageError, load_image
-from datagen.sources import SourceItem
+from datagen.sources.images import ImageError, load_image
+from datagen.sources.readers import SourceItem
 
 pytest.importorskip("pyspng")
 

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAN = """
 import json, resource, sys, time
 t, cpu = time.perf_counter(), time.process_time()
-from datagen.shard_plan import plan_shards
-from datagen.sources import open_source
+from datagen.shards.plan import plan_shards
+from datagen.sources.readers import open_source
 items = open_source(sys.argv[1]).items()
 plan = plan_shards(items, 1000)
 seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - cpu

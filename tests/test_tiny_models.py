@@ -14,7 +14,7 @@ from fixtures import tiny_models
 from fixtures.tiny_models import BUILDERS, COMPLETE, build_all, build_one, folder_size
 from fixtures.tiny_models.mask2former import COCO_PANOPTIC_LABELS
 
-ALL_NAMES = {"blip2", "mask2former", "open_clip", "sbert", "stable-diffusion", "clip-vision"}
+ALL_NAMES = {"blip2", "mask2former", "open_clip", "sbert", "stable-diffusion", "clip-vision", "facenet"}
 
 
 def astronaut(size=(96, 96)) -> Image.Image:

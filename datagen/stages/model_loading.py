@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 LOCAL_DIR_PREFIX = "local-dir:"
+# A model folder holding this file has random weights (the tiny and paper-size models the project
+# builds for tests and benchmarks); whatever it produces says so.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -37,6 +40,16 @@ _DTYPES = {
 class ModelNotFoundError(FileNotFoundError):
     """A model named in the profile is not available. The message says which model, where it was
     looked for, and how to get it."""
+
+
+def has_random_weights(ref: str | Path | None) -> bool:
+    """True when ``ref`` (a folder, ``local-dir:FOLDER``, or a file in one) is marked as holding random weights."""
+    if not ref:
+        return False
+    text = str(ref)
+    text = text[len(LOCAL_DIR_PREFIX):] if text.startswith(LOCAL_DIR_PREFIX) else text
+    path = Path(text).expanduser()
+    return any((folder / RANDOM_WEIGHTS_MARKER).is_file() for folder in (path, *path.parents[:2]))
 
 
 def hub_offline() -> bool:

@@ -1,0 +1,113 @@
+"""``subject-ffhq evaluate``: score a checkpoint the way FastComposer's paper does (§5.1-5.3).
+
+    subject-ffhq evaluate --checkpoint out/train --subjects photos/ --out out/eval \\
+        [--prompts FILE] [--multi] [--images-per-prompt 4] [--alpha 0.7] [--shards 'out/dataset/shards/*.tar'] \\
+        [--profile paper] [--ray-address ADDR]
+
+Generates every (subject(s), prompt, seed) image with the checkpoint and with the text-only Stable
+Diffusion baseline of the same base model, scores identity preservation (MTCNN + FaceNet) and prompt
+consistency (CLIP), and writes ``OUT/results.parquet``, ``OUT/summary.json``, ``OUT/evaluation.html``,
+the images (``OUT/images/``) and reference thumbnails (``OUT/references/``). ``--shards`` adds the leak
+check. Without ``--prompts`` the built-in list of the protocol is used (30 single-subject prompts, or
+21 two-subject prompts with ``--multi``). Runs on Ray when ``--ray-address`` or ``RAY_ADDRESS`` is
+set (``local`` starts Ray on this machine), in this process otherwise.
+
+Exit status: 0 written; 2 bad arguments, inputs or setup (a missing model says which and how to get it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder, or a training run folder")
+    parser.add_argument("--subjects", required=True, type=Path,
+                        help="folder with one sub-folder of photos (optional word.txt) or one photo per subject")
+    parser.add_argument("--prompts", type=Path, help="prompt file, one prompt per line, {} = a subject "
+                        "(default: the built-in list of the protocol)")
+    parser.add_argument("--multi", action="store_true", help="multi-subject protocol: every combination of subjects")
+    parser.add_argument("--images-per-prompt", type=int, help="images per (subjects, prompt), seeds SEED..SEED+N-1 (default 4)")
+    parser.add_argument("--alpha", type=float, help="fraction of steps with subject conditioning (default 0.7)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--profile", default="paper", help="model profile for the face and CLIP models: paper, tiny, or a YAML file")
+    parser.add_argument("--config", type=Path, help="YAML merged over the profile (e.g. evaluation: {leak_threshold: 0.5})")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 50)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 5)")
+    parser.add_argument("--seed", type=int, help="first seed (default 0)")
+    parser.add_argument("--resolution", type=int, help="image size (default: the checkpoint's training resolution)")
+    parser.add_argument("--subject-word", default=None, help="class word of subjects without word.txt (default person)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the text-only Stable Diffusion baseline")
+    parser.add_argument("--shards", nargs="+", metavar="GLOB", help="training shards for the leak check")
+    parser.add_argument("--leak-threshold", type=float, help="FaceNet cosine at which a training face counts as the subject")
+    parser.add_argument("--device", help="cuda or cpu for the local run (default: cuda if available)")
+    parser.add_argument("--pretrained", help="override the base Stable Diffusion folder/id stored in the checkpoint")
+    parser.add_argument("--image-encoder", help="override the CLIP vision folder/id stored in the checkpoint")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to generate on ('local': start Ray here; "
+                        "default: $RAY_ADDRESS, else no Ray)")
+    parser.add_argument("--workers", type=int, help="Ray actors (default: one per GPU of the cluster)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+
+
+def request_from_args(args: argparse.Namespace):
+    from datagen.config import load_profile
+    from training.config import expand_shards
+    from training.evaluation.protocol import DEFAULT_WORD
+    from training.evaluation.runner import EvaluationRequest
+
+    if args.config is not None and not args.config.is_file():
+        raise ValueError(f"--config {args.config}: file not found")
+    profile = load_profile(args.profile, args.config)
+    section = dict(profile.get("evaluation") or {})
+    if not section:
+        raise ValueError(f"profile {args.profile!r} has no evaluation section (face and CLIP models)")
+
+    def pick(value, key, default):
+        return value if value is not None else section.get(key, default)
+
+    return EvaluationRequest(
+        checkpoint=str(args.checkpoint), subjects=str(args.subjects), out=str(args.out),
+        prompts=str(args.prompts) if args.prompts else None, multi=args.multi,
+        images_per_prompt=pick(args.images_per_prompt, "images_per_prompt", 4), alpha=pick(args.alpha, "alpha", 0.7),
+        steps=pick(args.steps, "steps", 50), guidance_scale=pick(args.guidance, "guidance_scale", 5.0),
+        seed=pick(args.seed, "seed", 0), resolution=args.resolution, baseline=not args.no_baseline,
+        subject_word=args.subject_word or DEFAULT_WORD, evaluation=section,
+        shards=expand_shards(args.shards) if args.shards else [], leak_threshold=args.leak_threshold,
+        device=args.device, pretrained=args.pretrained, image_encoder=args.image_encoder,
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None, workers=args.workers,
+        threads=args.threads,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from datagen.config import ProfileError
+    from datagen.stages.faces import FaceError
+    from datagen.stages.model_loading import ModelNotFoundError
+    from training.checkpoint import CheckpointError
+    from training.evaluation.protocol import BASELINE, OURS
+    from training.evaluation.runner import evaluate
+    from training.sampler import SamplerError
+
+    try:
+        request = request_from_args(args)
+        summary = evaluate(request)
+    except (ValueError, ProfileError, CheckpointError, SamplerError, ModelNotFoundError, FaceError) as e:
+        print(f"subject-ffhq evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if summary["random_weights"]:
+        print(summary["notice"])
+    for method in (OURS, BASELINE):
+        m = summary["methods"].get(method)
+        if m:
+            print(f"{method:>14}: identity {m['identity']:.4f}  prompt consistency {m['prompt_consistency']:.4f}  "
+                  f"({m['images']} images, {m['images_with_a_face']} with a face, {m['seconds_per_image']:.2f} s/image)")
+    leak = summary.get("leak_check")
+    if leak is not None:
+        flagged = [f["subject"] for f in leak["flagged"]]
+        print(f"leak check: {len(flagged)} subject(s) found in the training shards" + (f": {', '.join(flagged)}" if flagged else ""))
+    for name, path in summary["outputs"].items():
+        print(f"{name}: {path}")
+    return 0

@@ -1,0 +1,116 @@
+"""Generate and score a batch of units: what runs in-process, or inside a Ray actor, once per worker.
+
+A :class:`Worker` loads the trained sampler, the text-only baseline sampler (the base Stable
+Diffusion of the same checkpoint, no subject conditioning), the face detector and embedder and the
+CLIP scorer once, then turns :class:`~training.evaluation.protocol.Unit` s into table rows plus the
+PNG bytes of each image. Everything it needs travels in :class:`WorkerSettings` (plain data: photo
+bytes and reference embeddings, not paths), so a worker on another machine needs no shared files
+besides the models.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from training.evaluation.protocol import BASELINE, Unit
+
+
+@dataclass
+class WorkerSettings:
+    checkpoint: str
+    pretrained: str | None
+    image_encoder: str | None
+    photos: dict[str, bytes]  # subject -> the conditioning photo, encoded
+    references: dict[str, list[float]]  # subject -> reference face embedding
+    multi: bool
+    steps: int
+    guidance_scale: float
+    alpha: float
+    resolution: int | None
+    baseline: bool
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the profile's evaluation section
+    device: str | None = None
+    threads: int | None = None
+
+
+def load_baseline_sampler(checkpoint: str, pretrained: str | None, image_encoder: str | None, device: str):
+    """The project's sampler on the checkpoint's *base* models: the text-only Stable Diffusion baseline."""
+    from training.checkpoint import read_state
+    from training.config import TrainConfig
+    from training.model import FastComposerModel
+    from training.sampler import FastComposerSampler, resolve_checkpoint
+
+    cfg = TrainConfig.from_dict(read_state(resolve_checkpoint(checkpoint))["config"])
+    components = FastComposerModel.from_pretrained(pretrained or cfg.pretrained, image_encoder or cfg.image_encoder,
+                                                   localization_layers=())
+    components.model.to(device)
+    return FastComposerSampler(components.model, components.tokenizer, components.subject_size, device,
+                               cfg.resolution)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, detector=None, embedder=None, prompt_scorer=None):
+        import torch
+
+        from datagen.stages.faces import FaceDetector, FaceEmbedder
+        from datagen.stages.model_loading import pick_device
+        from training.evaluation.scoring import IdentityScorer, PromptScorer
+        from training.sampler import FastComposerSampler, Subject
+
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        device = pick_device(settings.device)
+        section = settings.evaluation
+        self.sampler = FastComposerSampler.from_checkpoint(settings.checkpoint, device, settings.pretrained,
+                                                           settings.image_encoder)
+        self.baseline = (load_baseline_sampler(settings.checkpoint, settings.pretrained, settings.image_encoder, device)
+                         if settings.baseline else None)
+        if embedder is None:
+            embedder = FaceEmbedder(section["face_embedder"], device, section.get("batch_size", 64))
+        if detector is None:
+            detector = FaceDetector.from_section(section, device, crop_size=embedder.image_size)
+        if prompt_scorer is None:
+            prompt_scorer = PromptScorer(section["clip_model"], section.get("clip_pretrained"), device)
+        references = {k: np.asarray(v, dtype=np.float32) for k, v in settings.references.items()}
+        self.identity = IdentityScorer(detector, embedder, references)
+        self.prompt = prompt_scorer
+        self.subjects = {}
+        for name, data in settings.photos.items():
+            with Image.open(io.BytesIO(data)) as im:
+                self.subjects[name] = im.convert("RGB")
+        self._subject = Subject
+
+    def generate(self, unit: Unit) -> Image.Image:
+        s = self.settings
+        kwargs = {"steps": s.steps, "guidance_scale": s.guidance_scale, "alpha": s.alpha, "seed": unit.seed,
+                  "resolution": s.resolution}
+        if unit.method == BASELINE:
+            return self.baseline.generate(unit.text, [], **kwargs)
+        subjects = [self._subject(word, self.subjects[name]) for name, word in zip(unit.subjects, unit.words, strict=True)]
+        return self.sampler.generate(unit.text, subjects, **kwargs)
+
+    def run(self, units: list[Unit]) -> list[tuple[dict[str, Any], bytes]]:
+        images, seconds = [], []
+        for unit in units:
+            start = time.perf_counter()
+            images.append(self.generate(unit))
+            seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        identity = self.identity(images, [u.subjects for u in units], self.settings.multi)
+        prompt = self.prompt(images, [u.text for u in units])
+        score_seconds = (time.perf_counter() - start) / max(1, len(units))
+        out = []
+        for unit, image, gen_s, ident, consistency in zip(units, images, seconds, identity, prompt, strict=True):
+            row = {**unit.to_dict(), **ident, "prompt_consistency": float(consistency),
+                   "seconds_generate": round(gen_s, 4), "seconds_score": round(score_seconds, 4)}
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            out.append((row, buf.getvalue()))
+        return out
