@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import ray
 
-from datagen.config import model_ids
+from datagen.config import Profile, model_ids
 from datagen.files import TMP_MARK, remove_stale_temps
 from datagen.manifests import shard_entry
 from datagen.manifests.run_manifest import host_info, package_versions, write_run_manifest
@@ -48,7 +48,7 @@ from ray_jobs.actors import CaptionerActor, MatcherActor, SegmenterActor
 from ray_jobs.hooks import JobHooks
 from ray_jobs.pool import StagePool, root_cause
 from ray_jobs.progress import ProgressReporter
-from ray_jobs.settings import BuildSettings, config_digest, resolve_settings, with_defaults
+from ray_jobs.settings import BuildSettings, config_digest, resolve_settings
 
 COMPLETE, INCOMPLETE, INTERRUPTED = "complete", "incomplete", "interrupted"
 EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, INTERRUPTED: 130}
@@ -62,7 +62,7 @@ class RunInterrupted(Exception):
 class BuildRequest:
     source: Path
     out: Path
-    profile: dict[str, Any]
+    profile: Profile
     run_name: str
     manifests_root: Path = Path("manifests")
     limit: int | None = None
@@ -131,7 +131,7 @@ class BuildJob:
         self.request = request
         self.on_shard_done = on_shard_done
         self.out = out or sys.stdout
-        self.profile = with_defaults(request.profile)
+        self.profile = request.profile
         self.settings: BuildSettings = resolve_settings(self.profile, ray.cluster_resources())
         self.hooks = request.hooks
         self.digest = config_digest(self.profile)
@@ -226,9 +226,9 @@ class BuildJob:
     def start_pools(self) -> None:
         s, p = self.settings, self.profile
         self.pools = {
-            "captioner": StagePool(s.stages["captioner"], CaptionerActor, (p["captioner"],), s),
-            "segmenter": StagePool(s.stages["segmenter"], SegmenterActor, (p["segmenter"],), s),
-            "matcher": StagePool(s.stages["matcher"], MatcherActor, (p["matcher"], p["phrases"], p["segmenter"]), s),
+            "captioner": StagePool(s.stages["captioner"], CaptionerActor, (p.captioner,), s),
+            "segmenter": StagePool(s.stages["segmenter"], SegmenterActor, (p.segmenter,), s),
+            "matcher": StagePool(s.stages["matcher"], MatcherActor, (p.matcher, p.phrases, p.segmenter), s),
         }
         for name, pool in self.pools.items():
             info = pool.wait_ready(s.actor_start_timeout_s)
@@ -370,8 +370,8 @@ class BuildJob:
             "out": str(Path(req.out).resolve()),
             "shards_dir": str(req.shards_dir.resolve()),
             "run_dir": str(req.run_dir.resolve()),
-            "profile": self.profile.get("name"),
-            "config": self.profile,
+            "profile": self.profile.name,
+            "config": self.profile.to_dict(),
             "config_digest": self.digest,
             "models": self.models,
             "packages": package_versions(),

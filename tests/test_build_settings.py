@@ -6,16 +6,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from datagen.config import load_profile
+from datagen.config import ProfileError, load_profile
 from datagen.stages.failures import StageFailure, in_batches, isolate_failures
 from fixtures.failure_hooks import InjectedFailure, ShardFaults, trigger
-from ray_jobs.settings import (
-    GPU_SHARES,
-    SettingsError,
-    config_digest,
-    resolve_settings,
-    with_defaults,
-)
+from ray_jobs.settings import GPU_SHARES, SettingsError, config_digest, resolve_settings
 
 
 @pytest.fixture
@@ -58,29 +52,45 @@ def test_explicit_values_override_auto(paper):
 
 
 @pytest.mark.parametrize(
-    "over, key",
+    "over, message",
     [
-        ({"ray": {"stages": {"captioner": {"replicas": 0}}}}, "ray.stages.captioner.replicas"),
-        ({"ray": {"stages": {"captioner": {"num_gpus": "half"}}}}, "ray.stages.captioner.num_gpus"),
-        ({"ray": {"stages": {"tagger": {}}}}, "tagger"),
-        ({"shards": {"size": 0}}, "shards.size"),
-        ({"shards": {"jpeg_quality": 101}}, "shards.jpeg_quality"),
-        ({"shards": {"verify_pixel_md5": "yes"}}, "shards.verify_pixel_md5"),
-        ({"ray": {"scheduling_strategy": "PACKED"}}, "ray.scheduling_strategy"),
+        ({"ray": {"stages": {"captioner": {"replicas": 0}}}}, "ray.stages.captioner.replicas must be >= 1, got 0"),
+        ({"ray": {"stages": {"captioner": {"num_gpus": "half"}}}},
+         "ray.stages.captioner.num_gpus must be 'auto' or a number, got 'half'"),
+        ({"ray": {"stages": {"tagger": {}}}}, "unknown setting 'ray.stages.tagger'"),
+        ({"shards": {"size": 0}}, "shards.size must be >= 1, got 0"),
+        ({"shards": {"jpeg_quality": 101}}, "shards.jpeg_quality must be in 1..100, got 101"),
+        ({"shards": {"verify_pixel_md5": "yes"}}, "shards.verify_pixel_md5 must be true or false, got 'yes'"),
+        ({"ray": {"scheduling_strategy": "PACKED"}}, "ray.scheduling_strategy must be one of 'DEFAULT', 'SPREAD', got 'PACKED'"),
     ],
 )
-def test_bad_settings_name_the_key(paper, over, key):
-    with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
-        resolve_settings(load_profile("paper", over), {"CPU": 4.0})
+def test_bad_settings_name_the_key_before_any_cluster_is_asked(over, message):
+    with pytest.raises(ProfileError) as err:
+        load_profile("paper", over)
+    assert message in str(err.value)
+
+
+def test_a_cluster_without_cpus_is_refused(paper):
+    with pytest.raises(SettingsError, match="no CPUs"):
+        resolve_settings(paper, {"GPU": 1.0})
 
 
 def test_config_digest_follows_content_not_placement(paper):
     base = config_digest(paper)
     placed = load_profile("paper", {"ray": {"stages": {"captioner": {"replicas": 9}}, "images_per_call": 3}})
     assert config_digest(placed) == base
+    assert config_digest(load_profile("paper", {"captioner": {"device": "cuda:1"}})) == base  # where, not what
     assert config_digest(load_profile("paper", {"shards": {"max_side": 512}})) != base
     assert config_digest(load_profile("paper", {"captioner": {"max_new_tokens": 5}})) != base
-    assert with_defaults(paper)["shards"]["size"] == 1000
+    assert config_digest(load_profile("paper", {"phrases": {"max_expand": 3}})) != base
+
+
+def test_config_digest_is_the_one_runs_recorded_before_settings_were_typed(paper):
+    """Finished shards of a run started before the typed config layer are still recognised on
+    resume: these are the digests the earlier dict-based code computed for the same settings."""
+    assert config_digest(paper) == "a3fd134fadc417d02a684a72b72ee784d8ad954fd423d1e0263ac5e73297d37c"
+    changed = load_profile("paper", {"captioner": {"max_new_tokens": 5}, "shards": {"verify_pixel_md5": True}})
+    assert config_digest(changed) == "ac0d04121b23a0d20c7f0f9429fa159d7ff639d45a7fb10d1c2b668bd3dcda77"
 
 
 def test_verify_pixel_md5_defaults_off_and_is_not_in_the_digest(paper):

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from datagen.config import SegmenterSettings
 from datagen.stages.model_loading import ModelNotFoundError, pick_device, pick_dtype, resolve_model
 
 WHAT = "segmenter (Mask2Former, COCO panoptic)"
@@ -88,30 +89,20 @@ class PanopticResult:
 class PanopticSegmenter:
     """Mask2Former panoptic segmentation: ``segment(images) -> list[PanopticResult]``."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        batch_size: int = 4,
-        resolution: int = 384,
-        threshold: float = 0.8,
-        mask_threshold: float = 0.5,
-        overlap_mask_area_threshold: float = 0.8,
-        dtype: str = "auto",
-        device: str | None = None,
-    ):
+    def __init__(self, section: SegmenterSettings, device: str | None = None):
+        """Load the model of a profile's ``segmenter`` section on ``device`` (else ``section.device``,
+        else CUDA when visible)."""
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        if int(batch_size) < 1 or int(resolution) < 32:
-            raise ValueError(f"{WHAT}: batch_size must be >= 1 and resolution >= 32 (got {batch_size}, {resolution})")
+        model = section.model
         self.model_id = model
-        self.batch_size = int(batch_size)
-        self.resolution = int(resolution)
-        self.threshold = float(threshold)
-        self.mask_threshold = float(mask_threshold)
-        self.overlap_mask_area_threshold = float(overlap_mask_area_threshold)
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(self.device, dtype)
+        self.batch_size = section.batch_size
+        self.resolution = section.resolution
+        self.threshold = float(section.threshold)
+        self.mask_threshold = float(section.mask_threshold)
+        self.overlap_mask_area_threshold = float(section.overlap_mask_area_threshold)
+        self.device = pick_device(device or section.device)
+        self.dtype = pick_dtype(self.device, section.dtype)
         path = resolve_model(model, WHAT)
         try:
             self.processor = AutoImageProcessor.from_pretrained(path)
@@ -129,18 +120,6 @@ class PanopticSegmenter:
             "shortest_edge": self.resolution,
             "longest_edge": math.ceil(self.resolution * LONG_SIDE_RATIO),
         }
-
-    @classmethod
-    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> PanopticSegmenter:
-        """Build from a profile's ``segmenter`` section (see the module docstring for the keys)."""
-        if "model" not in section:
-            raise ValueError(f"{WHAT}: the profile's segmenter section has no 'model' (keys: {sorted(section)})")
-        keys = ("batch_size", "resolution", "threshold", "mask_threshold", "overlap_mask_area_threshold", "dtype")
-        return cls(
-            section["model"],
-            **{k: section[k] for k in keys if k in section},
-            device=device or section.get("device"),
-        )
 
     def segment(self, images: Sequence[Image.Image]) -> list[PanopticResult]:
         """One :class:`PanopticResult` per image, in input order.
