@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 
@@ -81,14 +82,16 @@ def connect_ray(
     """Join ``address`` / ``$RAY_ADDRESS`` (waiting at most ``connect_timeout_s`` for it to answer),
     or start a private local Ray. Returns True if this call started or joined Ray (the caller then
     shuts it down), False if Ray was already initialised."""
-    import ray
-
-    if ray.is_initialized():
+    loaded = sys.modules.get("ray")
+    if loaded is not None and loaded.is_initialized():
         return False
     address = ray_address(address)
+    if address:
+        wait_for_address(address, connect_timeout_s)  # before importing Ray: seconds saved on a bad address
+    import ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
-        wait_for_address(address, connect_timeout_s)
         ray.init(address=address)
     else:
         env = forwarded_env()

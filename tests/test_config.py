@@ -176,9 +176,11 @@ OVERLAY = {
 
 
 @pytest.fixture(scope="module")
-def typed(tiny_models_all):
+def typed(tiny_model, tiny_models_root):
+    for name in ("blip2", "mask2former", "open_clip", "sbert"):  # the dataset's models, not the trainer's
+        tiny_model(name)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SUBJECT_FFHQ_TINY_MODELS", str(tiny_models_all))
+        mp.setenv("SUBJECT_FFHQ_TINY_MODELS", str(tiny_models_root))
         return load_profile("tiny", OVERLAY)
 
 

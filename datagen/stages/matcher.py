@@ -279,8 +279,6 @@ def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | No
     Raises :class:`ModelNotFoundError` (folder missing; weights not cached while offline) or
     ``ValueError`` (unknown architecture or tag; a built-in architecture without a tag).
     """
-    import open_clip
-
     if not isinstance(model, str) or not model.strip():
         raise ModelNotFoundError(f"{CLIP_WHAT}: no model given (got {model!r}); set matcher.clip_model in the profile")
     if model.startswith(("local-dir:", "hf-hub:")) or Path(model).expanduser().is_dir() or looks_like_path(model):
@@ -298,6 +296,8 @@ def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | No
                 f"folder (open_clip_config.json + weights) or a built-in architecture with clip_pretrained."
             )
         return "local-dir:" + str(folder), None
+
+    import open_clip  # only here: a slow import, not needed to check a folder
 
     name = model.replace("/", "-")
     if name not in open_clip.list_models():
