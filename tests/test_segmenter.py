@@ -71,11 +71,11 @@ def check_consistent(result: PanopticResult, image: Image.Image) -> None:
 
 def test_tiny_profile_settings_are_used(segmenter, tiny_section, m2f_dir):
     assert segmenter.model_id == str(m2f_dir)
-    assert segmenter.resolution == tiny_section["resolution"]
-    assert segmenter.threshold == tiny_section["threshold"]
-    assert segmenter.mask_threshold == tiny_section["mask_threshold"]
-    assert segmenter.overlap_mask_area_threshold == tiny_section["overlap_mask_area_threshold"]
-    assert segmenter.size["shortest_edge"] == tiny_section["resolution"]
+    assert segmenter.resolution == tiny_section.resolution
+    assert segmenter.threshold == tiny_section.threshold
+    assert segmenter.mask_threshold == tiny_section.mask_threshold
+    assert segmenter.overlap_mask_area_threshold == tiny_section.overlap_mask_area_threshold
+    assert segmenter.size["shortest_edge"] == tiny_section.resolution
     assert next(segmenter.model.parameters()).dtype is torch.float32
 
 
