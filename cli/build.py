@@ -51,11 +51,7 @@ class SetupError(ValueError):
 
 def run(args: argparse.Namespace) -> int:
     from datagen.config import ProfileError
-    from datagen.manifests.shard_entry import ManifestError
-    from datagen.sources.readers import SourceError
     from datagen.stages.model_loading import ModelNotFoundError
-    from ray_jobs.pool import StageStartError
-    from ray_jobs.settings import SettingsError
 
     try:
         profile, run_name = check_setup(args)
@@ -63,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
     except (SetupError, ProfileError, ModelNotFoundError) as e:
         return _fail(str(e))
 
+    # Ray, torch and the job only now that the settings are known to be good
+    from datagen.manifests.shard_entry import ManifestError
+    from datagen.sources.readers import SourceError
     from ray_jobs.cluster import RayConnectError, ray_address, ray_session
     from ray_jobs.job import BuildRequest, run_build
+    from ray_jobs.pool import StageStartError
+    from ray_jobs.settings import SettingsError
 
     address = ray_address(args.ray_address)
     if address:
