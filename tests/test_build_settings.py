@@ -293,6 +293,20 @@ def test_wait_for_address_gives_up_in_the_time_given():
     wait_for_address("auto", timeout_s=0.01)  # no port: left to Ray
 
 
+def test_wait_for_address_returns_once_something_listens():
+    import socket
+    import time
+
+    from ray_jobs.cluster import wait_for_address
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        t = time.monotonic()
+        wait_for_address(f"127.0.0.1:{port}", timeout_s=5)
+        wait_for_address(f"ray://127.0.0.1:{port}", timeout_s=5)  # a Ray Client address: same host and port
+        assert time.monotonic() - t < 2
+
+
 def test_cli_ray_address_with_nothing_there_gives_up_naming_it(tmp_path, capsys, monkeypatch, stage_models):
     import ray
 
