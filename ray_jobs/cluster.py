@@ -21,7 +21,9 @@ import sys
 import time
 from collections.abc import Iterator
 
-DEFAULT_CONNECT_TIMEOUT_S = 60.0
+from datagen.config import RaySettings
+
+DEFAULT_CONNECT_TIMEOUT_S = RaySettings().connect_timeout_s
 
 # Environment variables a local run forwards to its Ray workers, so that they see the same model
 # cache and offline switches as the command.
@@ -104,11 +106,12 @@ def ray_session(
     address: str | None = None, include_dashboard: bool = False, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
 ) -> Iterator[None]:
     """Ray connected for the ``with`` block; shut down after it if this block started it."""
-    import ray
-
     started = connect_ray(address, include_dashboard, connect_timeout_s)
     try:
         yield
     finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
+        if started:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
