@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datagen.config import MatcherSettings
 from datagen.stages.crops import fill_colour
 from datagen.stages.greedy import greedy_match
 from datagen.stages.matcher import Matcher, assemble_results, prepare_inputs, score_image
@@ -98,11 +99,11 @@ def tiny_matcher(root: Path) -> Matcher:
 
     build_open_clip(root / "open_clip")
     build_sbert(root / "sbert")
-    section = {
-        "clip_model": f"local-dir:{root / 'open_clip'}", "clip_pretrained": None,
-        "sbert_model": str(root / "sbert"), "batch_size": 64, "min_score": 0.0, "dtype": "fp32",
-    }
-    return Matcher.from_profile(section, device="cpu")
+    section = MatcherSettings(
+        clip_model=f"local-dir:{root / 'open_clip'}", clip_pretrained=None,
+        sbert_model=str(root / "sbert"), batch_size=64, min_score=0.0, dtype="fp32",
+    )
+    return Matcher(section, device="cpu")
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ import argparse
 import random
 import time
 
-from datagen.stages.phrases import DEFAULT_SPACY_MODEL, PhraseChunker, load_spacy_pipeline
+from datagen.config import PhrasesSettings
+from datagen.stages.phrases import PhraseChunker, load_spacy_pipeline
 
 SUBJECTS = [
     "a man", "a woman", "a young girl", "a little boy", "an elderly woman", "a baby", "a dog", "a cat",
@@ -52,12 +53,12 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--spacy-model", default=DEFAULT_SPACY_MODEL)
+    parser.add_argument("--spacy-model", default=PhrasesSettings().spacy_model)
     args = parser.parse_args()
 
     captions = blip2_like_captions(args.captions)
     nlp = load_spacy_pipeline(args.spacy_model)
-    chunker = PhraseChunker(nlp, batch_size=args.batch_size)
+    chunker = PhraseChunker(PhrasesSettings(spacy_model=args.spacy_model, batch_size=args.batch_size), nlp=nlp)
 
     def plain() -> int:
         return sum(1 for doc in nlp.pipe(captions, batch_size=args.batch_size) for _ in doc.noun_chunks)

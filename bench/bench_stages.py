@@ -61,12 +61,12 @@ def main() -> None:
     profile = load_profile("tiny")
     images = photos(args.images, args.side)
 
-    captioner = Captioner.from_profile(profile["captioner"], "cpu")
-    segmenter = PanopticSegmenter.from_profile(profile["segmenter"], "cpu")
+    captioner = Captioner(profile.captioner, "cpu")
+    segmenter = PanopticSegmenter(profile.segmenter, "cpu")
     rows = [
         ("captioner (tiny BLIP-2)", f"batch {captioner.batch_size}, {captioner.max_new_tokens} new tokens",
          rate(captioner.caption, images, args.repeats)),
-        ("segmenter (tiny Mask2Former)", f"batch {segmenter.batch_size}, resolution {profile['segmenter']['resolution']}",
+        ("segmenter (tiny Mask2Former)", f"batch {segmenter.batch_size}, resolution {profile.segmenter.resolution}",
          rate(segmenter.segment, images, args.repeats)),
     ]
     print(f"{args.images} images, long side {args.side} px, CPU threads {os.cpu_count()}")

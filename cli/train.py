@@ -69,7 +69,7 @@ def config_from_args(args: argparse.Namespace):
         overrides["use_gpu"] = True
     if args.gradient_checkpointing:
         overrides["gradient_checkpointing"] = True
-    return TrainConfig.from_profile(profile, shards=expand_shards(args.shards), out=str(args.out.resolve()), **overrides)
+    return TrainConfig.from_profile(profile.to_dict(), shards=expand_shards(args.shards), out=str(args.out.resolve()), **overrides)
 
 
 def check_models(cfg) -> None:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from datagen.config import CaptionerSettings, MatcherSettings, PhrasesSettings, SegmenterSettings
 from datagen.stages.failures import StageFailure, in_batches
 from ray_jobs.chunks import LoadedChunk
 
@@ -61,22 +62,22 @@ def actor_device() -> str:
     return "cuda" if ray.get_gpu_ids() else "cpu"
 
 
-def segmenter_labels(segmenter_section: dict[str, Any]) -> list[str]:
+def segmenter_labels(segmenter: SegmenterSettings) -> list[str]:
     """Every label the profile's segmenter can emit (its config's ``id2label``), sorted."""
     from transformers import AutoConfig
 
     from datagen.stages.model_loading import resolve_model
 
-    config = AutoConfig.from_pretrained(resolve_model(segmenter_section["model"], "segmenter (label set)"))
+    config = AutoConfig.from_pretrained(resolve_model(segmenter.model, "segmenter (label set)"))
     return sorted({str(v) for v in config.id2label.values()})
 
 
 class _StageActor:
     stage = ""
 
-    def __init__(self, section: dict[str, Any]):
+    def __init__(self, batch_size: int):
         self.device = actor_device()
-        self.batch_size = int(section.get("batch_size") or 8)
+        self.batch_size = batch_size  # images per stage call; the stage's section says how many
         self.images = 0
         self.busy_seconds = 0.0
 
@@ -102,11 +103,11 @@ class _StageActor:
 class CaptionerActor(_StageActor):
     stage = "captioner"
 
-    def __init__(self, section: dict[str, Any]):
-        super().__init__(section)
+    def __init__(self, section: CaptionerSettings):
+        super().__init__(section.batch_size)
         from datagen.stages.captioner import Captioner, caption_flags
 
-        self.captioner = Captioner.from_profile(section, self.device)
+        self.captioner = Captioner(section, self.device)
         self.caption_flags = caption_flags
 
     def caption(self, chunk: LoadedChunk) -> list:
@@ -124,11 +125,11 @@ class CaptionerActor(_StageActor):
 class SegmenterActor(_StageActor):
     stage = "segmenter"
 
-    def __init__(self, section: dict[str, Any]):
-        super().__init__(section)
+    def __init__(self, section: SegmenterSettings):
+        super().__init__(section.batch_size)
         from datagen.stages.segmenter import PanopticSegmenter
 
-        self.segmenter = PanopticSegmenter.from_profile(section, self.device)
+        self.segmenter = PanopticSegmenter(section, self.device)
 
     def segment(self, chunk: LoadedChunk) -> list:
         """A ``PanopticResult`` or a :class:`StageFailure` per loaded image of the chunk."""
@@ -148,14 +149,14 @@ class MatcherActor(_StageActor):
 
     stage = "matcher"
 
-    def __init__(self, section: dict[str, Any], phrases_section: dict[str, Any], segmenter_section: dict[str, Any]):
-        super().__init__(section)
+    def __init__(self, section: MatcherSettings, phrases: PhrasesSettings, segmenter: SegmenterSettings):
+        super().__init__(section.batch_size)
         from datagen.stages.matcher import Matcher
         from datagen.stages.phrases import PhraseChunker
 
-        self.chunker = PhraseChunker.from_profile(phrases_section)
-        self.matcher = Matcher.from_profile(section, self.device)
-        self.matcher.label_embeddings(segmenter_labels(segmenter_section))
+        self.chunker = PhraseChunker(phrases)
+        self.matcher = Matcher(section, self.device)
+        self.matcher.label_embeddings(segmenter_labels(segmenter))
 
     def match(self, chunk: LoadedChunk, captions: list, panoptic: list) -> list:
         """``(chunked caption, MatchResult)`` or a :class:`StageFailure` per loaded image.

@@ -5,13 +5,25 @@ never another user's instance that happens to run on the machine; with ``--ray-a
 ``$RAY_ADDRESS`` that cluster is joined. A local instance gets the environment the command runs
 with (model cache, offline switches) forwarded to its workers; a cluster's nodes have their own
 (``cluster.example.yaml``).
+
+Joining is bounded: before ``ray.init`` (which can wait many minutes, deaf to Ctrl-C, on an
+address where nothing answers) the address is probed with plain TCP connections, retried until
+``connect_timeout_s`` (the profile's ``ray.connect_timeout_s``); then :class:`RayConnectError`
+names the address. The probe sleeps in short steps, so Ctrl-C stops it at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
+import time
 from collections.abc import Iterator
+
+from datagen.config import RaySettings
+
+DEFAULT_CONNECT_TIMEOUT_S = RaySettings().connect_timeout_s
 
 # Environment variables a local run forwards to its Ray workers, so that they see the same model
 # cache and offline switches as the command.
@@ -25,14 +37,61 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
-def connect_ray(address: str | None = None, include_dashboard: bool = False) -> bool:
-    """Join ``address`` / ``$RAY_ADDRESS``, or start a private local Ray. Returns True if this call
-    started or joined Ray (the caller then shuts it down), False if Ray was already initialised."""
+class RayConnectError(ConnectionError):
+    """Nothing answered at the Ray address within the connect timeout."""
+
+
+def ray_address(address: str | None = None) -> str | None:
+    """The cluster to join: ``address``, else ``$RAY_ADDRESS``, else None (a private local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def wait_for_address(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """Return once something accepts TCP connections at ``address`` (``host:port`` or
+    ``ray://host:port``); raise :class:`RayConnectError` after ``timeout_s`` seconds of trying.
+    Addresses without a port (``auto``) are left to Ray."""
+    target = _host_port(address)
+    if target is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection(target, timeout=max(0.1, min(2.0, left))):
+                return
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RayConnectError(
+                f"no Ray cluster answered at {address} within {timeout_s:g} s ({why}); check --ray-address / "
+                f"$RAY_ADDRESS (unset it to run on a private local Ray), or raise ray.connect_timeout_s"
+            )
+        time.sleep(min(0.5, left))
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def connect_ray(
+    address: str | None = None, include_dashboard: bool = False, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+) -> bool:
+    """Join ``address`` / ``$RAY_ADDRESS`` (waiting at most ``connect_timeout_s`` for it to answer),
+    or start a private local Ray. Returns True if this call started or joined Ray (the caller then
+    shuts it down), False if Ray was already initialised."""
+    loaded = sys.modules.get("ray")
+    if loaded is not None and loaded.is_initialized():
+        return False
+    address = ray_address(address)
+    if address:
+        wait_for_address(address, connect_timeout_s)  # before importing Ray: seconds saved on a bad address
     import ray
 
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address)
@@ -43,13 +102,16 @@ def connect_ray(address: str | None = None, include_dashboard: bool = False) -> 
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, include_dashboard: bool = False) -> Iterator[None]:
+def ray_session(
+    address: str | None = None, include_dashboard: bool = False, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+) -> Iterator[None]:
     """Ray connected for the ``with`` block; shut down after it if this block started it."""
-    import ray
-
-    started = connect_ray(address, include_dashboard)
+    started = connect_ray(address, include_dashboard, connect_timeout_s)
     try:
         yield
     finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
+        if started:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()

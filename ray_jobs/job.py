@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import ray
 
-from datagen.config import model_ids
+from datagen.config import Profile, model_ids
 from datagen.files import TMP_MARK, remove_stale_temps
 from datagen.manifests import shard_entry
 from datagen.manifests.run_manifest import host_info, package_versions, write_run_manifest
@@ -47,7 +47,7 @@ from ray_jobs import tasks as shard_tasks
 from ray_jobs.hooks import JobHooks
 from ray_jobs.pool import StagePool, StagePools, StageStartError, pools_key, root_cause
 from ray_jobs.progress import ProgressReporter
-from ray_jobs.settings import BuildSettings, SettingsError, config_digest, resolve_settings, with_defaults
+from ray_jobs.settings import BuildSettings, SettingsError, config_digest, resolve_settings
 
 COMPLETE, INCOMPLETE, INTERRUPTED, FAILED = "complete", "incomplete", "interrupted", "failed"
 EXIT_CODES = {COMPLETE: 0, INCOMPLETE: 1, INTERRUPTED: 130, FAILED: 1}
@@ -65,7 +65,7 @@ class RunInterrupted(Exception):
 class BuildRequest:
     source: Path
     out: Path
-    profile: dict[str, Any]
+    profile: Profile
     run_name: str
     manifests_root: Path = Path("manifests")
     limit: int | None = None
@@ -152,7 +152,7 @@ class BuildJob:
         self.request = request
         self.on_shard_done = on_shard_done
         self.out = out or sys.stdout
-        self.profile = with_defaults(request.profile)
+        self.profile = request.profile
         self.settings: BuildSettings = resolve_settings(self.profile, ray.cluster_resources())
         self.hooks = request.hooks
         self.digest = config_digest(self.profile)
@@ -456,8 +456,8 @@ class BuildJob:
             "out": str(Path(req.out).resolve()),
             "shards_dir": str(req.shards_dir.resolve()),
             "run_dir": str(req.run_dir.resolve()),
-            "profile": self.profile.get("name"),
-            "config": self.profile,
+            "profile": self.profile.name,
+            "config": self.profile.to_dict(),
             "config_digest": self.digest,
             "models": self.models,
             "packages": package_versions(),
@@ -491,8 +491,8 @@ class BuildJob:
             "out": str(Path(req.out).resolve()),
             "shards_dir": str(req.shards_dir.resolve()),
             "run_dir": str(req.run_dir.resolve()),
-            "profile": self.profile.get("name"),
-            "config": self.profile,
+            "profile": self.profile.name,
+            "config": self.profile.to_dict(),
             "config_digest": self.digest,
             "models": self.models,
             "packages": package_versions(),

@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from datagen.config import Profile
 from ray_jobs.settings import BuildSettings, StagePlacement
 
 
@@ -98,14 +99,14 @@ class StagePools:
         self.key = key  # what the actors were built from: placement and stage sections
 
     @classmethod
-    def start(cls, settings: BuildSettings, profile: dict[str, Any]) -> StagePools:
+    def start(cls, settings: BuildSettings, profile: Profile) -> StagePools:
         from ray_jobs.actors import CaptionerActor, MatcherActor, SegmenterActor
 
         s, p = settings, profile
         pools = {
-            "captioner": StagePool(s.stages["captioner"], CaptionerActor, (p["captioner"],), s),
-            "segmenter": StagePool(s.stages["segmenter"], SegmenterActor, (p["segmenter"],), s),
-            "matcher": StagePool(s.stages["matcher"], MatcherActor, (p["matcher"], p["phrases"], p["segmenter"]), s),
+            "captioner": StagePool(s.stages["captioner"], CaptionerActor, (p.captioner,), s),
+            "segmenter": StagePool(s.stages["segmenter"], SegmenterActor, (p.segmenter,), s),
+            "matcher": StagePool(s.stages["matcher"], MatcherActor, (p.matcher, p.phrases, p.segmenter), s),
         }
         return cls(pools, pools_key(settings, profile))
 
@@ -114,11 +115,12 @@ class StagePools:
             pool.shutdown()
 
 
-def pools_key(settings: BuildSettings, profile: dict[str, Any]) -> str:
+def pools_key(settings: BuildSettings, profile: Profile) -> str:
     """Pools built under one key serve any build with the same key."""
+    import dataclasses
     import json
 
-    sections = {k: profile.get(k) for k in ("captioner", "segmenter", "phrases", "matcher")}
+    sections = {k: dataclasses.asdict(getattr(profile, k)) for k in ("captioner", "segmenter", "phrases", "matcher")}
     return json.dumps({"stages": {k: vars(v) for k, v in settings.stages.items()}, **sections}, sort_keys=True, default=str)
 
 

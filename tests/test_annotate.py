@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from datagen.config import Profile
 from datagen.record.build import build_record
 from datagen.record.schema import Record
 from datagen.sources.images import load_image
@@ -26,7 +27,7 @@ class Annotator:
     models: dict[str, str]
 
     @classmethod
-    def from_profile(cls, profile: dict[str, Any], device: str | None = None) -> Annotator:
+    def from_profile(cls, profile: Profile, device: str | None = None) -> Annotator:
         from datagen.config import model_ids
         from datagen.stages.captioner import Captioner
         from datagen.stages.matcher import Matcher
@@ -34,10 +35,10 @@ class Annotator:
         from datagen.stages.segmenter import PanopticSegmenter
 
         return cls(
-            captioner=Captioner.from_profile(profile["captioner"], device),
-            segmenter=PanopticSegmenter.from_profile(profile["segmenter"], device),
-            chunker=PhraseChunker.from_profile(profile["phrases"]),
-            matcher=Matcher.from_profile(profile["matcher"], device),
+            captioner=Captioner(profile.captioner, device),
+            segmenter=PanopticSegmenter(profile.segmenter, device),
+            chunker=PhraseChunker(profile.phrases),
+            matcher=Matcher(profile.matcher, device),
             models=model_ids(profile),
         )
 

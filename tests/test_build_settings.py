@@ -6,16 +6,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from datagen.config import load_profile
+from datagen.config import ProfileError, load_profile
 from datagen.stages.failures import StageFailure, in_batches, isolate_failures
 from fixtures.failure_hooks import InjectedFailure, ShardFaults, trigger
-from ray_jobs.settings import (
-    GPU_SHARES,
-    SettingsError,
-    config_digest,
-    resolve_settings,
-    with_defaults,
-)
+from ray_jobs.settings import GPU_SHARES, SettingsError, config_digest, resolve_settings
 
 
 @pytest.fixture
@@ -58,29 +52,45 @@ def test_explicit_values_override_auto(paper):
 
 
 @pytest.mark.parametrize(
-    "over, key",
+    "over, message",
     [
-        ({"ray": {"stages": {"captioner": {"replicas": 0}}}}, "ray.stages.captioner.replicas"),
-        ({"ray": {"stages": {"captioner": {"num_gpus": "half"}}}}, "ray.stages.captioner.num_gpus"),
-        ({"ray": {"stages": {"tagger": {}}}}, "tagger"),
-        ({"shards": {"size": 0}}, "shards.size"),
-        ({"shards": {"jpeg_quality": 101}}, "shards.jpeg_quality"),
-        ({"shards": {"verify_pixel_md5": "yes"}}, "shards.verify_pixel_md5"),
-        ({"ray": {"scheduling_strategy": "PACKED"}}, "ray.scheduling_strategy"),
+        ({"ray": {"stages": {"captioner": {"replicas": 0}}}}, "ray.stages.captioner.replicas must be >= 1, got 0"),
+        ({"ray": {"stages": {"captioner": {"num_gpus": "half"}}}},
+         "ray.stages.captioner.num_gpus must be 'auto' or a number, got 'half'"),
+        ({"ray": {"stages": {"tagger": {}}}}, "unknown setting 'ray.stages.tagger'"),
+        ({"shards": {"size": 0}}, "shards.size must be >= 1, got 0"),
+        ({"shards": {"jpeg_quality": 101}}, "shards.jpeg_quality must be in 1..100, got 101"),
+        ({"shards": {"verify_pixel_md5": "yes"}}, "shards.verify_pixel_md5 must be true or false, got 'yes'"),
+        ({"ray": {"scheduling_strategy": "PACKED"}}, "ray.scheduling_strategy must be one of 'DEFAULT', 'SPREAD', got 'PACKED'"),
     ],
 )
-def test_bad_settings_name_the_key(paper, over, key):
-    with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
-        resolve_settings(load_profile("paper", over), {"CPU": 4.0})
+def test_bad_settings_name_the_key_before_any_cluster_is_asked(over, message):
+    with pytest.raises(ProfileError) as err:
+        load_profile("paper", over)
+    assert message in str(err.value)
+
+
+def test_a_cluster_without_cpus_is_refused(paper):
+    with pytest.raises(SettingsError, match="no CPUs"):
+        resolve_settings(paper, {"GPU": 1.0})
 
 
 def test_config_digest_follows_content_not_placement(paper):
     base = config_digest(paper)
     placed = load_profile("paper", {"ray": {"stages": {"captioner": {"replicas": 9}}, "images_per_call": 3}})
     assert config_digest(placed) == base
+    assert config_digest(load_profile("paper", {"captioner": {"device": "cuda:1"}})) == base  # where, not what
     assert config_digest(load_profile("paper", {"shards": {"max_side": 512}})) != base
     assert config_digest(load_profile("paper", {"captioner": {"max_new_tokens": 5}})) != base
-    assert with_defaults(paper)["shards"]["size"] == 1000
+    assert config_digest(load_profile("paper", {"phrases": {"max_expand": 3}})) != base
+
+
+def test_config_digest_is_the_one_runs_recorded_before_settings_were_typed(paper):
+    """Finished shards of a run started before the typed config layer are still recognised on
+    resume: these are the digests the earlier dict-based code computed for the same settings."""
+    assert config_digest(paper) == "a3fd134fadc417d02a684a72b72ee784d8ad954fd423d1e0263ac5e73297d37c"
+    changed = load_profile("paper", {"captioner": {"max_new_tokens": 5}, "shards": {"verify_pixel_md5": True}})
+    assert config_digest(changed) == "ac0d04121b23a0d20c7f0f9429fa159d7ff639d45a7fb10d1c2b668bd3dcda77"
 
 
 def test_verify_pixel_md5_defaults_off_and_is_not_in_the_digest(paper):
@@ -181,3 +191,181 @@ def test_root_cause_finds_the_stage_exception_in_a_ray_traceback():
     assert root_cause(RuntimeError("The worker died unexpectedly.\nCheck the logs.")) == (
         "RuntimeError: The worker died unexpectedly. Check the logs."
     )
+
+
+# ---- `build` refuses bad settings before Ray starts: exit 2, one line, nothing written -------
+@pytest.fixture(scope="module")
+def stage_models(tiny_model, tiny_models_root):
+    """The folder ``{tiny}`` stands for, holding the four models ``build`` checks."""
+    for name in ("blip2", "mask2former", "open_clip", "sbert"):
+        tiny_model(name)
+    return tiny_models_root
+
+
+def run_build_cli(tmp_path, capsys, *extra: str, out=None, manifests=None) -> tuple[int, str]:
+    from cli.main import main
+
+    out = out or tmp_path / "out"
+    manifests = manifests or tmp_path / "manifests"
+    code = main(["build", "--source", str(tmp_path / "source"), "--out", str(out), "--profile", "tiny",
+                 "--manifests", str(manifests), *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    return code, err
+
+
+def nothing_written(tmp_path) -> bool:
+    return not (tmp_path / "out").exists() and not (tmp_path / "manifests").exists()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("captoner: {batch_size: 2}\n", "unknown setting 'captoner' in {config}; did you mean 'captioner'?"),
+        ("captioner: {batch_size: four}\n", "captioner.batch_size must be an integer, got 'four'"),
+        ("ray: {stages: {matcher: {num_gpus: -1}}}\n", "ray.stages.matcher.num_gpus must be >= 0, got -1"),
+    ],
+)
+def test_cli_refuses_a_bad_config(tmp_path, capsys, config, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    code, err = run_build_cli(tmp_path, capsys, "--config", str(path))
+    assert code == 2 and message.format(config=path) in err
+    assert nothing_written(tmp_path)
+
+
+def test_cli_later_config_overlays_win_and_are_each_checked(tmp_path, capsys):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("shards: {size: 3}\n")
+    bad.write_text("shards: {sise: 3}\n")
+    code, err = run_build_cli(tmp_path, capsys, "--config", str(good), "--config", str(bad))
+    assert code == 2 and f"unknown setting 'shards.sise' in {bad}; did you mean 'shards.size'?" in err
+
+
+@pytest.mark.parametrize(
+    "layout, option, message",
+    [
+        ("out-file", "--out", "is a file, not a folder"),
+        ("out-shards-file", "--out", "shards is a file, not a folder"),
+        ("out-under-file", "--out", "is a file, not a folder"),
+        ("manifests-file", "--manifests", "is a file, not a folder"),
+        ("run-dir-file", "--manifests", "is a file, not a folder"),
+    ],
+)
+def test_cli_refuses_output_folders_that_are_files(tmp_path, capsys, layout, option, message):
+    out, manifests = tmp_path / "out", tmp_path / "manifests"
+    if layout == "out-file":
+        out.write_text("x")
+    elif layout == "out-shards-file":
+        out.mkdir()
+        (out / "shards").write_text("x")
+    elif layout == "out-under-file":
+        (tmp_path / "blocker").write_text("x")
+        out = tmp_path / "blocker" / "out"
+    elif layout == "manifests-file":
+        manifests.write_text("x")
+    else:
+        (manifests / "out").parent.mkdir()
+        (manifests / "out").write_text("x")  # the run folder (named after --out) is a file
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, err = run_build_cli(tmp_path, capsys, out=out, manifests=manifests)
+    assert code == 2 and f"error: {option}: " in err and message in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "/abs"])
+def test_cli_refuses_a_run_name_that_is_not_one_folder_name(tmp_path, capsys, name):
+    code, err = run_build_cli(tmp_path, capsys, "--run-name", name)
+    assert code == 2 and f"--run-name {name!r} must be one plain folder name" in err
+    assert nothing_written(tmp_path)
+
+
+def test_cli_missing_model_fails_at_once_naming_it(tmp_path, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SUBJECT_FFHQ_TINY_MODELS", str(tmp_path / "no-models-here"))
+    t = time.monotonic()
+    code, err = run_build_cli(tmp_path, capsys)
+    assert time.monotonic() - t < 30  # was ~90 s when only the actors found out; ~1 s when quiet
+    assert code == 2 and "captioner (BLIP-2): model" in err and str(tmp_path / "no-models-here" / "blip2") in err
+    assert nothing_written(tmp_path)
+
+
+def test_cli_missing_matcher_model_is_named_too(tmp_path, capsys, monkeypatch, stage_models):
+    monkeypatch.setenv("SUBJECT_FFHQ_TINY_MODELS", str(stage_models))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"matcher: {{sbert_model: {tmp_path / 'gone' / 'sbert'}}}\n")
+    code, err = run_build_cli(tmp_path, capsys, "--config", str(config))
+    assert code == 2 and "sentence-transformers" in err.lower() and str(tmp_path / "gone" / "sbert") in err
+    assert nothing_written(tmp_path)
+
+
+def test_wait_for_address_gives_up_in_the_time_given():
+    import time
+
+    from ray_jobs.cluster import RayConnectError, wait_for_address
+
+    t = time.monotonic()
+    with pytest.raises(RayConnectError, match=r"no Ray cluster answered at 127\.0\.0\.1:1 within 1 s"):
+        wait_for_address("127.0.0.1:1", timeout_s=1.0)
+    assert 1.0 <= time.monotonic() - t < 4.0
+    wait_for_address("auto", timeout_s=0.01)  # no port: left to Ray
+
+
+def test_wait_for_address_returns_once_something_listens():
+    import socket
+    import time
+
+    from ray_jobs.cluster import wait_for_address
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        t = time.monotonic()
+        wait_for_address(f"127.0.0.1:{port}", timeout_s=5)
+        wait_for_address(f"ray://127.0.0.1:{port}", timeout_s=5)  # a Ray Client address: same host and port
+        assert time.monotonic() - t < 2
+
+
+def test_cli_ray_address_with_nothing_there_gives_up_naming_it(tmp_path, capsys, monkeypatch, stage_models):
+    import ray
+
+    assert not ray.is_initialized()  # else build would use that Ray and never look at the address
+    monkeypatch.setenv("SUBJECT_FFHQ_TINY_MODELS", str(stage_models))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    config = tmp_path / "c.yaml"
+    config.write_text("ray: {connect_timeout_s: 3}\n")
+    code, err = run_build_cli(tmp_path, capsys, "--config", str(config))
+    assert code == 2 and "no Ray cluster answered at 127.0.0.1:1 within 3 s" in err
+    assert nothing_written(tmp_path) and not ray.is_initialized()
+
+
+def test_cli_ctrl_c_while_joining_stops_at_once(tmp_path, stage_models):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "SUBJECT_FFHQ_TINY_MODELS": str(stage_models)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "build", "--source", str(tmp_path / "source"), "--out", str(tmp_path / "out"),
+         "--profile", "tiny", "--manifests", str(tmp_path / "manifests")],
+        cwd=Path(__file__).parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # printed just before it starts waiting for the address (60 s by default)
+        assert "joining Ray at 127.0.0.1:1 (giving up after 60 s)" in line
+        time.sleep(0.5)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.readline()
+        assert time.monotonic() - t < 5  # stopped waiting at once (the interpreter's own exit follows)
+        assert proc.wait(timeout=60) == 130
+        err += proc.stderr.read()
+    finally:
+        proc.kill()
+    assert err.strip() == "subject-ffhq build: interrupted while starting; re-run the same command to resume"
+    assert nothing_written(tmp_path)

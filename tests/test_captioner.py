@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from datagen.config import TINY_MODELS_ENV, load_profile
+from datagen.config import TINY_MODELS_ENV, CaptionerSettings, ProfileError, load_profile
 from datagen.stages.captioner import Captioner, caption_flags, clean_caption
 from datagen.stages.model_loading import ModelNotFoundError
 
@@ -29,16 +29,15 @@ def blip2_dir(tiny_model):
 
 @pytest.fixture(scope="module")
 def captioner(blip2_dir):
-    return Captioner(str(blip2_dir), batch_size=3, max_new_tokens=12, num_beams=1, device="cpu")
+    return Captioner(CaptionerSettings(model=str(blip2_dir), batch_size=3, max_new_tokens=12, num_beams=1), device="cpu")
 
 
 def test_from_tiny_profile_uses_the_profile_settings(blip2_dir, monkeypatch):
     monkeypatch.setenv(TINY_MODELS_ENV, str(blip2_dir.parent))
-    section = load_profile("tiny")["captioner"]
-    cap = Captioner.from_profile(section, device="cpu")
+    section = load_profile("tiny").captioner
+    cap = Captioner(section, device="cpu")
     assert cap.model_id == str(blip2_dir)
-    assert (cap.batch_size, cap.max_new_tokens, cap.num_beams) == (
-        section["batch_size"], section["max_new_tokens"], section["num_beams"])
+    assert (cap.batch_size, cap.max_new_tokens, cap.num_beams) == (4, 12, 1)  # tiny.yaml's values
     assert cap.dtype is torch.float32 and next(cap.model.parameters()).dtype is torch.float32
     out = cap.caption(photos()[:1])
     assert len(out) == 1 and isinstance(out[0], str)
@@ -84,15 +83,16 @@ def test_batching_does_not_change_captions(captioner):
 
 def test_max_new_tokens_bounds_the_caption(blip2_dir):
     images = photos()
-    long = Captioner(str(blip2_dir), batch_size=3, max_new_tokens=12, device="cpu").caption(images)
-    short = Captioner(str(blip2_dir), batch_size=3, max_new_tokens=2, device="cpu").caption(images)
+    long = Captioner(CaptionerSettings(model=str(blip2_dir), batch_size=3, max_new_tokens=12), "cpu").caption(images)
+    short = Captioner(CaptionerSettings(model=str(blip2_dir), batch_size=3, max_new_tokens=2), "cpu").caption(images)
     for s, full in zip(short, long, strict=True):
         assert full.startswith(s)  # greedy decoding: the short caption is a prefix of the long one
     assert sum(map(len, short)) < sum(map(len, long))
 
 
 def test_beam_search_runs(blip2_dir):
-    out = Captioner(str(blip2_dir), batch_size=2, max_new_tokens=6, num_beams=2, device="cpu").caption(photos())
+    settings = CaptionerSettings(model=str(blip2_dir), batch_size=2, max_new_tokens=6, num_beams=2)
+    out = Captioner(settings, device="cpu").caption(photos())
     assert len(out) == 3 and all(isinstance(c, str) and c == clean_caption(c) for c in out)
 
 
@@ -102,14 +102,14 @@ def test_no_images_no_captions(captioner):
 
 def test_missing_model_fails_at_start_up(tmp_path):
     with pytest.raises(ModelNotFoundError, match="captioner"):
-        Captioner(str(tmp_path / "no-blip2"), device="cpu")
-    with pytest.raises(ValueError, match="no 'model'"):
-        Captioner.from_profile({"batch_size": 2})
+        Captioner(CaptionerSettings(model=str(tmp_path / "no-blip2")), device="cpu")
+    with pytest.raises(ProfileError, match="captioner.model is required"):
+        CaptionerSettings.from_mapping({"batch_size": 2}, "captioner")
 
 
 def test_bad_settings_are_refused(blip2_dir):
-    with pytest.raises(ValueError, match="batch_size"):
-        Captioner(str(blip2_dir), batch_size=0, device="cpu")
+    with pytest.raises(ProfileError, match="batch_size must be >= 1, got 0"):
+        CaptionerSettings(model=str(blip2_dir), batch_size=0)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_flags_of_tiny_model_captions_are_well_formed(captioner):
 
 def test_reduced_precision_path_runs(blip2_dir):
     """The GPU path (bf16 weights, inputs cast to the model dtype), exercised on CPU."""
-    cap = Captioner(str(blip2_dir), batch_size=3, max_new_tokens=6, dtype="bf16", device="cpu")
+    cap = Captioner(CaptionerSettings(model=str(blip2_dir), batch_size=3, max_new_tokens=6, dtype="bf16"), "cpu")
     assert cap.dtype is torch.bfloat16 and next(cap.model.parameters()).dtype is torch.bfloat16
     out = cap.caption(photos())
     assert len(out) == 3 and all(c == clean_caption(c) for c in out)

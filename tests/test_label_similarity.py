@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datagen.config import MatcherSettings
 from datagen.stages.matcher import Matcher
 from datagen.stages.phrases import ChunkedCaption, NounPhrase
 from datagen.stages.segmenter import PanopticResult, SegmentInfo
@@ -16,15 +17,15 @@ PHRASES = {"a man": "person", "a small dog": "dog", "a red bike": "bicycle"}
 
 @pytest.fixture(scope="module")
 def matcher(tiny_model):
-    section = {
-        "clip_model": "local-dir:" + str(tiny_model("open_clip")),
-        "clip_pretrained": None,
-        "sbert_model": str(tiny_model("sbert")),
-        "batch_size": 8,
-        "min_score": 0.0,
-        "dtype": "fp32",
-    }
-    return Matcher.from_profile(section, device="cpu")
+    section = MatcherSettings(
+        clip_model="local-dir:" + str(tiny_model("open_clip")),
+        clip_pretrained=None,
+        sbert_model=str(tiny_model("sbert")),
+        batch_size=8,
+        min_score=0.0,
+        dtype="fp32",
+    )
+    return Matcher(section, device="cpu")
 
 
 def scene() -> tuple[Image.Image, PanopticResult]:

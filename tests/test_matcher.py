@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import open_clip
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from sentence_transformers import SentenceTransformer
 
+from datagen.config import MatcherSettings
 from datagen.stages.crops import fill_colour, segment_crop
 from datagen.stages.greedy import greedy_match
 from datagen.stages.matcher import Matcher, MatchError, MatchResult
@@ -57,24 +59,24 @@ def make_scene(seed: int = 0) -> tuple[Image.Image, PanopticResult]:
 
 @pytest.fixture(scope="module")
 def section(tiny_model):
-    return {
-        "clip_model": "local-dir:" + str(tiny_model("open_clip")),
-        "clip_pretrained": None,
-        "sbert_model": str(tiny_model("sbert")),
-        "batch_size": 64,
-        "min_score": 0.0,
-        "dtype": "auto",
-    }
+    return MatcherSettings(
+        clip_model="local-dir:" + str(tiny_model("open_clip")),
+        clip_pretrained=None,
+        sbert_model=str(tiny_model("sbert")),
+        batch_size=64,
+        min_score=0.0,
+        dtype="auto",
+    )
 
 
 @pytest.fixture(scope="module")
 def matcher(section):
-    return Matcher.from_profile(section, device="cpu")
+    return Matcher(section, device="cpu")
 
 
-def sibling(matcher: Matcher, **settings) -> Matcher:
+def sibling(matcher: Matcher, section: MatcherSettings, **settings) -> Matcher:
     """A second Matcher on the same loaded models (own label cache), with other settings."""
-    return Matcher(matcher.clip, matcher.preprocess, matcher.tokenizer, matcher.sbert, device="cpu", **settings)
+    return Matcher(replace(section, **settings), device="cpu", models=matcher.models)
 
 
 # ---- the tiny OpenCLIP folder ----------------------------------------------------------------
@@ -163,8 +165,8 @@ def test_scores_equal_the_models_computed_directly(matcher, section):
     texts = ["a man", "a small dog", "a red bike"]
     (result,) = matcher.match([image], [pan], [chunk(*texts)])
 
-    model, _, preprocess = open_clip.create_model_and_transforms(section["clip_model"])
-    tokenizer = open_clip.get_tokenizer(section["clip_model"])
+    model, _, preprocess = open_clip.create_model_and_transforms(section.clip_model)
+    tokenizer = open_clip.get_tokenizer(section.clip_model)
     fill = fill_colour(OPENAI_MEAN)
     crops = [segment_crop(np.asarray(image), pan.segment_map, s.id, s.bbox, fill) for s in pan.segments]
     with torch.inference_mode():
@@ -172,7 +174,7 @@ def test_scores_equal_the_models_computed_directly(matcher, section):
         txt = model.encode_text(tokenizer(texts), normalize=True)
     np.testing.assert_allclose(result.clip, (txt @ img.T).numpy(), atol=1e-5)
 
-    sbert = SentenceTransformer(section["sbert_model"], device="cpu")
+    sbert = SentenceTransformer(section.sbert_model, device="cpu")
     labels = [s.coco_label for s in pan.segments]
     a = sbert.encode(texts, normalize_embeddings=True)
     b = sbert.encode(labels, normalize_embeddings=True)
@@ -180,7 +182,7 @@ def test_scores_equal_the_models_computed_directly(matcher, section):
 
 
 def test_without_threshold_every_phrase_or_segment_is_matched(section):
-    m = Matcher.from_profile({**section, "min_score": None}, device="cpu")
+    m = Matcher(replace(section, min_score=None), device="cpu")
     assert m.min_score == -1.0  # null = no threshold; -1 is the lowest product of two cosines
     image, pan = make_scene()
     (two,) = m.match([image], [pan], [chunk("a man", "a dog")])
@@ -192,9 +194,9 @@ def test_without_threshold_every_phrase_or_segment_is_matched(section):
     assert five.pairs == [(p, five.segment_ids[c]) for p, c in greedy_match(five.product)]
 
 
-def test_batch_of_images_and_crop_batch_size_do_not_change_results(matcher):
-    small = sibling(matcher, batch_size=2)
-    big = sibling(matcher, batch_size=64)
+def test_batch_of_images_and_crop_batch_size_do_not_change_results(matcher, section):
+    small = sibling(matcher, section, batch_size=2)
+    big = sibling(matcher, section, batch_size=64)
     scenes = [make_scene(0), make_scene(1)]
     images = [im for im, _ in scenes]
     pans = [p for _, p in scenes]
@@ -212,8 +214,8 @@ def test_batch_of_images_and_crop_batch_size_do_not_change_results(matcher):
     assert not np.allclose(together[0].clip[0], together[1].clip[1])
 
 
-def test_label_embeddings_are_encoded_once_and_cached(matcher):
-    m = sibling(matcher)
+def test_label_embeddings_are_encoded_once_and_cached(matcher, section):
+    m = sibling(matcher, section)
     assert m.labels_encoded == 0 and m.cached_labels == []
     image, pan = make_scene()
     first = m.match([image, image], [pan, pan], [chunk("a man"), chunk("a dog")])
@@ -274,32 +276,32 @@ def test_bad_inputs_are_named(matcher):
 def test_missing_local_models_fail_at_construction_naming_the_folder(section, tmp_path):
     missing = tmp_path / "nowhere" / "open_clip"
     with pytest.raises(ModelNotFoundError, match="nowhere") as err:
-        Matcher.from_profile({**section, "clip_model": "local-dir:" + str(missing)}, device="cpu")
+        Matcher(replace(section, clip_model="local-dir:" + str(missing)), device="cpu")
     assert "tiny-models" in str(err.value)
     no_config = tmp_path / "empty"
     no_config.mkdir()
     with pytest.raises(ModelNotFoundError, match="open_clip_config.json"):
-        Matcher.from_profile({**section, "clip_model": "local-dir:" + str(no_config)}, device="cpu")
+        Matcher(replace(section, clip_model="local-dir:" + str(no_config)), device="cpu")
     with pytest.raises(ModelNotFoundError, match="nowhere"):
-        Matcher.from_profile({**section, "sbert_model": str(tmp_path / "nowhere" / "sbert")}, device="cpu")
+        Matcher(replace(section, sbert_model=str(tmp_path / "nowhere" / "sbert")), device="cpu")
 
 
 def test_paper_models_offline_without_cache_fail_naming_model_and_cache(section, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelNotFoundError) as err:
-        Matcher.from_profile({**section, "clip_model": "ViT-H-14", "clip_pretrained": "laion2b_s32b_b79k"}, device="cpu")
+        Matcher(replace(section, clip_model="ViT-H-14", clip_pretrained="laion2b_s32b_b79k"), device="cpu")
     msg = str(err.value)
     assert "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in msg and "empty-cache" in msg and "HF_HUB_OFFLINE" in msg
     with pytest.raises(ModelNotFoundError) as err:
-        Matcher.from_profile({**section, "sbert_model": "sentence-transformers/all-mpnet-base-v2"}, device="cpu")
+        Matcher(replace(section, sbert_model="sentence-transformers/all-mpnet-base-v2"), device="cpu")
     assert "sentence-transformers/all-mpnet-base-v2" in str(err.value) and "empty-cache" in str(err.value)
 
 
 def test_architecture_without_weights_or_unknown_name_is_refused(section):
     with pytest.raises(ValueError, match="clip_pretrained"):
-        Matcher.from_profile({**section, "clip_model": "ViT-H-14", "clip_pretrained": None}, device="cpu")
+        Matcher(replace(section, clip_model="ViT-H-14", clip_pretrained=None), device="cpu")
     with pytest.raises(ValueError, match="laion2b_s32b_b79k"):
-        Matcher.from_profile({**section, "clip_model": "ViT-H-14", "clip_pretrained": "no-such-tag"}, device="cpu")
+        Matcher(replace(section, clip_model="ViT-H-14", clip_pretrained="no-such-tag"), device="cpu")
     with pytest.raises(ValueError, match="ViT-Q-99"):
-        Matcher.from_profile({**section, "clip_model": "ViT-Q-99", "clip_pretrained": "x"}, device="cpu")
+        Matcher(replace(section, clip_model="ViT-Q-99", clip_pretrained="x"), device="cpu")

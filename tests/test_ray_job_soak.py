@@ -54,7 +54,7 @@ def profile(tiny_models_all):
 
 def build(source: Path, root: Path, profile, hooks=None, on_shard_done=None, name: str = "run"):
     request = BuildRequest(
-        source=source, out=root / "out", profile=json.loads(json.dumps(profile)), run_name=name,
+        source=source, out=root / "out", profile=profile, run_name=name,
         manifests_root=root / "manifests", hooks=hooks or ShardFaults(),
     )
     return run_build(request, on_shard_done=on_shard_done)

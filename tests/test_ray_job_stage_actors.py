@@ -26,8 +26,8 @@ def chunks(sample_source):
 
 def test_stage_actors_in_process_history_independent(tiny_profile, chunks):
     first, second = chunks
-    captioner = CaptionerActor(tiny_profile["captioner"])
-    segmenter = SegmenterActor(tiny_profile["segmenter"])
+    captioner = CaptionerActor(tiny_profile.captioner)
+    segmenter = SegmenterActor(tiny_profile.segmenter)
     caps = [captioner.caption(c) for c in chunks]
     pans = [segmenter.segment(c) for c in chunks]
     for c, cap, pan in zip(chunks, caps, pans, strict=True):
@@ -35,7 +35,7 @@ def test_stage_actors_in_process_history_independent(tiny_profile, chunks):
         assert not any(isinstance(x, StageFailure) for x in [*cap, *pan])
         assert all(isinstance(text, str) and isinstance(flags, list) for text, flags in cap)
 
-    sections = (tiny_profile["matcher"], tiny_profile["phrases"], tiny_profile["segmenter"])
+    sections = (tiny_profile.matcher, tiny_profile.phrases, tiny_profile.segmenter)
     seasoned, fresh = MatcherActor(*sections), MatcherActor(*sections)
     # history: the seasoned matcher first sees the chunk's images one at a time, last first, so
     # it meets their segments' labels in other batches than the fresh one does
@@ -57,11 +57,11 @@ def test_stage_actors_in_process_history_independent(tiny_profile, chunks):
 
 def test_a_failed_caption_fails_only_that_image_downstream(tiny_profile, chunks):
     first, _ = chunks
-    segmenter = SegmenterActor(tiny_profile["segmenter"])
+    segmenter = SegmenterActor(tiny_profile.segmenter)
     pans = segmenter.segment(first)
     caps = [(f"a photo of a person number {i}", []) for i in range(3)]
     caps[1] = StageFailure("captioner", "captioner: x.png: RuntimeError: model fell over")
-    matcher = MatcherActor(tiny_profile["matcher"], tiny_profile["phrases"], tiny_profile["segmenter"])
+    matcher = MatcherActor(tiny_profile.matcher, tiny_profile.phrases, tiny_profile.segmenter)
     matched = matcher.match(first, caps, pans)
     assert matched[1] is caps[1] and not isinstance(matched[0], StageFailure)
     encoded = encode_chunk(first, caps, pans, matched, {"captioner": "tiny"}, jpeg_quality=90)

@@ -306,9 +306,9 @@ def test_the_tiny_profile_says_it_has_random_weights():
     from datagen.config import load_profile
 
     profile = load_profile("tiny")
-    assert profile["random_weights"] is True
-    assert random_weights({"profile": "renamed", "config": profile})
-    assert not random_weights({"profile": "paper", "config": load_profile("paper")})
+    assert profile.random_weights is True
+    assert random_weights({"profile": "renamed", "config": profile.to_dict()})
+    assert not random_weights({"profile": "paper", "config": load_profile("paper").to_dict()})
 
 
 def test_report_command_prints_the_report_path(report, capsys):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from skimage import data
 
-from datagen.config import TINY_MODELS_ENV, load_profile
+from datagen.config import TINY_MODELS_ENV, ProfileError, SegmenterSettings, load_profile
 from datagen.stages.model_loading import ModelNotFoundError
 from datagen.stages.segmenter import PanopticResult, PanopticSegmenter, SegmentInfo, is_thing
 from fixtures.tiny_models.mask2former import COCO_PANOPTIC_LABELS, COCO_PANOPTIC_STUFF, COCO_PANOPTIC_THINGS
@@ -33,12 +35,12 @@ def m2f_dir(tiny_model):
 def tiny_section(m2f_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TINY_MODELS_ENV, str(m2f_dir.parent))
-        return load_profile("tiny")["segmenter"]
+        return load_profile("tiny").segmenter
 
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_section):
-    return PanopticSegmenter.from_profile(tiny_section, device="cpu")
+    return PanopticSegmenter(tiny_section, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +71,11 @@ def check_consistent(result: PanopticResult, image: Image.Image) -> None:
 
 def test_tiny_profile_settings_are_used(segmenter, tiny_section, m2f_dir):
     assert segmenter.model_id == str(m2f_dir)
-    assert segmenter.resolution == tiny_section["resolution"]
-    assert segmenter.threshold == tiny_section["threshold"]
-    assert segmenter.mask_threshold == tiny_section["mask_threshold"]
-    assert segmenter.overlap_mask_area_threshold == tiny_section["overlap_mask_area_threshold"]
-    assert segmenter.size["shortest_edge"] == tiny_section["resolution"]
+    assert segmenter.resolution == tiny_section.resolution
+    assert segmenter.threshold == tiny_section.threshold
+    assert segmenter.mask_threshold == tiny_section.mask_threshold
+    assert segmenter.overlap_mask_area_threshold == tiny_section.overlap_mask_area_threshold
+    assert segmenter.size["shortest_edge"] == tiny_section.resolution
     assert next(segmenter.model.parameters()).dtype is torch.float32
 
 
@@ -89,7 +91,7 @@ def test_segments_are_consistent_with_the_map(results):
 
 
 def test_result_size_follows_the_image_not_the_resolution(tiny_section):
-    seg = PanopticSegmenter.from_profile({**tiny_section, "resolution": 96}, device="cpu")
+    seg = PanopticSegmenter(replace(tiny_section, resolution=96), device="cpu")
     image = Image.fromarray(data.astronaut()).resize((130, 70))
     (result,) = seg.segment([image])
     check_consistent(result, image)
@@ -166,22 +168,22 @@ def test_crop_to_valid_keeps_the_unpadded_logits():
 
 
 def test_unpadded_mode_batches_only_same_size_images(tiny_section):
-    seg = PanopticSegmenter.from_profile({**tiny_section, "pad_to": "none"}, device="cpu")
+    seg = PanopticSegmenter(replace(tiny_section, pad_to="none"), device="cpu")
     images = [mixed_aspect_photos()[i] for i in (0, 1, 2, 4)]  # four different processed sizes
     results = seg.segment(images)
     assert seg.forwards == 4
     for result, image in zip(results, images, strict=True):
         check_consistent(result, image)
     assert_same_segments(results, [seg.segment([im])[0] for im in images])
-    with pytest.raises(ValueError, match="pad_to must be one of"):
-        PanopticSegmenter.from_profile({**tiny_section, "pad_to": "batch"}, device="cpu")
+    with pytest.raises(ProfileError, match="pad_to"):
+        SegmenterSettings.from_mapping({"model": tiny_section.model, "pad_to": "batch"})
 
 
 def test_threshold_filters_segments(tiny_section, results):
-    none = PanopticSegmenter.from_profile({**tiny_section, "threshold": 1.0}, device="cpu").segment(photos()[:2])
+    none = PanopticSegmenter(replace(tiny_section, threshold=1.0), device="cpu").segment(photos()[:2])
     for r, image in zip(none, photos()[:2], strict=True):
         assert r.segments == [] and not r.segment_map.any() and r.segment_map.shape == (image.height, image.width)
-    strict = PanopticSegmenter.from_profile({**tiny_section, "threshold": 0.9}, device="cpu").segment(photos())
+    strict = PanopticSegmenter(replace(tiny_section, threshold=0.9), device="cpu").segment(photos())
     assert sum(len(r.segments) for r in strict) < sum(len(r.segments) for r in results)
     for r in strict:
         assert all(s.score > 0.9 for s in r.segments)
@@ -234,17 +236,17 @@ def test_non_coco_model_is_refused(m2f_dir, tmp_path):
     Mask2FormerForUniversalSegmentation(config).save_pretrained(tmp_path)
     AutoImageProcessor.from_pretrained(m2f_dir).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="10 classes, not COCO panoptic's 133"):
-        PanopticSegmenter(str(tmp_path), device="cpu")
+        PanopticSegmenter(SegmenterSettings(model=str(tmp_path)), device="cpu")
 
 
 def test_missing_model_fails_at_start_up(tmp_path):
     with pytest.raises(ModelNotFoundError, match="segmenter"):
-        PanopticSegmenter(str(tmp_path / "no-mask2former"), device="cpu")
+        PanopticSegmenter(SegmenterSettings(model=str(tmp_path / "no-mask2former")), device="cpu")
 
 
 def test_reduced_precision_path_runs(tiny_section):
     """The GPU path (bf16 weights and inputs, fp32 post-processing), exercised on CPU."""
-    seg = PanopticSegmenter.from_profile({**tiny_section, "dtype": "bf16"}, device="cpu")
+    seg = PanopticSegmenter(replace(tiny_section, dtype="bf16"), device="cpu")
     assert next(seg.model.parameters()).dtype is torch.bfloat16
     images = photos()[:2]
     for result, image in zip(seg.segment(images), images, strict=True):

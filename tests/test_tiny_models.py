@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from datagen.config import CaptionerSettings, MatcherSettings, SegmenterSettings
 from fixtures import tiny_models
 from fixtures.tiny_models import BUILDERS, COMPLETE, build_all, build_one, folder_size
 from fixtures.tiny_models.mask2former import COCO_PANOPTIC_LABELS
@@ -26,8 +27,8 @@ def test_every_model_the_tiny_profile_names_has_a_builder(tmp_path, monkeypatch)
 
     monkeypatch.setenv(TINY_MODELS_ENV, str(tmp_path))
     profile = load_profile("tiny")
-    named = [profile["captioner"]["model"], profile["segmenter"]["model"], profile["matcher"]["clip_model"],
-             profile["matcher"]["sbert_model"], profile["trainer"]["pretrained"], profile["trainer"]["image_encoder"]]
+    named = [profile.captioner.model, profile.segmenter.model, profile.matcher.clip_model, profile.matcher.sbert_model,
+             profile.trainer["pretrained"], profile.trainer["image_encoder"], profile.evaluation["face_embedder"]]
     folders = {str(v).removeprefix("local-dir:").removeprefix(str(tmp_path) + "/") for v in named}
     assert folders <= set(BUILDERS), f"tiny profile names models no builder makes: {folders - set(BUILDERS)}"
     assert ALL_NAMES <= set(BUILDERS)
@@ -154,8 +155,8 @@ def test_tiny_blip2_loads_as_a_hub_id_and_from_its_folder_alike(hub_cache, tiny_
     from datagen.stages.captioner import Captioner
 
     image = astronaut()
-    by_id = Captioner("subject-ffhq/tiny-blip2", max_new_tokens=8, device="cpu").caption([image])
-    by_folder = Captioner(str(tiny_model("blip2")), max_new_tokens=8, device="cpu").caption([image])
+    by_id = Captioner(CaptionerSettings(model="subject-ffhq/tiny-blip2", max_new_tokens=8), "cpu").caption([image])
+    by_folder = Captioner(CaptionerSettings(model=str(tiny_model("blip2")), max_new_tokens=8), "cpu").caption([image])
     assert by_id == by_folder and isinstance(by_id[0], str)
 
 
@@ -164,8 +165,8 @@ def test_tiny_mask2former_loads_as_a_hub_id_and_from_its_folder_alike(hub_cache,
 
     image = astronaut((80, 64))
     settings = {"resolution": 64, "threshold": 0.0, "overlap_mask_area_threshold": 0.0, "device": "cpu"}
-    (by_id,) = PanopticSegmenter("subject-ffhq/tiny-mask2former", **settings).segment([image])
-    (by_folder,) = PanopticSegmenter(str(tiny_model("mask2former")), **settings).segment([image])
+    (by_id,) = PanopticSegmenter(SegmenterSettings(model="subject-ffhq/tiny-mask2former", **settings)).segment([image])
+    (by_folder,) = PanopticSegmenter(SegmenterSettings(model=str(tiny_model("mask2former")), **settings)).segment([image])
     assert by_id.segment_map.shape == (64, 80) and by_id.segments
     assert np.array_equal(by_id.segment_map, by_folder.segment_map) and by_id.segments == by_folder.segments
 
@@ -192,11 +193,11 @@ def test_tiny_matcher_models_load_as_hub_ids_and_from_their_folders_alike(hub_ca
     panoptic = PanopticResult(seg_map, [SegmentInfo(1, 0, "person", True, [10, 8, 30, 40], 20 * 32, 0.9)])
     chunked = ChunkedCaption("a woman", "a woman", [NounPhrase("a woman", 0, 7)])
     base = {"batch_size": 4, "min_score": None}
-    by_id = Matcher.from_profile(
-        {**base, "clip_model": "hf-hub:subject-ffhq/tiny-open_clip", "sbert_model": "subject-ffhq/tiny-sbert"}, "cpu"
+    by_id = Matcher(
+        MatcherSettings(**base, clip_model="hf-hub:subject-ffhq/tiny-open_clip", sbert_model="subject-ffhq/tiny-sbert"), "cpu"
     ).match([image], [panoptic], [chunked])[0]
-    by_folder = Matcher.from_profile(
-        {**base, "clip_model": f"local-dir:{tiny_model('open_clip')}", "sbert_model": str(tiny_model("sbert"))}, "cpu"
+    by_folder = Matcher(
+        MatcherSettings(**base, clip_model=f"local-dir:{tiny_model('open_clip')}", sbert_model=str(tiny_model("sbert"))), "cpu"
     ).match([image], [panoptic], [chunked])[0]
     assert by_id.pairs == by_folder.pairs == [(0, 1)]
     np.testing.assert_allclose(by_id.product, by_folder.product, rtol=1e-6, atol=1e-7)

@@ -1,20 +1,10 @@
 """Captioning stage: BLIP-2 captions for a batch of images (DESIGN §3, step 1).
 
-``Captioner`` loads the model named in the profile's ``captioner`` section (a hub id such as
-``Salesforce/blip2-opt-6.7b-coco`` or a local folder such as the tiny model) through
-:func:`~datagen.stages.model_loading.resolve_model`, so both go through one path, and generates with the
-section's settings:
-
-=================  ====================================================================
-key                meaning
-=================  ====================================================================
-``model``          hub id or folder (``Blip2ForConditionalGeneration`` + its processor)
-``batch_size``     images per ``generate`` call (results do not depend on it)
-``max_new_tokens`` longest caption, in tokens
-``num_beams``      beam search width (1 = greedy); decoding is never sampled
-``dtype``          ``auto`` (bf16 on GPU, fp16 where bf16 is unsupported, fp32 on CPU) or a dtype
-``device``         optional; else the ``device`` argument, else CUDA when visible
-=================  ====================================================================
+``Captioner`` takes the profile's typed ``captioner`` section (:class:`datagen.config.CaptionerSettings`:
+its keys and defaults), loads the model it names (a hub id such as ``Salesforce/blip2-opt-6.7b-coco``
+or a local folder such as the tiny model) through :func:`~datagen.stages.model_loading.resolve_model`,
+so both go through one path, and generates ``max_new_tokens`` at most, ``num_beams`` wide (never
+sampled), ``batch_size`` images per ``generate`` call (results do not depend on it).
 
 Captions are cleaned (:func:`clean_caption`); an empty or degenerate caption is returned as is and
 flagged by :func:`caption_flags`, never raised on, so the record can say what happened.
@@ -26,10 +16,10 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from PIL import Image
 
+from datagen.config import CaptionerSettings
 from datagen.stages.model_loading import ModelNotFoundError, pick_device, pick_dtype, resolve_model
 
 WHAT = "captioner (BLIP-2)"
@@ -88,52 +78,26 @@ def caption_flags(caption: str) -> list[str]:
 class Captioner:
     """BLIP-2 captioning: ``caption(images) -> list[str]`` (one cleaned caption per image)."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        batch_size: int = 8,
-        max_new_tokens: int = 30,
-        num_beams: int = 1,
-        dtype: str = "auto",
-        device: str | None = None,
-    ):
+    def __init__(self, section: CaptionerSettings, device: str | None = None):
+        """Load the model of a profile's ``captioner`` section on ``device`` (else ``section.device``,
+        else CUDA when visible)."""
         from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-        if int(batch_size) < 1 or int(max_new_tokens) < 1 or int(num_beams) < 1:
-            raise ValueError(
-                f"{WHAT}: batch_size, max_new_tokens and num_beams must be >= 1 "
-                f"(got {batch_size}, {max_new_tokens}, {num_beams})"
-            )
-        self.model_id = model
-        self.batch_size = int(batch_size)
-        self.max_new_tokens = int(max_new_tokens)
-        self.num_beams = int(num_beams)
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(self.device, dtype)
-        path = resolve_model(model, WHAT)
+        self.model_id = section.model
+        self.batch_size = section.batch_size
+        self.max_new_tokens = section.max_new_tokens
+        self.num_beams = section.num_beams
+        self.device = pick_device(device or section.device)
+        self.dtype = pick_dtype(self.device, section.dtype)
+        path = resolve_model(section.model, WHAT)
         try:
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
         except OSError as e:
-            raise ModelNotFoundError(f"{WHAT}: cannot load model {model!r} from {path}: {e}") from e
+            raise ModelNotFoundError(f"{WHAT}: cannot load model {section.model!r} from {path}: {e}") from e
         self.model.to(self.device).eval()
         tokenizer = self.processor.tokenizer
         self._special = sorted(set(tokenizer.all_special_tokens) | {"<image>"}, key=len, reverse=True)
-
-    @classmethod
-    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> Captioner:
-        """Build from a profile's ``captioner`` section (see the module docstring for the keys)."""
-        if "model" not in section:
-            raise ValueError(f"{WHAT}: the profile's captioner section has no 'model' (keys: {sorted(section)})")
-        return cls(
-            section["model"],
-            batch_size=section.get("batch_size", 8),
-            max_new_tokens=section.get("max_new_tokens", 30),
-            num_beams=section.get("num_beams", 1),
-            dtype=section.get("dtype", "auto"),
-            device=device or section.get("device"),
-        )
 
     def caption(self, images: Sequence[Image.Image]) -> list[str]:
         """One cleaned caption per image, in order, generated ``batch_size`` images at a time."""

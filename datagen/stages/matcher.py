@@ -44,15 +44,15 @@ modules.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from datagen.config import MatcherSettings
 from datagen.stages.crops import fill_colour, segment_crop
 from datagen.stages.greedy import greedy_match
 from datagen.stages.model_loading import (
@@ -212,8 +212,6 @@ def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | No
     Raises :class:`ModelNotFoundError` (folder missing; weights not cached while offline) or
     ``ValueError`` (unknown architecture or tag; a built-in architecture without a tag).
     """
-    import open_clip
-
     if not isinstance(model, str) or not model.strip():
         raise ModelNotFoundError(f"{CLIP_WHAT}: no model given (got {model!r}); set matcher.clip_model in the profile")
     if model.startswith(("local-dir:", "hf-hub:")) or Path(model).expanduser().is_dir() or looks_like_path(model):
@@ -231,6 +229,8 @@ def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | No
                 f"folder (open_clip_config.json + weights) or a built-in architecture with clip_pretrained."
             )
         return "local-dir:" + str(folder), None
+
+    import open_clip  # only here: a slow import, not needed to check a folder
 
     name = model.replace("/", "-")
     if name not in open_clip.list_models():
@@ -287,51 +287,37 @@ def load_sbert(model: str, device: str):
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
+class MatcherModels(NamedTuple):
+    """The loaded models a :class:`Matcher` scores with (several matchers may share them)."""
+
+    clip: Any
+    preprocess: Any
+    tokenizer: Any
+    sbert: Any
+
+
 class Matcher:
     """Scores every (phrase, segment) pair of an image with CLIP × SBERT and matches greedily."""
 
-    def __init__(
-        self,
-        clip_model,
-        clip_preprocess,
-        clip_tokenizer,
-        sbert_model,
-        *,
-        device: str = "cpu",
-        dtype=None,
-        batch_size: int = 64,
-        min_score: float = 0.0,
-    ):
-        import torch
-
-        if int(batch_size) < 1:
-            raise ValueError(f"matcher batch_size must be >= 1, got {batch_size!r}")
-        self.clip = clip_model
-        self.preprocess = clip_preprocess
-        self.tokenizer = clip_tokenizer
-        self.sbert = sbert_model
-        self.device = device
-        self.dtype = dtype or torch.float32
-        self.batch_size = int(batch_size)
-        self.min_score = float(min_score)
-        mean = getattr(getattr(clip_model, "visual", None), "preprocess_cfg", {}).get("mean")
+    def __init__(self, section: MatcherSettings, device: str | None = None, models: MatcherModels | None = None):
+        """Match with a profile's ``matcher`` section on ``device`` (else ``section.device``, else CUDA
+        when visible), loading the models it names unless already-loaded ``models`` are given."""
+        self.device = pick_device(device or section.device)
+        self.dtype = pick_dtype(self.device, section.dtype)
+        if models is None:
+            # Check both models before loading either, so a missing one fails fast.
+            resolve_open_clip(section.clip_model, section.clip_pretrained)
+            resolve_model(section.sbert_model, SBERT_WHAT)
+            models = MatcherModels(*load_open_clip(section.clip_model, section.clip_pretrained, self.device),
+                                   load_sbert(section.sbert_model, self.device))
+        self.models = models
+        self.clip, self.preprocess, self.tokenizer, self.sbert = models
+        self.batch_size = section.batch_size
+        self.min_score = _min_score(section.min_score)
+        mean = getattr(getattr(self.clip, "visual", None), "preprocess_cfg", {}).get("mean")
         self.fill = fill_colour(mean or (0.48145466, 0.4578275, 0.40821073))
         self._label_embeddings: dict[str, np.ndarray] = {}
         self.labels_encoded = 0  # how many label strings went through the SBERT model (cache misses)
-
-    @classmethod
-    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> Matcher:
-        device = pick_device(device)
-        dtype = pick_dtype(device, section.get("dtype", "auto"))
-        # Check both models before loading either, so a missing one fails fast.
-        resolve_open_clip(section["clip_model"], section.get("clip_pretrained"))
-        resolve_model(section["sbert_model"], SBERT_WHAT)
-        clip, preprocess, tokenizer = load_open_clip(section["clip_model"], section.get("clip_pretrained"), device)
-        sbert = load_sbert(section["sbert_model"], device)
-        return cls(
-            clip, preprocess, tokenizer, sbert, device=device, dtype=dtype,
-            batch_size=section.get("batch_size", 64), min_score=_min_score(section.get("min_score", 0.0)),
-        )
 
     # ---- public --------------------------------------------------------------------------
     def match(self, images: Sequence, panoptic: Sequence, chunked: Sequence) -> list[MatchResult]:
@@ -405,15 +391,7 @@ class Matcher:
         return contextlib.nullcontext()
 
 
-def _min_score(value) -> float:
+def _min_score(value: float | None) -> float:
     """``matcher.min_score`` from the profile. ``null`` means no threshold; it becomes -1.0, the lowest
     product two cosines can give, rather than -inf, so the value stays a finite number in records."""
-    if value is None:
-        return -1.0
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"matcher min_score must be a number or null, got {value!r}") from None
-    if math.isnan(score):
-        raise ValueError("matcher min_score is NaN; give a number or null")
-    return score
+    return -1.0 if value is None else float(value)

@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 LOCAL_DIR_PREFIX = "local-dir:"
 # A model folder holding this file has random weights (the tiny and paper-size models the project
 # builds for tests and benchmarks); whatever it produces says so.
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 _TRUE = {"1", "ON", "YES", "TRUE"}
+# torch is imported only where a device or dtype is picked: checking that a model is there
+# (the driver does it before Ray starts) must not pay for importing torch.
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": "float32", "float32": "float32",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
 }
 
 
@@ -141,6 +145,8 @@ def pick_device(device: str | None = None) -> str:
     """``device`` if given, else ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
     if device:
         return device
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -150,6 +156,8 @@ def pick_dtype(device: str, spec: str | None = "auto") -> torch.dtype:
     ``auto``: bf16 on a GPU that supports it, else fp16 on GPU; fp32 on CPU (and other devices).
     ``fp32``/``fp16``/``bf16`` (or the torch names) force a dtype.
     """
+    import torch
+
     spec = (spec or "auto").lower()
     if spec == "auto":
         if str(device).startswith("cuda") and torch.cuda.is_available():
@@ -157,4 +165,4 @@ def pick_dtype(device: str, spec: str | None = "auto") -> torch.dtype:
         return torch.float32
     if spec not in _DTYPES:
         raise ValueError(f"dtype {spec!r} not understood; use auto, fp32, fp16 or bf16")
-    return _DTYPES[spec]
+    return getattr(torch, _DTYPES[spec])

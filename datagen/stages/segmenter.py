@@ -65,13 +65,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from datagen.config import SegmenterSettings
 from datagen.stages.model_loading import ModelNotFoundError, pick_device, pick_dtype, resolve_model
 
 WHAT = "segmenter (Mask2Former, COCO panoptic)"
 COCO_PANOPTIC_NUM_CLASSES = 133
 COCO_PANOPTIC_NUM_THINGS = 80
 LONG_SIDE_RATIO = 1333 / 800  # Mask2Former's default longest_edge / shortest_edge
-PAD_TO = ("square", "none")
 
 
 def is_thing(category_id: int) -> bool:
@@ -99,34 +99,21 @@ class PanopticResult:
 class PanopticSegmenter:
     """Mask2Former panoptic segmentation: ``segment(images) -> list[PanopticResult]``."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        batch_size: int = 4,
-        resolution: int = 384,
-        threshold: float = 0.8,
-        mask_threshold: float = 0.5,
-        overlap_mask_area_threshold: float = 0.8,
-        pad_to: str = "square",
-        dtype: str = "auto",
-        device: str | None = None,
-    ):
+    def __init__(self, section: SegmenterSettings, device: str | None = None):
+        """Load the model of a profile's ``segmenter`` section on ``device`` (else ``section.device``,
+        else CUDA when visible)."""
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
-        if int(batch_size) < 1 or int(resolution) < 32:
-            raise ValueError(f"{WHAT}: batch_size must be >= 1 and resolution >= 32 (got {batch_size}, {resolution})")
-        if pad_to not in PAD_TO:
-            raise ValueError(f"{WHAT}: pad_to must be one of {PAD_TO} (got {pad_to!r})")
+        model = section.model
         self.model_id = model
-        self.pad_to = pad_to
-        self.batch_size = int(batch_size)
-        self.resolution = int(resolution)
-        self.threshold = float(threshold)
-        self.mask_threshold = float(mask_threshold)
-        self.overlap_mask_area_threshold = float(overlap_mask_area_threshold)
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(self.device, dtype)
+        self.batch_size = section.batch_size
+        self.resolution = section.resolution
+        self.threshold = float(section.threshold)
+        self.mask_threshold = float(section.mask_threshold)
+        self.overlap_mask_area_threshold = float(section.overlap_mask_area_threshold)
+        self.device = pick_device(device or section.device)
+        self.dtype = pick_dtype(self.device, section.dtype)
+        self.pad_to = section.pad_to
         path = resolve_model(model, WHAT)
         try:
             self.processor = AutoImageProcessor.from_pretrained(path)
@@ -148,20 +135,6 @@ class PanopticSegmenter:
         side = math.ceil(self.size["longest_edge"] / divisor) * divisor
         self.canvas = (side, side)  # (height, width) every image is padded to with pad_to "square"
         self.forwards = 0  # model forward passes run (for measuring how full the batches are)
-
-    @classmethod
-    def from_profile(cls, section: dict[str, Any], device: str | None = None) -> PanopticSegmenter:
-        """Build from a profile's ``segmenter`` section (see the module docstring for the keys)."""
-        if "model" not in section:
-            raise ValueError(f"{WHAT}: the profile's segmenter section has no 'model' (keys: {sorted(section)})")
-        keys = (
-            "batch_size", "resolution", "pad_to", "threshold", "mask_threshold", "overlap_mask_area_threshold", "dtype",
-        )
-        return cls(
-            section["model"],
-            **{k: section[k] for k in keys if k in section},
-            device=device or section.get("device"),
-        )
 
     def segment(self, images: Sequence[Image.Image]) -> list[PanopticResult]:
         """One :class:`PanopticResult` per image, in input order.
