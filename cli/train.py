@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ProfileError, ModelNotFoundError, ValueError) as e:
         return _fail(str(e))
 
-    from ray_jobs.cluster import forwarded_env, ray_session
+    from ray_jobs.cluster import RayConnectError, forwarded_env, ray_session
     from training.ray_train import run_training
 
     try:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except ConfigError as e:
+    except (ConfigError, RayConnectError) as e:
         return _fail(str(e))
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report them and exit 1
         if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
