@@ -10,6 +10,10 @@ missing model fails at once with a message saying which, where it was looked for
 it. Checkpoints and ``train_log.jsonl`` go to OUT; running again with the same OUT resumes from
 the latest checkpoint there (and says so).
 
+Every option after ``--out`` is a :class:`~training.config.TrainConfig` setting, generated from the
+fields marked for the command line (their help text and default); a setting not given comes from
+the profile / ``--config`` or the field's default.
+
 Exit status: 0 trained to --steps; 1 training failed (after --max-failures restarts); 2 bad
 arguments or setup; 130 interrupted.
 """
