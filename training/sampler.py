@@ -33,7 +33,6 @@ from training.model import FastComposerModel
 from training.subject_crops import SubjectCropper
 from training.subject_tokens import SubjectTokenizer
 
-
 SCHEDULERS = ("pndm", "ddim")
 # SD1.5's scheduler_config.json: PNDMScheduler with these (betas come from the model's own config)
 SD15_PNDM = {"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}

@@ -53,13 +53,15 @@ class SubjectCropper:
         """The bbox crop with background noise: uint8 (3, y1 - y0, x1 - x0). Raises ValueError when
         the segment has no pixel inside its bbox."""
         x0, y0, x1, y1 = bbox
-        patch = image[:, y0:y1, x0:x1]
-        inside = torch.from_numpy(np.ascontiguousarray(segment_map[y0:y1, x0:x1] == segment_id))
-        if patch.shape[1:] != inside.shape or not bool(inside.any()):
+        patch = image[:, y0:y1, x0:x1].numpy()
+        inside = segment_map[y0:y1, x0:x1] == segment_id
+        if patch.shape[1:] != inside.shape or not inside.any():
             raise ValueError(f"segment {segment_id} has no pixel inside its bbox {list(bbox)}")
-        # uniform bytes from numpy's generator: ~4x faster than torch.randint for uint8
-        noise = torch.frombuffer(bytearray(self.rng.bytes(patch.numel())), dtype=torch.uint8).view(patch.shape)
-        return torch.where(inside, patch, noise)
+        # uniform bytes from numpy's generator, segment pixels copied over them: ~4x faster than
+        # torch.randint + torch.where on uint8
+        out = np.frombuffer(bytearray(self.rng.bytes(patch.size)), dtype=np.uint8).reshape(patch.shape)
+        np.copyto(out, patch, where=inside[None])
+        return torch.from_numpy(out)
 
     def __call__(self, image: torch.Tensor, segment_map: np.ndarray, segment_id: int, bbox: list[int]) -> torch.Tensor:
         patch = self.crop(image, segment_map, segment_id, bbox)
