@@ -129,3 +129,4 @@ def test_only_valid_crops_are_augmented_and_dtype_is_kept():
     assert out.dtype == torch.uint8 and out.shape == crops.shape
     assert torch.equal(out[~valid], crops[~valid])  # padding slots untouched
     assert torch.equal(A.SubjectAugmenter()(crops, torch.zeros(2, 4, dtype=torch.bool)), crops)
+

@@ -381,3 +381,20 @@ def test_recipe_sets_the_text_only_probability(tmp_path, shards, tokenizer, subj
             cfg.lr, cfg.gradient_checkpointing, cfg.steps) == ("released", 0.0, 2, True, 3, "fp32", 2e-5, False, 150000)
     with pytest.raises(SystemExit):
         build_parser(load="train").parse_args(["train", "--shards", "x", "--out", "o", "--recipe", "mine"])
+
+
+def test_augmentation_place_follows_the_setting_and_the_device(tmp_path, tokenizer):
+    import copy
+
+    from training.subject_augment import SubjectAugmenter
+
+    base = {"shards": ["a.tar"], "out": str(tmp_path), "pretrained": "p", "image_encoder": "e"}
+    auto = TrainConfig(**base)
+    assert (auto.subject_augmentation_place("cuda"), auto.subject_augmentation_place("cpu")) == ("device", "loader")
+    assert TrainConfig(**base, augment_subjects_on="loader").subject_augmentation_place("cuda") == "loader"
+    assert TrainConfig(**base, augment_subjects_on="device").subject_augmentation_place("cpu") == "device"
+    assert TrainConfig(**base, augment_subjects=False).subject_augmentation_place("cuda") is None
+    on_gpu = ExamplePreprocessor.from_config(auto, copy.deepcopy(tokenizer), 32, device_type="cuda")
+    on_cpu = ExamplePreprocessor.from_config(auto, copy.deepcopy(tokenizer), 32, device_type="cpu")
+    assert on_gpu.augmenter is None and on_gpu.cropper.zoom  # zoom-in needs the full-size crop: always here
+    assert isinstance(on_cpu.augmenter, SubjectAugmenter) and on_cpu.cropper.zoom

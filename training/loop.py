@@ -45,6 +45,7 @@ from training.subject_augment import SubjectAugmenter
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "denoise_loss", "localization_loss", "object_region")
 TRAIN_LOG = "train_log.jsonl"
+AUGMENT_WHERE = {"loader": "in the loader", "device": "on the training device after collate", None: "never"}
 
 
 class WorkerContext(Protocol):
@@ -153,7 +154,7 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, print_fn: Callable[[str], N
     augment_on = cfg.subject_augmentation_place(device.type)
     augment = SubjectAugmenter() if augment_on == "device" else None
     preprocessor = ExamplePreprocessor.from_config(cfg, components.tokenizer, components.subject_size, seed=cfg.seed,
-                                                   augment_on=augment_on)
+                                                   device_type=device.type)
     loader = loader_from_config(cfg, preprocessor, seed=cfg.seed + start_step, pin_memory=device.type == "cuda")
     batches = iter(loader)
 
@@ -166,7 +167,7 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, print_fn: Callable[[str], N
             f"(U-Net, fusion MLP, last {model.trainable_vision_blocks} vision blocks) on {ctx.world_size} worker(s), "
             f"{device}, {'bf16 autocast' if amp else 'fp32'}; global batch {global_batch}; "
             f"localization on {len(model.hooked_layers)} cross-attention layers; subject crops augmented "
-            f"{'in the ' + augment_on if augment_on else 'never'}; steps {start_step} -> {cfg.steps}"
+            f"{AUGMENT_WHERE[augment_on]}; steps {start_step} -> {cfg.steps}"
         )
 
     # 6. steps

@@ -80,8 +80,10 @@ class ExamplePreprocessor:
 
     @classmethod
     def from_config(cls, cfg, tokenizer, subject_size: int, seed: int | None = None,
-                    augment_on: str | None = "loader") -> ExamplePreprocessor:
-        """``augment_on``: where the crops get augmented (``cfg.subject_augmentation_place``)."""
+                    device_type: str = "cpu") -> ExamplePreprocessor:
+        """``device_type``: the training device's, which decides where crops are augmented
+        (``cfg.subject_augmentation_place``)."""
+        augment_on = cfg.subject_augmentation_place(device_type)
         policy = SubjectDropPolicy(cfg.uncond_prob, cfg.text_only_prob, cfg.subject_keep_prob, cfg.max_subjects)
         return cls(tokenizer, subject_size, cfg.resolution, cfg.max_subjects, cfg.object_types, policy,
                    augment_on or False, seed, cfg.drop_cropped_subjects, cfg.segment_map_resize)
