@@ -13,7 +13,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from datagen.export.fastcomposer import SEGMAP_DTYPES, ExportError, ExportFilters, export_fastcomposer
+from datagen.export.fastcomposer import (
+    SEGMAP_DTYPES,
+    UNREADABLE_SEGMAP_DTYPES,
+    ExportError,
+    ExportFilters,
+    export_fastcomposer,
+)
 
 FORMATS = ("fastcomposer", "seg-conditioning", "subject-crops")
 
@@ -32,8 +38,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--exclude-unmatched-person", action="store_true",
                         help="drop samples with a person segment that no phrase matched")
     parser.add_argument("--split", choices=("train", "test", "all"), default="all", help="export only one split")
-    parser.add_argument("--segmap-dtype", choices=SEGMAP_DTYPES, default="auto",
-                        help="dtype of the .npy maps (auto: uint8 when every id fits, else int32)")
+    # uint16 is accepted here so that export can say why it refuses it
+    parser.add_argument("--segmap-dtype", choices=SEGMAP_DTYPES + tuple(UNREADABLE_SEGMAP_DTYPES), default="auto",
+                        help="dtype of the .npy maps, one FastComposer's loader reads (auto: uint8 when every id "
+                             "fits, else int32; uint16 is refused: upstream cannot read it)")
     parser.add_argument("--workers", type=int, default=1, help="processes exporting shards in parallel (default 1)")
     parser.add_argument("--object-types", default="person",
                         help="subject-crops: comma-separated COCO labels of the subjects to crop (default person)")

@@ -4,9 +4,10 @@
         --subject man=photos/him.jpg --subject woman=photos/her.jpg --out beach.png
 
 ``--checkpoint`` is a checkpoint folder or a run folder (its latest checkpoint is used). Each
-``--subject WORD=IMAGE`` binds a photo to a word of the prompt. The first (1 − alpha) of the
-denoising steps use the text alone, the rest the subject-augmented text (delayed subject
-conditioning). Writes a PNG (atomically). Exit status: 0 written; 2 bad arguments or setup.
+``--subject WORD=IMAGE`` binds a photo to a word of the prompt. Defaults as the released code
+samples: PNDM, 50 steps, guidance 5, empty negative prompt; steps ``i <= int((1 − alpha)·steps)``
+use the text alone, the rest the subject-augmented text (delayed subject conditioning). Writes a
+PNG (atomically). Exit status: 0 written; 2 bad arguments or setup.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     parser.add_argument("--alpha", type=float, default=0.7, help="fraction of steps with subject conditioning (default 0.7)")
+    parser.add_argument("--scheduler", choices=("pndm", "ddim"), default="pndm",
+                        help="pndm: SD1.5's default, as upstream samples (default); ddim")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--resolution", type=int, help="image size (default: the training resolution)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available)")
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--subject {word}={path}: cannot read the image ({e})") from e
         sampler = FastComposerSampler.from_checkpoint(args.checkpoint, args.device, args.pretrained, args.image_encoder)
         image = sampler.generate(args.prompt, subjects, steps=args.steps, guidance_scale=args.guidance,
-                                 alpha=args.alpha, seed=args.seed, resolution=args.resolution)
+                                 alpha=args.alpha, seed=args.seed, resolution=args.resolution,
+                                 scheduler=args.scheduler)
     except (ValueError, SamplerError, CheckpointError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

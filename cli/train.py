@@ -10,6 +10,10 @@ missing model fails at once with a message saying which, where it was looked for
 it. Checkpoints and ``train_log.jsonl`` go to OUT; running again with the same OUT resumes from
 the latest checkpoint there (and says so).
 
+Every option after ``--out`` is a :class:`~training.config.TrainConfig` setting, generated from the
+fields marked for the command line (their help text and default); a setting not given comes from
+the profile / ``--config`` or the field's default.
+
 Exit status: 0 trained to --steps; 1 training failed (after --max-failures restarts); 2 bad
 arguments or setup; 130 interrupted.
 """
@@ -20,14 +24,16 @@ import argparse
 import sys
 from pathlib import Path
 
-# command-line option -> TrainConfig field (None: not given, profile/default applies)
-OPTIONS = {
-    "steps": "steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
-    "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "resolution": "resolution",
-    "max_subjects": "max_subjects", "loader_workers": "loader_workers", "seed": "seed",
-    "max_failures": "max_failures", "mixed_precision": "mixed_precision", "localization_weight": "localization_weight",
-    "run_name": "run_name", "log_every": "log_every", "workers": "num_workers",
-}
+
+def config_options():
+    """(option name, field) for every TrainConfig field marked ``cli`` (see ``training.config.setting``)."""
+    import dataclasses
+
+    from training.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli"):
+            yield f.metadata.get("option") or f.name.replace("_", "-"), f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,24 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="paper", help="model profile: paper, tiny, or a YAML file (default: paper)")
     parser.add_argument("--config", type=Path, help="YAML merged over the profile (e.g. trainer: {resolution: 256})")
     parser.add_argument("--out", required=True, type=Path, help="run folder: checkpoints and logs (re-use it to resume)")
-    parser.add_argument("--steps", type=int, help="train until this optimizer step (default 150000)")
-    parser.add_argument("--workers", type=int, help="Ray Train workers (one per GPU with --gpu; default 1)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
-    parser.add_argument("--batch-size", type=int, help="examples per worker per micro-batch (default 16)")
-    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    parser.add_argument("--lr", type=float, help="learning rate, constant (default 1e-5)")
-    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000)")
-    parser.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 3)")
-    parser.add_argument("--resolution", type=int, help="training image size in pixels (default 512)")
-    parser.add_argument("--max-subjects", type=int, help="subjects per example at most (default 4)")
-    parser.add_argument("--loader-workers", type=int, help="DataLoader processes per worker (default 4)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for U-Net memory")
-    parser.add_argument("--mixed-precision", choices=("auto", "fp32", "bf16"), help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--localization-weight", type=float, help="weight of the localization loss (default 1e-3)")
-    parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default 3)")
-    parser.add_argument("--log-every", type=int, help="steps between log lines (default 1)")
-    parser.add_argument("--run-name", help="Ray Train run name under OUT (default fastcomposer)")
+    # The TrainConfig settings marked for the command line; not given = the profile's or the default.
+    for option, f in config_options():
+        help_text = f.metadata["help"].replace("%", "%%")
+        if f.type in ("bool", bool):  # a switch that turns the setting on
+            parser.add_argument(f"--{option}", dest=f.name, action="store_true", default=None, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        parser.add_argument(f"--{option}", dest=f.name, type=kind, choices=f.metadata.get("choices"),
+                            metavar=None if f.metadata.get("choices") else option.upper().replace("-", "_"),
+                            help=f"{help_text} (default {f.default})")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -64,11 +62,7 @@ def config_from_args(args: argparse.Namespace):
     if args.config is not None and not args.config.is_file():
         raise ValueError(f"--config {args.config}: file not found")
     profile = load_profile(args.profile, args.config)
-    overrides = {field: getattr(args, opt) for opt, field in OPTIONS.items()}
-    if args.gpu:
-        overrides["use_gpu"] = True
-    if args.gradient_checkpointing:
-        overrides["gradient_checkpointing"] = True
+    overrides = {f.name: getattr(args, f.name) for _, f in config_options()}
     return TrainConfig.from_profile(profile.to_dict(), shards=expand_shards(args.shards), out=str(args.out.resolve()), **overrides)
 
 

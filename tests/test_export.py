@@ -153,8 +153,53 @@ def test_export_command(run, tmp_path, capsys):
     assert "no shards" in capsys.readouterr().err
 
 
-def test_segment_map_dtype(run, tmp_path):
-    export_fastcomposer(run["shards_dir"], tmp_path / "a")
-    assert np.load(tmp_path / "a" / "00000" / "00000.npy").dtype == np.uint8
-    export_fastcomposer(run["shards_dir"], tmp_path / "b", segmap_dtype="int32")
-    assert np.load(tmp_path / "b" / "00000" / "00000.npy").dtype == np.int32
+def upstream_train_transform(image, segmap, resolution=32):
+    """FastComposer's TrainTransformWithSegmap (fastcomposer/transforms.py), flip forced, on the
+    exported image and map: the steps that need the map's dtype to combine with uint8."""
+    from torchvision import transforms as T
+
+    image = T.Resize(resolution, interpolation=T.InterpolationMode.BILINEAR, antialias=True)(image)
+    segmap = T.Resize(resolution, interpolation=T.InterpolationMode.NEAREST)(segmap.unsqueeze(0))
+    both = torch.cat([image, segmap], dim=0).flip(-1)
+    _, h, w = both.shape
+    if h > w:  # CenterCropOrPadSides, portrait: pad, resize bilinearly
+        pad = (h - w) // 2
+        both = torch.nn.functional.pad(both, (pad, pad, 0, 0), "constant", 0)
+        both = T.functional.resize(both, (w, w), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+    else:
+        pad = (w - h) // 2
+        both = both[:, :, pad : pad + h]
+    return both[:3].float() / 127.5 - 1, both[3:].squeeze(0)
+
+
+@pytest.mark.parametrize("dtype", ["auto", "uint8", "int32", "int64"])
+def test_every_segment_map_dtype_goes_through_upstreams_transform(run, tmp_path, dtype):
+    export_fastcomposer(run["shards_dir"], tmp_path / dtype, segmap_dtype=dtype)
+    ids, everything = read_like_fastcomposer(tmp_path / dtype, "all", object_types=None)
+    expected = {"auto": np.uint8, "uint8": np.uint8, "int32": np.int32, "int64": np.int64}[dtype]
+    for image_id in ids:
+        _, image, info, segmap, _, _ = everything[image_id]
+        assert segmap.numpy().dtype == expected
+        pixels, out_map = upstream_train_transform(image, segmap)
+        assert pixels.shape == (3, 32, 32) and out_map.shape == (32, 32)
+        for segment in info["segments"]:
+            assert (out_map == segment["id"]).any() or segment["area"] < 0.01 * segmap.numel()
+
+
+def test_segment_map_dtype_auto_widens_to_int32_and_uint16_is_refused(run, tmp_path, capsys):
+    from datagen.export.fastcomposer import segmap_array
+
+    record = next(iter(run["written"].values()))[1]
+    wide = np.array([[0, 300], [7, 255]], dtype=np.uint16)
+    assert segmap_array(wide, "auto", record).dtype == np.int32
+    assert segmap_array(wide.clip(0, 255), "auto", record).dtype == np.uint8
+    with pytest.raises(ExportError, match="does not fit the segment-map dtype uint8"):
+        segmap_array(wide, "uint8", record)
+    # upstream would fail on uint16 (torch.cat of its uint8 image with a uint16 map): refused, saying why
+    with pytest.raises(RuntimeError, match="uint16"):
+        torch.cat([torch.zeros(3, 2, 2, dtype=torch.uint8), torch.from_numpy(wide)[None]])
+    out = tmp_path / "u16"
+    assert main(["export", str(run["shards_dir"]), str(out), "--segmap-dtype", "uint16"]) == 1
+    err = capsys.readouterr().err
+    assert "uint16" in err and "torch.cat" in err and "int32" in err
+    assert not out.exists()

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from datagen import image_io
+from datagen.sources import images as image_io
 from datagen.sources.images import ImageError, load_image
 from datagen.sources.readers import SourceItem
-
-pytest.importorskip("pyspng")
 
 
 def item_for(path) -> SourceItem:

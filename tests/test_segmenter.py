@@ -158,7 +158,7 @@ def test_batching_does_not_change_results(segmenter, results):
 
 
 def test_crop_to_valid_keeps_the_unpadded_logits():
-    from datagen.segmenter import _crop_to_valid
+    from datagen.stages.segmenter import _crop_to_valid
 
     logits = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
     # a 64 x 32 image on a 128 x 128 canvas: logits at 1/16 of the input -> the top-left 4 x 2

@@ -297,3 +297,105 @@ def test_subject_crop_keeps_the_segment_and_noises_the_rest(records):
     assert abs(noise.mean().item() - 127.5) < 5 and noise.std().item() > 65  # uniform 0..255
     with pytest.raises(ValueError, match="no pixel"):
         SubjectCropper(224).crop(image, segment_map, 42, person.bbox)
+
+
+def test_square_target_upstream_mode_blends_ids_of_portraits_and_nearest_never_invents_one():
+    image = torch.zeros(3, 40, 20, dtype=torch.uint8)
+    segment_map = np.zeros((40, 20), dtype=np.uint16)
+    segment_map[:, :10] = 7
+    _, ours = square_target(image, segment_map, 16, flip=False)
+    _, upstream = square_target(image, segment_map, 16, flip=False, segment_map_resize="upstream")
+    assert set(torch.unique(ours).tolist()) == {0, 7}
+    # released: pad to 40x40, then a bilinear resize of image and map together -> ids 1..6 at the border
+    assert set(torch.unique(upstream).tolist()) - {0, 7}
+    landscape = np.zeros((20, 40), dtype=np.uint16)
+    landscape[:, 20:] = 3
+    _, upstream = square_target(torch.zeros(3, 20, 40, dtype=torch.uint8), landscape, 16, False, "upstream")
+    assert set(torch.unique(upstream).tolist()) == {0, 3}  # landscape: only a centre crop, no blending
+
+
+def test_drop_cropped_subjects_setting(records, tokenizer, subject_size):
+    image, segment_map, record = _decoded(records["90000"])  # five people side by side; the crop cuts two away
+    keep_all = SubjectDropPolicy(0.0, 0.0, 1.0, 4)
+    for drop in (True, False):
+        pre = ExamplePreprocessor(__import__("copy").deepcopy(tokenizer), subject_size, resolution=RESOLUTION,
+                                  policy=keep_all, augment_subjects=False, seed=0, drop_cropped_subjects=drop)
+        empty_masks = 0
+        for _ in range(20):
+            example = pre(image, segment_map, record)
+            valid = example["subject_valid"]
+            empty_masks += int((~example["subject_masks"][valid].flatten(1).any(1)).sum())
+            if not drop:
+                assert int(example["num_subjects"]) == 4  # 5 candidates, capped at 4, none dropped
+        assert (empty_masks == 0) if drop else (empty_masks > 0)  # upstream keeps them with an empty mask
+
+
+def test_zoom_in_keeps_the_top_square_of_portrait_crops_only():
+    """Upstream: RandomApply(RandomZoomIn(1, 2), p=0.5) = upscale by z, keep the top square if
+    taller than wide; PadToSquare and the resize to S then undo the upscale."""
+    from training.subject_crops import SubjectCropper, zoom_in
+
+    portrait = torch.arange(6, dtype=torch.uint8).view(1, 6, 1).expand(3, 6, 4).contiguous()  # row r has value r
+    assert torch.equal(zoom_in(portrait), portrait[:, :4, :])  # rows 0-3: the top 4x4 square
+    landscape = torch.arange(6, dtype=torch.uint8).view(1, 1, 6).expand(3, 4, 6).contiguous()
+    assert torch.equal(zoom_in(landscape), landscape)
+    square = torch.zeros(3, 5, 5, dtype=torch.uint8)
+    assert zoom_in(square) is square
+
+    # through the cropper, at S = 4: a zoomed portrait crop is its top square as is; an unzoomed one
+    # is padded to 6x6 (one black column each side) and resized
+    cropper = SubjectCropper(4, zoom=True, seed=0)
+    every = np.ones((6, 4), dtype=np.int32)
+    outcomes = [cropper(portrait, every, 1, [0, 0, 4, 6]) for _ in range(400)]
+    zoomed = [torch.equal(o, portrait[:, :4, :]) for o in outcomes]
+    assert 0.42 < np.mean(zoomed) < 0.58  # p = 0.5
+    unzoomed = cropper.finish(portrait)
+    assert all(z or torch.equal(o, unzoomed) for z, o in zip(zoomed, outcomes, strict=True))
+    assert unzoomed[:, -1, 1:3].min() >= 4  # the whole height: its bottom holds rows 4-5, cut by the zoom
+    assert (unzoomed[:, 1:, 0] < unzoomed[:, 1:, 1]).all()  # the black side padding darkens the edge
+    wide = np.ones((4, 6), dtype=np.int32)
+    assert all(torch.equal(cropper(landscape, wide, 1, [0, 0, 6, 4]), cropper.finish(landscape)) for _ in range(50))
+
+
+def test_recipe_sets_the_text_only_probability(tmp_path, shards, tokenizer, subject_size):
+    from training.train_command import config_from_args
+
+    from cli.main import build_parser
+
+    base = {"shards": ["a.tar"], "out": str(tmp_path), "pretrained": "p", "image_encoder": "e"}
+    assert TrainConfig(**base).recipe == "paper" and TrainConfig(**base).text_only_prob == 0.1  # the paper: 10%
+    released = TrainConfig(**base, recipe="released")
+    assert released.text_only_prob == 0.0  # run_training.sh passes no --text_only_prob: the dataset's default 0
+    assert (released.uncond_prob, released.subject_keep_prob) == (0.1, 0.9)  # --uncondition_prob, --object_appear_prob
+    assert TrainConfig(**base, recipe="released", text_only_prob=0.05).text_only_prob == 0.05  # given wins
+    assert TrainConfig.from_dict(released.to_dict()) == released
+    with pytest.raises(ConfigError, match="'recipe'"):
+        TrainConfig(**base, recipe="mine")
+    policy = ExamplePreprocessor.from_config(released, __import__("copy").deepcopy(tokenizer), subject_size).policy
+    assert (policy.uncond_prob, policy.text_only_prob, policy.keep_prob, policy.max_subjects) == (0.1, 0.0, 0.9, 4)
+    # the command line: generated from TrainConfig's fields, same option names as before
+    args = build_parser(load="train").parse_args(["train", "--shards", shards[0], "--profile", "tiny", "--out", str(tmp_path),
+                                      "--recipe", "released", "--workers", "2", "--gpu", "--batch-size", "3",
+                                      "--mixed-precision", "fp32", "--lr", "2e-5"])
+    cfg = config_from_args(args)
+    assert (cfg.recipe, cfg.text_only_prob, cfg.num_workers, cfg.use_gpu, cfg.batch_size, cfg.mixed_precision,
+            cfg.lr, cfg.gradient_checkpointing, cfg.steps) == ("released", 0.0, 2, True, 3, "fp32", 2e-5, False, 150000)
+    with pytest.raises(SystemExit):
+        build_parser(load="train").parse_args(["train", "--shards", "x", "--out", "o", "--recipe", "mine"])
+
+
+def test_augmentation_place_follows_the_setting_and_the_device(tmp_path, tokenizer):
+    import copy
+
+    from training.subject_augment import SubjectAugmenter
+
+    base = {"shards": ["a.tar"], "out": str(tmp_path), "pretrained": "p", "image_encoder": "e"}
+    auto = TrainConfig(**base)
+    assert (auto.subject_augmentation_place("cuda"), auto.subject_augmentation_place("cpu")) == ("device", "loader")
+    assert TrainConfig(**base, augment_subjects_on="loader").subject_augmentation_place("cuda") == "loader"
+    assert TrainConfig(**base, augment_subjects_on="device").subject_augmentation_place("cpu") == "device"
+    assert TrainConfig(**base, augment_subjects=False).subject_augmentation_place("cuda") is None
+    on_gpu = ExamplePreprocessor.from_config(auto, copy.deepcopy(tokenizer), 32, device_type="cuda")
+    on_cpu = ExamplePreprocessor.from_config(auto, copy.deepcopy(tokenizer), 32, device_type="cpu")
+    assert on_gpu.augmenter is None and on_gpu.cropper.zoom  # zoom-in needs the full-size crop: always here
+    assert isinstance(on_cpu.augmenter, SubjectAugmenter) and on_cpu.cropper.zoom

@@ -13,7 +13,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, read_state, 
 from training.collate import collate_examples
 from training.config import TrainConfig
 from training.loader import make_dataset
-from training.loop import TrainStep, build_optimizer
+from training.loop import LocalContext, build_optimizer, train_loop
 from training.model import FastComposerModel
 from training.preprocess import ExamplePreprocessor
 from training.subject_policy import SubjectDropPolicy
@@ -98,17 +98,18 @@ def test_capture_processor_only_on_hooked_cross_attention(model_paths):
 
 
 def test_steps_change_every_trainable_parameter_and_no_frozen_one(model_paths, shards, tmp_path):
-    components = load(model_paths)
-    model = components.model
-    batch = subject_batch(components, shards)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = config(model_paths, shards, tmp_path)
-    step = TrainStep(model, build_optimizer(model, cfg), cfg, torch.device("cpu"))
-    for _ in range(3):
-        result = step([batch])
-        assert result.grad_norm > 0
+    # (crops augmented in the step, as on GPU: this loop path runs here too)
+    cfg = config(model_paths, shards, tmp_path, steps=3, checkpoint_every=3, uncond_prob=0.0, text_only_prob=0.0,
+                 subject_keep_prob=1.0, augment_subjects_on="device")
+    before = {n: p.detach().clone() for n, p in FastComposerModel.from_config(cfg).model.named_parameters()}
+    ctx = LocalContext(cfg)
+    lines = []
+    assert train_loop(cfg, ctx, print_fn=lines.append) == 3
+    assert any("subject crops augmented on the training device" in line for line in lines)
+    grad_norms = [float(line.split("grad-norm ")[1].split()[0]) for line in lines if line.startswith("step ")]
+    assert len(grad_norms) == 3 and all(g > 0 for g in grad_norms)
     unchanged, changed_frozen = [], []
-    for name, p in model.named_parameters():
+    for name, p in ctx.model.named_parameters():
         same = torch.equal(p.detach(), before[name])
         if p.requires_grad and same:
             unchanged.append(name)
@@ -116,7 +117,8 @@ def test_steps_change_every_trainable_parameter_and_no_frozen_one(model_paths, s
             changed_frozen.append(name)
     assert not unchanged, f"trainable parameters that did not change: {unchanged[:5]}"
     assert not changed_frozen, f"frozen parameters that changed: {changed_frozen[:5]}"
-    assert sum(1 for p in model.parameters() if not p.requires_grad) > 0
+    assert sum(1 for p in ctx.model.parameters() if not p.requires_grad) > 0
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000003"  # LocalContext wrote it to OUT
 
 
 def test_overfitting_one_batch_lowers_total_and_localization_loss(model_paths, shards, tmp_path):
@@ -144,50 +146,106 @@ def test_overfitting_one_batch_lowers_total_and_localization_loss(model_paths, s
     assert loc1 < loc0 - 0.02, history
 
 
-def test_losses_have_expected_values_on_constructed_maps():
-    from training.losses import balanced_l1, denoising_loss, localization_loss, subject_region
+def test_balanced_l1_is_background_mean_minus_mask_mean():
+    from training.losses import balanced_l1
 
-    # attention concentrated on the mask gives a negative balanced L1, spread on background positive
     masks = torch.zeros(1, 1, 4)
     masks[0, 0, :2] = 1
-    on_mask = torch.tensor([0.5, 0.5, 0.0, 0.0]).view(1, 1, 4, 1)
-    assert torch.allclose(balanced_l1(on_mask, masks), torch.tensor([[-0.5]]), atol=1e-4)
-    assert torch.allclose(balanced_l1(on_mask.flip(2), masks), torch.tensor([[0.5]]), atol=1e-4)
-    # padding subjects do not count
-    maps = {"layer": torch.cat([on_mask, on_mask.flip(2)], dim=3)}  # (1, 1, 4, 2)
-    full_masks = torch.zeros(1, 2, 2, 2)
-    full_masks[0, :, 0, :] = 1  # top row, i.e. positions 0 and 1 of the 2x2 map
-    loss = localization_loss(maps, full_masks, torch.tensor([[True, False]]))
-    assert torch.allclose(loss, torch.tensor(-0.5), atol=1e-4)
-    # object-region MSE counts only the region; an example without subjects counts whole
-    pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
-    target[0, 0, 0, 0] = 3.0
-    region = subject_region(torch.tensor([[[[True, False], [False, False]]], [[[False, False], [False, False]]]]), (2, 2))
-    assert torch.allclose(region[1], torch.ones(1, 2, 2))
-    expected = (9.0 + 4 * 1.0) / 5  # example 0: only its region pixel (9); example 1: all four (1 each)
-    assert torch.allclose(denoising_loss(pred, target, region), torch.tensor(expected))
+    on_mask = torch.tensor([0.5, 0.5, 0.0, 0.0]).view(1, 1, 4, 1)  # (B, heads, Q, N)
+    assert torch.allclose(balanced_l1(on_mask, masks), torch.tensor([[[-0.5]]]), atol=1e-4)  # 0 - 0.5
+    assert torch.allclose(balanced_l1(on_mask.flip(2), masks), torch.tensor([[[0.5]]]), atol=1e-4)  # 0.5 - 0
+
+
+def test_object_region_loss_is_upstreams_masked_mse_over_every_element():
+    """Upstream: mask = (segmaps.sum(1) > 0) resized bilinearly (align_corners=False) to the latent
+    size, then F.mse_loss(pred * mask, target * mask) over every element of the batch."""
+    from training.losses import denoising_loss, subject_region
+
+    masks = torch.zeros(2, 2, 4, 4, dtype=torch.bool)  # (B, N, H, W) at 2x the latent size
+    masks[0, 0, 0, 0] = True  # subject 1: one pixel
+    masks[0, 1, 0, :2] = True  # subject 2: that pixel and its right neighbour -> union: 2 pixels
+    # example 1 has no subject
+    region = subject_region(masks, (2, 2))
+    # bilinear 4 -> 2 with align_corners=False samples at 2i + 0.5: the mean of each 2x2 block
+    assert torch.equal(region, torch.tensor([[[[0.5, 0.0], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]]))
+    pred, target = torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 2.0)
+    # one element differs after masking: ((0 - 2) * 0.5)^2 = 1, over all 8 elements of the batch
+    assert torch.allclose(denoising_loss(pred, target, region), torch.tensor(1.0 / 8))
+    assert torch.allclose(denoising_loss(pred, target), torch.tensor(4.0))  # the other half of the batches
+
+
+def test_localization_loss_averages_like_upstream():
+    """Per example: sum over its subjects / its count (+1e-5); mean over batch x heads with
+    subject-less examples as 0; mean over layers."""
+    from training.losses import localization_loss
+
+    attention = torch.zeros(2, 2, 4, 2)  # (B, heads, Q = 2x2, N)
+    attention[0, 0, :, 0] = torch.tensor([0.5, 0.5, 0.0, 0.0])  # subject 0 (top row), head 0: 0 - 0.5 = -0.5
+    attention[0, 1, :, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # head 1: 0.5 - 0 = +0.5
+    attention[0, 0, :, 1] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # subject 1 (top left), head 0: 0 - 1 = -1
+    attention[0, 1, :, 1] = torch.tensor([0.0, 0.3, 0.3, 0.3])  # head 1: 0.3 - 0 = +0.3
+    attention[1] = 0.7  # example 1 has no subject: whatever it attends, it counts 0
+    masks = torch.zeros(2, 2, 2, 2)
+    masks[0, 0, 0, :] = 1
+    masks[0, 1, 0, 0] = 1
+    valid = torch.tensor([[True, True], [False, False]])
+    # example 0: head 0 (-0.5 - 1) / 2 = -0.75, head 1 (0.5 + 0.3) / 2 = 0.4; example 1: 0, 0
+    one_layer = (-0.75 + 0.4 + 0 + 0) / 4  # = -0.0875 (averaging over all subjects would give -0.175)
+    assert torch.allclose(localization_loss({"a": attention}, masks, valid), torch.tensor(one_layer), atol=1e-4)
+    uniform = torch.full_like(attention, 0.25)  # a layer whose maps do not localise: 0
+    loss = localization_loss({"a": attention, "b": uniform}, masks, valid)
+    assert torch.allclose(loss, torch.tensor(one_layer / 2), atol=1e-4)
 
 
 def test_checkpoint_round_trip_and_latest(model_paths, shards, tmp_path):
     components = load(model_paths)
     model = components.model
     cfg = config(model_paths, shards, tmp_path)
-    step = TrainStep(model, build_optimizer(model, cfg), cfg, torch.device("cpu"))
-    step([subject_batch(components, shards)])
+    optimizer = build_optimizer(model, cfg)
+    model(subject_batch(components, shards))["loss"].backward()
+    optimizer.step()
     for n in (1, 12):
-        save_checkpoint(model, step.optimizer, n, cfg.to_dict(), tmp_path / "run" / f"checkpoint-{n:08d}", {"loss": 1.0})
+        save_checkpoint(model, optimizer, n, cfg.to_dict(), tmp_path / "run" / f"checkpoint-{n:08d}", {"loss": 1.0})
     (tmp_path / "run" / "checkpoint-99999999").mkdir()  # unfinished: no trainer_state.json
     latest = latest_checkpoint(tmp_path)
     assert latest == tmp_path / "run" / "checkpoint-00000012"
     assert read_state(latest)["config"]["resolution"] == RESOLUTION
     fresh = load(model_paths).model
-    optimizer = build_optimizer(fresh, cfg)
-    state = load_checkpoint(latest, fresh, optimizer)
+    fresh_optimizer = build_optimizer(fresh, cfg)
+    state = load_checkpoint(latest, fresh, fresh_optimizer)
     assert state["step"] == 12
     for (name, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
         assert torch.equal(a, b), name
-    assert optimizer.state_dict()["state"].keys() == step.optimizer.state_dict()["state"].keys()
-    assert len(optimizer.state_dict()["state"]) == len(model.trainable_parameters())
+    assert fresh_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    assert len(fresh_optimizer.state_dict()["state"]) == len(model.trainable_parameters())
+
+
+def test_sampler_schedule_is_upstreams():
+    """PNDM as SD1.5 configures it, 50 steps, guidance 5; text-only while i <= int((1 - alpha) T)."""
+    import inspect
+
+    from diffusers import PNDMScheduler
+
+    from training.sampler import FastComposerSampler, make_scheduler, start_merge_step
+
+    assert start_merge_step(0.7, 50) == 15  # steps 0..15 text-only: (1 - 0.7) * 50 = 15.000000000000002
+    assert start_merge_step(0.8, 50) == 9  # (1 - 0.8) * 50 = 9.999999999999998: upstream's i <= 9.99.. stops at 9 too
+    assert start_merge_step(1.0, 50) == 0  # step 0 stays text-only, as upstream
+    assert start_merge_step(0.0, 50) == 50  # every step text-only
+    tiny_like = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "steps_offset": 0}
+    scheduler = make_scheduler("pndm", tiny_like)
+    assert isinstance(scheduler, PNDMScheduler)
+    assert (scheduler.config.skip_prk_steps, scheduler.config.steps_offset, scheduler.config.set_alpha_to_one) == (
+        True, 1, False)
+    scheduler.set_timesteps(50)
+    # PLMS only: timesteps 20k + 1 (k = 49..0) with the second repeated -> 51 model calls
+    assert scheduler.timesteps[:4].tolist() == [981, 961, 961, 941] and scheduler.timesteps[-1] == 1
+    assert len(scheduler.timesteps) == 51
+    defaults = inspect.signature(FastComposerSampler.generate).parameters
+    assert (defaults["steps"].default, defaults["guidance_scale"].default, defaults["alpha"].default,
+            defaults["scheduler"].default) == (50, 5.0, 0.7, "pndm")
+    assert type(make_scheduler("ddim", tiny_like)).__name__ == "DDIMScheduler"
 
 
 def test_sampler_generates_with_delayed_subject_conditioning(model_paths, shards, tmp_path, sample_source):
@@ -196,12 +254,16 @@ def test_sampler_generates_with_delayed_subject_conditioning(model_paths, shards
     from cli.main import main
     from training.sampler import FastComposerSampler, SamplerError, Subject
 
-    components = load(model_paths)
-    cfg = config(model_paths, shards, tmp_path)
-    TrainStep(components.model, build_optimizer(components.model, cfg), cfg, torch.device("cpu"))(
-        [subject_batch(components, shards)])
-    save_checkpoint(components.model, None, 1, cfg.to_dict(), tmp_path / "run" / "checkpoint-00000001")
+    cfg = config(model_paths, shards, tmp_path / "run", steps=1)
+    lines = []
+    train_loop(cfg, LocalContext(cfg), print_fn=lines.append)
+    assert any("subject crops augmented in the loader" in line for line in lines)  # CPU: auto -> loader
     sampler = FastComposerSampler.from_checkpoint(tmp_path / "run", device="cpu")
+    # the unconditional branch is the empty negative prompt, tokenized as diffusers does
+    empty = sampler.subject_tokenizer.tokenizer("", padding="max_length", max_length=77, truncation=True,
+                                                return_tensors="pt").input_ids
+    null, _, _ = sampler.conditioning("a woman on the beach", [])
+    assert torch.equal(null, sampler.model.encode_text(empty))
     photo = Image.open(sample_source / "in-the-wild-images/00000/00000.png").convert("RGB")
     subjects = [Subject("woman", photo)]
     prompt = "a woman on the beach"

@@ -19,6 +19,22 @@ from typing import Any
 DEFAULT_LOCALIZATION_LAYERS = ("down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2")
 MIXED_PRECISION = ("auto", "fp32", "bf16")
 BAD_SAMPLE_POLICIES = ("raise", "warn")
+# The two training recipes (docs/training.md): what each sets unless the setting is given itself.
+RECIPES = {
+    "paper": {"text_only_prob": 0.1},  # the paper's text: 10% of examples text-only
+    "released": {"text_only_prob": 0.0},  # the released run_training.sh never passes --text_only_prob
+}
+SEGMENT_MAP_RESIZES = ("nearest", "upstream")
+AUGMENT_PLACES = ("auto", "loader", "device")
+
+
+def setting(default: Any, help: str, *, cli: bool = False, option: str | None = None, choices=None, **kw: Any) -> Any:
+    """A TrainConfig field with its help text; ``cli=True`` makes it a ``train`` option
+    (``--field-name`` or ``--option``), see :mod:`training.train_command`."""
+    metadata = {"help": help, "cli": cli, "option": option, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 class ConfigError(ValueError):
@@ -33,52 +49,69 @@ class TrainConfig:
     image_encoder: str  # CLIPVisionModelWithProjection folder / hub id (+ its image processor config)
 
     # optimisation (reference run: lr 1e-5 constant, AdamW wd 1e-2, clip 1.0, batch 8 GPUs x 16)
-    steps: int = 150_000
-    batch_size: int = 16  # per worker
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    steps: int = setting(150_000, "train until this optimizer step", cli=True)
+    batch_size: int = setting(16, "examples per worker per micro-batch", cli=True)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", cli=True)
+    lr: float = setting(1e-5, "learning rate, constant", cli=True)
+    weight_decay: float = setting(1e-2, "AdamW weight decay")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.999, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    max_grad_norm: float = setting(1.0, "gradient norm clip")
+    mixed_precision: str = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", cli=True, choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = setting(False, "trade compute for U-Net memory", cli=True)
+    seed: int = setting(0, "random seed", cli=True)
 
     # data (DESIGN §6 sampling policy)
-    resolution: int = 512
-    max_subjects: int = 4
-    object_types: tuple[str, ...] = ("person",)
-    uncond_prob: float = 0.1
-    text_only_prob: float = 0.1
-    subject_keep_prob: float = 0.9
-    augment_subjects: bool = True
-    split: str | None = "train"  # train only on records of this split; None: every record
-    loader_workers: int = 4  # DataLoader processes per training worker
-    shuffle_buffer: int = 256  # samples
-    bad_samples: str = "raise"  # raise: stop on an unreadable sample; warn: log it (shard, key, why) and skip
+    recipe: str = setting("paper", "paper: 10% text-only examples, as the paper says; released: none, as the "
+                          "released training script ran", cli=True, choices=tuple(RECIPES))
+    resolution: int = setting(512, "training image size in pixels", cli=True)
+    max_subjects: int = setting(4, "subjects per example at most", cli=True)
+    object_types: tuple[str, ...] = setting(("person",), "COCO labels whose segments can be subjects")
+    uncond_prob: float = setting(0.1, "share of examples with empty caption and no subjects")
+    text_only_prob: float | None = setting(None, "share of text-only examples (default: the recipe's)")
+    subject_keep_prob: float = setting(0.9, "each subject kept with this probability")
+    augment_subjects: bool = setting(True, "augment subject crops (zoom-in, rotation, colour, blur, ...)")
+    augment_subjects_on: str = setting(
+        "auto", "where subject crops are augmented: loader workers, or the training device after collate "
+        "(auto: device on GPU, loader on CPU)", cli=True, choices=AUGMENT_PLACES)
+    drop_cropped_subjects: bool = setting(
+        True, "a subject whose segment the square target crop cut away entirely does not condition "
+        "(upstream keeps it, with an empty mask)")
+    segment_map_resize: str = setting(
+        "nearest", "nearest: every resize of the segment map samples the nearest pixel centre; upstream: "
+        "torchvision NEAREST, then bilinear with the image for portrait images, as released",
+        choices=SEGMENT_MAP_RESIZES)
+    split: str | None = setting("train", "train only on records of this split; None: every record")
+    loader_workers: int = setting(4, "DataLoader processes per worker", cli=True)
+    shuffle_buffer: int = setting(256, "samples in the shuffle buffer")
+    bad_samples: str = setting("raise", "raise: stop on an unreadable sample; warn: log it (shard, key, why) "
+                               "and skip", choices=BAD_SAMPLE_POLICIES)
 
     # losses
-    localization_weight: float = 1e-3
-    localization_layers: tuple[str, ...] = DEFAULT_LOCALIZATION_LAYERS
-    object_region_prob: float = 0.5  # batches whose denoising MSE is taken inside the subject masks only
-    image_encoder_trainable_blocks: int = 2
+    localization_weight: float = setting(1e-3, "weight of the localization loss", cli=True)
+    localization_layers: tuple[str, ...] = setting(DEFAULT_LOCALIZATION_LAYERS, "U-Net blocks whose cross-attention is hooked")
+    object_region_prob: float = setting(0.5, "share of batches whose denoising MSE is masked to the subjects")
+    image_encoder_trainable_blocks: int = setting(2, "last vision-encoder blocks that train")
 
     # checkpoints and logs
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 1
+    checkpoint_every: int = setting(1000, "steps between checkpoints", cli=True)
+    keep_checkpoints: int = setting(3, "checkpoints kept", cli=True)
+    log_every: int = setting(1, "steps between log lines", cli=True)
 
     # Ray Train
-    num_workers: int = 1
-    use_gpu: bool = False
-    max_failures: int = 3
-    run_name: str = "fastcomposer"
+    num_workers: int = setting(1, "Ray Train workers (one per GPU with --gpu)", cli=True, option="workers")
+    use_gpu: bool = setting(False, "one GPU per worker, NCCL, bf16 autocast", cli=True, option="gpu")
+    max_failures: int = setting(3, "worker-group restarts from the last checkpoint", cli=True)
+    run_name: str = setting("fastcomposer", "Ray Train run name under OUT", cli=True)
 
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with checkpoints
+    extra: dict[str, Any] = setting({}, "free-form notes stored with checkpoints")
 
     def __post_init__(self) -> None:
+        if self.recipe in RECIPES:
+            for name, value in RECIPES[self.recipe].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         self.shards = [str(s) for s in self.shards]
         self.object_types = tuple(self.object_types)
         self.localization_layers = tuple(self.localization_layers)
@@ -99,6 +132,11 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (-1 if name == "max_failures" else 0):
                 fail(name, f"must be a non-negative integer, got {v!r}")
+        if self.recipe not in RECIPES:
+            fail("recipe", f"must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        for name, options in (("segment_map_resize", SEGMENT_MAP_RESIZES), ("augment_subjects_on", AUGMENT_PLACES)):
+            if getattr(self, name) not in options:
+                fail(name, f"must be one of {options}, got {getattr(self, name)!r}")
         for name in ("uncond_prob", "text_only_prob", "subject_keep_prob", "object_region_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -122,6 +160,15 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 fail(name, f"must be a non-empty string, got {getattr(self, name)!r}")
         return self
+
+    def subject_augmentation_place(self, device_type: str) -> str | None:
+        """Where subject crops are augmented when training on ``device_type``: ``"loader"``,
+        ``"device"`` (after collate, in the training step) or None (not augmented)."""
+        if not self.augment_subjects:
+            return None
+        if self.augment_subjects_on == "auto":
+            return "device" if device_type == "cuda" else "loader"
+        return self.augment_subjects_on
 
     # ---- conversions --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The per-worker training loop, written out in the style of diffusers' training examples.
+"""The per-worker training loop, written top to bottom as diffusers' training examples are.
 
-Each worker (a Ray Train worker, see :mod:`training.ray_train`) runs :func:`train_loop`:
+Each worker (a Ray Train worker, see :mod:`training.ray_train`, or one local process with
+:class:`LocalContext`) runs :func:`train_loop`:
 
 1. load the models (:class:`~training.model.FastComposerModel`), move them to the worker's device;
    on GPU the frozen parts are stored in bf16 and the forward pass runs under bf16 autocast, on
@@ -10,9 +11,10 @@ Each worker (a Ray Train worker, see :mod:`training.ray_train`) runs :func:`trai
 4. wrap the model for distributed data parallel (the context's ``prepare``);
 5. stream batches (:mod:`training.loader`; the shard order is re-seeded with the resume step so
    a resumed run does not replay the same data);
-6. per step: ``grad_accum`` micro-batches (gradients synchronised on the last one only), clip the
-   gradient norm to 1.0, optimizer step; log every term of the loss, samples/s, learning rate,
-   and the time spent waiting for data vs computing;
+6. per step: ``grad_accum`` micro-batches (moved to the device; subject crops augmented there
+   when :meth:`TrainConfig.subject_augmentation_place` says so; gradients synchronised on the
+   last one only), clip the gradient norm to 1.0, optimizer step; log every term of the loss,
+   samples/s, learning rate, and the time spent waiting for data vs computing;
 7. every ``checkpoint_every`` steps and at the end: rank 0 writes a checkpoint
    (:mod:`training.checkpoint`) and the context reports it (Ray Train persists it).
 """
@@ -22,29 +24,31 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from training.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.collate import batch_to
 from training.config import TrainConfig
 from training.loader import loader_from_config
 from training.model import FastComposerModel
 from training.preprocess import ExamplePreprocessor
+from training.subject_augment import SubjectAugmenter
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "denoise_loss", "localization_loss", "object_region")
 TRAIN_LOG = "train_log.jsonl"
+AUGMENT_WHERE = {"loader": "in the loader", "device": "on the training device after collate", None: "never"}
 
 
 class WorkerContext(Protocol):
-    """What the loop needs from the process that runs it (Ray Train provides it)."""
+    """What the loop needs from the process that runs it (Ray Train or :class:`LocalContext`)."""
 
     rank: int
     world_size: int
@@ -53,6 +57,34 @@ class WorkerContext(Protocol):
     def resume_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module: ...
     def report(self, metrics: dict, checkpoint_dir: Path | None, step: int) -> None: ...
+
+
+class LocalContext:
+    """One process, no Ray: resumes from and writes checkpoints to ``cfg.out`` itself."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, cfg: TrainConfig, device: str | torch.device = "cpu"):
+        self.out = Path(cfg.out)
+        self.keep = cfg.keep_checkpoints
+        self.device = torch.device(device)
+        self.model: torch.nn.Module | None = None  # the model being trained, for callers that inspect it
+
+    @contextlib.contextmanager
+    def resume_checkpoint(self) -> Iterator[Path | None]:
+        yield latest_checkpoint(self.out)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        self.model = model
+        return model
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None, step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        shutil.copytree(checkpoint_dir, self.out / f"checkpoint-{step:08d}", dirs_exist_ok=True)
+        kept = sorted(self.out.glob("checkpoint-*"))
+        for old in kept[: max(0, len(kept) - self.keep)]:
+            shutil.rmtree(old)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -71,72 +103,12 @@ def build_optimizer(model: FastComposerModel, cfg: TrainConfig) -> torch.optim.A
     )
 
 
-@dataclass
-class StepResult:
-    terms: dict[str, float]  # mean over micro-batches (and workers, when distributed)
-    grad_norm: float
-    subjects_per_example: float
-
-
-class TrainStep:
-    """One optimizer step over ``grad_accum`` micro-batches."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                 device: torch.device, world_size: int = 1):
-        self.model = model  # possibly DDP-wrapped
-        self.optimizer = optimizer
-        self.cfg = cfg
-        self.device = device
-        self.world_size = world_size
-        self.amp_dtype = autocast_dtype(cfg, device)
-        self.parameters = unwrap(model).trainable_parameters()
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def __call__(self, micro_batches: list[dict]) -> StepResult:
-        self.model.train()
-        totals = torch.zeros(len(LOSS_TERMS), device=self.device)
-        subjects = 0.0
-        for i, batch in enumerate(micro_batches):
-            batch = batch_to(batch, self.device, non_blocking=True)
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
-                with self.autocast():
-                    out = self.model(batch)
-                (out["loss"] / len(micro_batches)).backward()
-            totals += torch.stack([out[k].detach().float() for k in LOSS_TERMS])
-            subjects += float(batch["num_subjects"].float().mean())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.max_grad_norm)
-        if torch.isfinite(grad_norm):  # (same on every worker: DDP averaged the gradients)
-            self.optimizer.step()
-        else:
-            log.warning("non-finite gradient norm (%s): optimizer step skipped", float(grad_norm))
-        self.optimizer.zero_grad(set_to_none=True)
-        totals /= len(micro_batches)
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(totals)
-            totals /= self.world_size
-        terms = dict(zip(LOSS_TERMS, totals.tolist(), strict=True))
-        return StepResult(terms, float(grad_norm), subjects / len(micro_batches))
-
-
-def _timed_batches(loader_iter: Iterator[dict], n: int) -> tuple[list[dict], float]:
-    start = time.perf_counter()
-    batches = [next(loader_iter) for _ in range(n)]
-    return batches, time.perf_counter() - start
-
-
-def format_log_line(step: int, total: int, result: StepResult, samples_per_s: float, lr: float,
-                    data_s: float, compute_s: float) -> str:
-    t = result.terms
+def format_log_line(step: int, total: int, terms: dict[str, float], subjects_per_example: float, grad_norm: float,
+                    samples_per_s: float, lr: float, data_s: float, compute_s: float) -> str:
     return (
-        f"step {step}/{total}  loss {t['loss']:.4f}  mse {t['denoise_loss']:.4f}  "
-        f"loc {t['localization_loss']:+.5f}  object-region {t['object_region']:.2f}  "
-        f"subjects/ex {result.subjects_per_example:.2f}  grad-norm {result.grad_norm:.3f}  "
+        f"step {step}/{total}  loss {terms['loss']:.4f}  mse {terms['denoise_loss']:.4f}  "
+        f"loc {terms['localization_loss']:+.5f}  object-region {terms['object_region']:.2f}  "
+        f"subjects/ex {subjects_per_example:.2f}  grad-norm {grad_norm:.3f}  "
         f"{samples_per_s:.2f} samples/s  lr {lr:.2e}  data {data_s:.3f}s  compute {compute_s:.3f}s"
     )
 
@@ -150,6 +122,7 @@ def train_loop(
     is_main = ctx.rank == 0
     torch.manual_seed(cfg.seed + ctx.rank)
 
+    # 1. models
     components = FastComposerModel.from_config(cfg)
     model = components.model
     model.to(device)
@@ -158,8 +131,12 @@ def train_loop(
         model.cast_frozen(amp)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
+    parameters = model.trainable_parameters()
+
+    # 2. optimizer
     optimizer = build_optimizer(model, cfg)
 
+    # 3. resume
     start_step = 0
     with ctx.resume_checkpoint() as resume_dir:
         if resume_dir is not None:
@@ -172,45 +149,83 @@ def train_loop(
             print_fn(f"Already at step {start_step} (steps={cfg.steps}): nothing to train")
         return start_step
 
+    # 4. distributed wrapper
     wrapped = ctx.prepare(model)
-    step_fn = TrainStep(wrapped, optimizer, cfg, device, ctx.world_size)
-    preprocessor = ExamplePreprocessor.from_config(cfg, components.tokenizer, components.subject_size, seed=cfg.seed)
+
+    # 5. data
+    augment_on = cfg.subject_augmentation_place(device.type)
+    augment = SubjectAugmenter() if augment_on == "device" else None
+    preprocessor = ExamplePreprocessor.from_config(cfg, components.tokenizer, components.subject_size, seed=cfg.seed,
+                                                   device_type=device.type)
     loader = loader_from_config(cfg, preprocessor, seed=cfg.seed + start_step, pin_memory=device.type == "cuda")
     batches = iter(loader)
+
     global_batch = cfg.batch_size * cfg.grad_accum * ctx.world_size
     log_path = Path(cfg.out) / TRAIN_LOG
     if is_main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         print_fn(
-            f"Training {sum(p.numel() for p in model.trainable_parameters()):,} parameters "
+            f"Training {sum(p.numel() for p in parameters):,} parameters "
             f"(U-Net, fusion MLP, last {model.trainable_vision_blocks} vision blocks) on {ctx.world_size} worker(s), "
             f"{device}, {'bf16 autocast' if amp else 'fp32'}; global batch {global_batch}; "
-            f"localization on {len(model.hooked_layers)} cross-attention layers; steps {start_step} -> {cfg.steps}"
+            f"localization on {len(model.hooked_layers)} cross-attention layers; subject crops augmented "
+            f"{AUGMENT_WHERE[augment_on]}; steps {start_step} -> {cfg.steps}"
         )
 
+    # 6. steps
     step = start_step
+    wrapped.train()
     while step < cfg.steps:
         step_start = time.perf_counter()
-        micro, data_s = _timed_batches(batches, cfg.grad_accum)
-        compute_start = time.perf_counter()
-        result = step_fn(micro)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        compute_s = time.perf_counter() - compute_start
+        data_s = 0.0
+        totals = torch.zeros(len(LOSS_TERMS), device=device)
+        subjects = 0.0
+        for i in range(cfg.grad_accum):
+            t = time.perf_counter()
+            batch = next(batches)
+            data_s += time.perf_counter() - t
+            batch = batch_to(batch, device, non_blocking=True)
+            if augment is not None:
+                batch["subject_pixel_values"] = augment(batch["subject_pixel_values"], batch["subject_valid"])
+            last = i == cfg.grad_accum - 1
+            # DDP: synchronise gradients on the last micro-batch only
+            sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+                    out = wrapped(batch)
+                (out["loss"] / cfg.grad_accum).backward()
+            totals += torch.stack([out[k].detach().float() for k in LOSS_TERMS])
+            subjects += float(batch["num_subjects"].float().mean())
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
+        if torch.isfinite(grad_norm):  # (same on every worker: DDP averaged the gradients)
+            optimizer.step()
+        else:
+            log.warning("non-finite gradient norm (%s): optimizer step skipped", float(grad_norm))
+        optimizer.zero_grad(set_to_none=True)
+        totals /= cfg.grad_accum
+        if ctx.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+            totals /= ctx.world_size
+        terms = dict(zip(LOSS_TERMS, totals.tolist(), strict=True))  # (.tolist() waits for the device)
         step += 1
         if after_step is not None:  # fault drills (fixtures.failure_hooks); None in a real run
             after_step(step, ctx.rank)
+
+        # logs
         elapsed = time.perf_counter() - step_start
         lr = optimizer.param_groups[0]["lr"]
         if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             samples_per_s = global_batch / elapsed
-            print_fn(format_log_line(step, cfg.steps, result, samples_per_s, lr, data_s, compute_s))
-            entry = {"step": step, **result.terms, "grad_norm": result.grad_norm, "samples_per_s": samples_per_s,
-                     "lr": lr, "data_s": data_s, "compute_s": compute_s, "time": time.time()}
+            print_fn(format_log_line(step, cfg.steps, terms, subjects / cfg.grad_accum, float(grad_norm),
+                                     samples_per_s, lr, data_s, elapsed - data_s))
+            entry = {"step": step, **terms, "grad_norm": float(grad_norm), "samples_per_s": samples_per_s,
+                     "lr": lr, "data_s": data_s, "compute_s": elapsed - data_s, "time": time.time()}
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+        # 7. checkpoints
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            metrics = {"step": step, **result.terms}
+            metrics = {"step": step, **terms}
             with tempfile.TemporaryDirectory(prefix=f"checkpoint-{step:08d}-") as tmp:
                 folder = None
                 if is_main:

@@ -3,9 +3,11 @@
 Steps, in order: keep the segments that carry a phrase and whose COCO label is a configured object
 type; draw the condition (unconditional / text-only / subjects, each subject kept with p, at most
 N); bring image and segment map to ``resolution``² jointly (:mod:`training.target_transform`)
-and drop subjects that the square crop cut away entirely; cut each kept subject's
-background-noised crop (:mod:`training.subject_crops`); tokenize the caption and find each
-subject's last phrase token (:mod:`training.subject_tokens`); pad the subject tensors to N.
+and (``drop_cropped_subjects``, our default) drop subjects that the square crop cut away
+entirely; cut each kept subject's background-noised, zoomed crop (:mod:`training.subject_crops`)
+and, when augmenting in the loader, augment the example's crops together
+(:mod:`training.subject_augment`); tokenize the caption and find each subject's last phrase
+token (:mod:`training.subject_tokens`); pad the subject tensors to N.
 
 Example fields (tensors unless noted; images stay uint8 until they reach the model, a quarter
 of the bytes through loader workers' shared memory and host-to-device copies):
@@ -13,7 +15,8 @@ of the bytes through loader workers' shared memory and host-to-device copies):
 =========================  =====================  =============================================
 ``pixel_values``           uint8 (3, R, R)        target image (the model maps it to [-1, 1])
 ``input_ids``              int64 (77,)            caption tokens (empty caption if unconditional)
-``subject_pixel_values``   uint8 (N, 3, S, S)     subject crops; zeros where no subject
+``subject_pixel_values``   uint8 (N, 3, S, S)     subject crops; zeros where no subject (not yet
+                                                  augmented when ``augment_subjects="device"``)
 ``subject_masks``          bool (N, R, R)         subject segments in the target; False padding
 ``subject_token_index``    int64 (N,)             index of each subject's token in input_ids (0 pad)
 ``subject_valid``          bool (N,)              which of the N slots hold a subject
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from datagen.record.schema import Record
+from training.subject_augment import SubjectAugmenter
 from training.subject_crops import SubjectCropper
 from training.subject_policy import UNCONDITIONAL, SubjectDropPolicy, subject_candidates
 from training.subject_tokens import SubjectTokenizer
@@ -51,11 +55,21 @@ class ExamplePreprocessor:
         max_subjects: int = 4,
         object_types: tuple[str, ...] = ("person",),
         policy: SubjectDropPolicy | None = None,
-        augment_subjects: bool = True,
+        augment_subjects: bool | str = True,
         seed: int | None = None,
+        drop_cropped_subjects: bool = True,
+        segment_map_resize: str = "nearest",
     ):
+        """``augment_subjects``: True or ``"loader"``: zoom-in and augmentations here; ``"device"``:
+        zoom-in here, the augmentations later on the batch (:meth:`SubjectAugmenter.__call__`);
+        False: neither."""
+        if augment_subjects not in (True, False, "loader", "device"):
+            raise ValueError(f"augment_subjects must be True, False, 'loader' or 'device', got {augment_subjects!r}")
         self.subject_tokenizer = SubjectTokenizer(tokenizer)
-        self.cropper = SubjectCropper(subject_size, augment=augment_subjects)
+        self.cropper = SubjectCropper(subject_size, zoom=bool(augment_subjects), seed=seed)
+        self.augmenter = SubjectAugmenter() if augment_subjects in (True, "loader") else None
+        self.drop_cropped_subjects = drop_cropped_subjects
+        self.segment_map_resize = segment_map_resize
         self.resolution = int(resolution)
         self.max_subjects = int(max_subjects)
         self.object_types = tuple(object_types)
@@ -65,13 +79,18 @@ class ExamplePreprocessor:
         self.rng = random.Random(seed)
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, subject_size: int, seed: int | None = None) -> ExamplePreprocessor:
+    def from_config(cls, cfg, tokenizer, subject_size: int, seed: int | None = None,
+                    device_type: str = "cpu") -> ExamplePreprocessor:
+        """``device_type``: the training device's, which decides where crops are augmented
+        (``cfg.subject_augmentation_place``)."""
+        augment_on = cfg.subject_augmentation_place(device_type)
         policy = SubjectDropPolicy(cfg.uncond_prob, cfg.text_only_prob, cfg.subject_keep_prob, cfg.max_subjects)
         return cls(tokenizer, subject_size, cfg.resolution, cfg.max_subjects, cfg.object_types, policy,
-                   cfg.augment_subjects, seed)
+                   augment_on or False, seed, cfg.drop_cropped_subjects, cfg.segment_map_resize)
 
     def reseed(self, seed: int) -> None:
         self.rng.seed(seed)
+        self.cropper.reseed(seed)
 
     def __call__(self, image: torch.Tensor, segment_map: np.ndarray, record: Record) -> dict:
         """``image``: uint8 (3, H, W) at the record's size; ``segment_map``: (H, W) segment ids."""
@@ -85,10 +104,10 @@ class ExamplePreprocessor:
         caption = "" if condition == UNCONDITIONAL else record.caption
 
         flip = self.rng.random() < 0.5
-        target, target_map = square_target(image, segment_map, self.resolution, flip)
-        # A subject cropped out of the square target cannot be localised: it does not condition.
+        target, target_map = square_target(image, segment_map, self.resolution, flip, self.segment_map_resize)
         masks = {s.id: target_map == s.id for s in subjects}
-        subjects = [s for s in subjects if masks[s.id].any()]
+        if self.drop_cropped_subjects:  # cropped out of the square target: cannot be localised, does not condition
+            subjects = [s for s in subjects if masks[s.id].any()]
 
         input_ids, positions = self.subject_tokenizer(caption, [s.end for s in subjects])
         subjects = [s for s, p in zip(subjects, positions, strict=True) if p is not None]
@@ -102,10 +121,12 @@ class ExamplePreprocessor:
         segment_ids = torch.zeros(n, dtype=torch.long)
         for slot, (segment, position) in enumerate(zip(subjects, positions, strict=True)):
             subject_pixels[slot] = self.cropper(image, segment_map, segment.id, segment.bbox)
-            subject_masks[slot] = torch.from_numpy(masks[segment.id])
+            subject_masks[slot] = masks[segment.id]
             token_index[slot] = position
             valid[slot] = True
             segment_ids[slot] = segment.id
+        if self.augmenter is not None and subjects:
+            subject_pixels[: len(subjects)] = self.augmenter(subject_pixels[: len(subjects)])
 
         return {
             "pixel_values": target,

@@ -1,9 +1,15 @@
 """Generate an image from a trained checkpoint, a prompt and subject photos.
 
-Delayed subject conditioning (FastComposer §4.3): the first ``(1 − alpha)`` of the denoising steps
-use the plain text conditioning, so the layout follows the prompt; the remaining ``alpha`` use the
-subject-augmented conditioning, so the subjects' identities fill it in. Classifier-free guidance
-uses the empty caption as the unconditional branch (the trainer drops 10% of captions for it).
+As the released pipeline samples (``fastcomposer/pipeline.py``, ``scripts/run_inference.sh``):
+SD1.5's default scheduler, PNDM (PLMS steps only: ``skip_prk_steps``, ``steps_offset`` 1), 50
+steps, classifier-free guidance 5 with the empty caption as the unconditional branch (the
+trainer drops 10% of captions for it). DDIM is an option (``scheduler="ddim"``).
+
+Delayed subject conditioning (FastComposer §4.3): step ``i`` of the scheduler's timesteps uses the
+plain text conditioning while ``i <= start_merge_step``, ``start_merge_step = int((1 − alpha) · T)``
+(the pipeline's ``i <= (1 - alpha_) * num_inference_steps``, in integers), so the layout follows
+the prompt; the later steps use the subject-augmented conditioning, so the subjects' identities
+fill it in. Note that step 0 is text-only even with alpha = 1, as upstream.
 
 Each subject binds to a word of the prompt (``("man", photo)``): the word's first free occurrence,
 matched as a whole word; the subject's token is the last token of that word. The photo is used
@@ -27,9 +33,29 @@ from training.model import FastComposerModel
 from training.subject_crops import SubjectCropper
 from training.subject_tokens import SubjectTokenizer
 
+SCHEDULERS = ("pndm", "ddim")
+# SD1.5's scheduler_config.json: PNDMScheduler with these (betas come from the model's own config)
+SD15_PNDM = {"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}
+
 
 class SamplerError(ValueError):
     """Bad sampler input; the message says which input and what is wrong."""
+
+
+def start_merge_step(alpha: float, steps: int) -> int:
+    """Last step index that uses text-only conditioning (upstream: ``i <= (1 - alpha) * steps``)."""
+    return int((1.0 - alpha) * steps)
+
+
+def make_scheduler(name: str, config):
+    """The sampling scheduler built on the model's noise-schedule ``config``."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    if name == "pndm":
+        return PNDMScheduler.from_config(config, **SD15_PNDM)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    raise SamplerError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
 
 
 def bind_subjects(prompt: str, words: list[str]) -> list[int]:
@@ -73,7 +99,7 @@ class FastComposerSampler:
         self.model = model.eval()
         self.device = torch.device(device)
         self.subject_tokenizer = SubjectTokenizer(tokenizer)
-        self.cropper = SubjectCropper(subject_size, augment=False)
+        self.cropper = SubjectCropper(subject_size, zoom=False)
         self.resolution = resolution
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
@@ -99,7 +125,7 @@ class FastComposerSampler:
         for image in images:
             array = np.asarray(image.convert("RGB"))
             tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
-            crops.append(self.cropper.finish(tensor, augment=False))
+            crops.append(self.cropper.finish(tensor))
         return torch.stack(crops).unsqueeze(0)  # (1, N, 3, S, S)
 
     @torch.no_grad()
@@ -124,9 +150,8 @@ class FastComposerSampler:
 
     @torch.no_grad()
     def generate(self, prompt: str, subjects: list[Subject], *, steps: int = 50, guidance_scale: float = 5.0,
-                 alpha: float = 0.7, seed: int = 0, resolution: int | None = None) -> Image.Image:
-        from diffusers import DDIMScheduler
-
+                 alpha: float = 0.7, seed: int = 0, resolution: int | None = None,
+                 scheduler: str = "pndm") -> Image.Image:
         if not 0.0 <= alpha <= 1.0:
             raise SamplerError(f"alpha must be in [0, 1], got {alpha}")
         if steps < 1:
@@ -136,21 +161,21 @@ class FastComposerSampler:
             raise SamplerError(f"resolution must be a multiple of 8, got {size}")
         model, dev = self.model, self.device
         null, text, augmented = self.conditioning(prompt, subjects)
-        scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
-        scheduler.set_timesteps(steps, device=dev)
+        sched = make_scheduler(scheduler, model.noise_scheduler.config)
+        sched.set_timesteps(steps, device=dev)
         generator = torch.Generator("cpu").manual_seed(seed)
         channels = model.unet.config.in_channels
         latents = torch.randn((1, channels, size // 8, size // 8), generator=generator).to(dev)
-        latents = latents * scheduler.init_noise_sigma
-        first_subject_step = round((1.0 - alpha) * len(scheduler.timesteps))
-        for i, t in enumerate(scheduler.timesteps):
-            cond = text if i < first_subject_step else augmented
-            latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        latents = latents * sched.init_noise_sigma
+        last_text_step = start_merge_step(alpha, steps)
+        for i, t in enumerate(sched.timesteps):  # PNDM: steps + 1 timesteps, as upstream iterates them
+            cond = text if i <= last_text_step else augmented
+            latent_in = sched.scale_model_input(torch.cat([latents, latents]), t)
             with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 noise = model.unet(latent_in, t, encoder_hidden_states=torch.cat([null, cond])).sample.float()
             uncond, conditioned = noise.chunk(2)
             noise = uncond + guidance_scale * (conditioned - uncond)
-            latents = scheduler.step(noise, t, latents).prev_sample
+            latents = sched.step(noise, t, latents).prev_sample
         vae_dtype = next(model.vae.parameters()).dtype
         image = model.vae.decode((latents / model.vae.config.scaling_factor).to(vae_dtype)).sample.float()
         image = ((image[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

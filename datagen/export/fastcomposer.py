@@ -57,7 +57,13 @@ from datagen.shards.reader import ShardError, decode_segment_map, iter_members
 
 ID_LISTS = ("image_ids.txt", "image_ids_train.txt", "image_ids_test.txt")
 SUMMARY = "export_summary.json"
-SEGMAP_DTYPES = ("auto", "uint8", "uint16", "int32", "int64")
+SEGMAP_DTYPES = ("auto", "uint8", "int32", "int64")  # each one upstream's loader reads
+# Refused, with the reason: upstream's TrainTransformWithSegmap does torch.cat([uint8 image, map]).
+UNREADABLE_SEGMAP_DTYPES = {
+    "uint16": "FastComposer's loader cannot read uint16 maps: it concatenates the uint8 image with the map "
+              "(torch.cat), and torch does not promote uint8 with uint16; use auto (uint8, or int32 when an id "
+              "exceeds 255), uint8, int32 or int64",
+}
 EXPORTED_EXTS = ("jpg", "json", "npy")
 _ID_RE = re.compile(r"[0-9]+")  # ASCII only (re's [0-9] never matches other scripts' digits)
 _MEMBER_RE = re.compile(r"([0-9]+)\.([A-Za-z0-9.]+)")
@@ -149,6 +155,8 @@ def export_fastcomposer(
     """Export every ``subjects-*.tar`` of ``shards_dir`` to ``out``; return (and write) the summary."""
     filters = filters or ExportFilters()
     shards_dir, out = Path(shards_dir), Path(out)
+    if segmap_dtype in UNREADABLE_SEGMAP_DTYPES:
+        raise ExportError(f"segment-map dtype {segmap_dtype}: {UNREADABLE_SEGMAP_DTYPES[segmap_dtype]}")
     if segmap_dtype not in SEGMAP_DTYPES:
         raise ExportError(f"segment-map dtype must be one of {SEGMAP_DTYPES}, got {segmap_dtype!r}")
     tars = sorted(shards_dir.glob("subjects-*.tar"))
