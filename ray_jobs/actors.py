@@ -71,10 +71,30 @@ def segmenter_labels(segmenter_section: dict[str, Any]) -> list[str]:
     return sorted({str(v) for v in config.id2label.values()})
 
 
+def pin_torch_threads() -> int | None:
+    """Inside a Ray actor: set torch's intra-op thread count to the actor's whole CPUs (at least 1),
+    explicitly. Float sums depend on the thread count, and Ray only sets ``OMP_NUM_THREADS`` when
+    the worker process has none, so a worker Ray reuses (a restarted actor) could carry another
+    count; an explicit one makes a fresh and a restarted actor write the same bytes. Outside Ray:
+    leaves torch as it is and returns ``None``."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") or 1
+    threads = max(1, int(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 class _StageActor:
     stage = ""
 
     def __init__(self, section: dict[str, Any]):
+        self.threads = pin_torch_threads()
         self.device = actor_device()
         self.batch_size = int(section.get("batch_size") or 8)
         self.images = 0
@@ -85,7 +105,12 @@ class _StageActor:
         import ray
 
         ctx = ray.get_runtime_context()
-        return {"stage": self.stage, "node_id": ctx.get_node_id(), "pid": os.getpid(), "device": self.device}
+        import torch
+
+        return {
+            "stage": self.stage, "node_id": ctx.get_node_id(), "pid": os.getpid(), "device": self.device,
+            "torch_threads": torch.get_num_threads(),
+        }
 
     def stats(self) -> dict[str, Any]:
         """Images processed and seconds spent in calls since start: the stage's own rate."""
