@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,7 @@ class _StageActor:
 
     def __init__(self, section: dict[str, Any]):
         self.threads = pin_torch_threads()
+        self.incarnation = uuid.uuid4().hex  # a restarted actor is a new one, its counts start at zero
         self.device = actor_device()
         self.batch_size = int(section.get("batch_size") or 8)
         self.images = 0
@@ -113,8 +115,8 @@ class _StageActor:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Images processed and seconds spent in calls since start: the stage's own rate."""
-        return {"stage": self.stage, "images": self.images, "busy_seconds": self.busy_seconds}
+        """Images processed and seconds spent in calls since (re)start: the stage's own rate."""
+        return {"stage": self.stage, "incarnation": self.incarnation, "images": self.images, "busy_seconds": self.busy_seconds}
 
     def _timed(self, n_images: int, run: Callable[[], list]) -> list:
         t = time.perf_counter()

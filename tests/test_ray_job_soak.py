@@ -147,6 +147,9 @@ def test_soak_every_image_accounted_and_tars_equal_a_clean_run(pools, profile, s
     assert len(killed) >= 3 and len(list((tmp_path / "faults-once").iterdir())) == 5  # the faults happened
     run = json.loads((summary.run_dir / "run.json").read_text())
     assert run["invocations"][-1]["shard_retries"] >= 3  # the "raise" faults and, maybe, the kills
+    # shared pools with restarted actors: each stage's counts are this build's, never negative
+    for stage, r in run["invocations"][-1]["stage_rates"].items():
+        assert 0 < r["images"] <= SOAK_IMAGES and r["busy_seconds"] > 0 and r["images_per_second_per_replica"] > 0, (stage, r)
 
     items = {it.source_id: it for it in open_source(soak_source).items()}
     samples = manifest_samples(summary.run_dir)
