@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -72,10 +73,31 @@ def segmenter_labels(segmenter: SegmenterSettings) -> list[str]:
     return sorted({str(v) for v in config.id2label.values()})
 
 
+def pin_torch_threads() -> int | None:
+    """Inside a Ray actor: set torch's intra-op thread count to the actor's whole CPUs (at least 1),
+    explicitly. Float sums depend on the thread count, and Ray only sets ``OMP_NUM_THREADS`` when
+    the worker process has none, so a worker Ray reuses (a restarted actor) could carry another
+    count; an explicit one makes a fresh and a restarted actor write the same bytes. Outside Ray:
+    leaves torch as it is and returns ``None``."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") or 1
+    threads = max(1, int(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 class _StageActor:
     stage = ""
 
     def __init__(self, batch_size: int):
+        self.threads = pin_torch_threads()
+        self.incarnation = uuid.uuid4().hex  # a restarted actor is a new one, its counts start at zero
         self.device = actor_device()
         self.batch_size = batch_size  # images per stage call; the stage's section says how many
         self.images = 0
@@ -86,11 +108,16 @@ class _StageActor:
         import ray
 
         ctx = ray.get_runtime_context()
-        return {"stage": self.stage, "node_id": ctx.get_node_id(), "pid": os.getpid(), "device": self.device}
+        import torch
+
+        return {
+            "stage": self.stage, "node_id": ctx.get_node_id(), "pid": os.getpid(), "device": self.device,
+            "torch_threads": torch.get_num_threads(),
+        }
 
     def stats(self) -> dict[str, Any]:
-        """Images processed and seconds spent in calls since start: the stage's own rate."""
-        return {"stage": self.stage, "images": self.images, "busy_seconds": self.busy_seconds}
+        """Images processed and seconds spent in calls since (re)start: the stage's own rate."""
+        return {"stage": self.stage, "incarnation": self.incarnation, "images": self.images, "busy_seconds": self.busy_seconds}
 
     def _timed(self, n_images: int, run: Callable[[], list]) -> list:
         t = time.perf_counter()

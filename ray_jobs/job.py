@@ -158,7 +158,7 @@ class BuildJob:
         self.digest = config_digest(self.profile)
         self.models = model_ids(self.profile)
         self.pools: dict[str, StagePool] = {}
-        self.stats_before: dict[str, tuple | None] = {}
+        self.stats_before: dict[str, dict[str, tuple[int, float]] | None] = {}
         self.actor_info: dict[str, list[dict]] = {}
         self.entries: dict[int, dict[str, Any]] = {}
         self.shards_run = self.shards_failed = self.retries = 0
@@ -387,10 +387,12 @@ class BuildJob:
             totals = self.pool_totals(pool)
             if totals is None:
                 continue
-            replicas, images, busy = totals
-            before = self.stats_before.get(name)
-            if before is not None:  # pools handed in by the caller have counted earlier builds too
-                images, busy = images - before[1], busy - before[2]
+            # Pools handed in by the caller have counted earlier builds too: subtract each actor's
+            # counts from before this build, per incarnation (a restarted actor starts from zero).
+            before = self.stats_before.get(name) or {}
+            images = sum(n - before.get(k, (0, 0.0))[0] for k, (n, _) in totals.items())
+            busy = sum(b - before.get(k, (0, 0.0))[1] for k, (_, b) in totals.items())
+            replicas = len(totals)
             rates[name] = {
                 "replicas": replicas,
                 "images": images,
@@ -400,13 +402,13 @@ class BuildJob:
         return rates
 
     @staticmethod
-    def pool_totals(pool: StagePool) -> tuple[int, int, float] | None:
-        """``(live actors, images, busy seconds)`` summed over a pool's actors."""
+    def pool_totals(pool: StagePool) -> dict[str, tuple[int, float]] | None:
+        """``{actor incarnation: (images, busy seconds)}`` of a pool's live actors."""
         try:
             stats = pool.stats(timeout_s=10)
         except ray.exceptions.RayError:
             return None
-        return len(stats), sum(st["images"] for st in stats), sum(st["busy_seconds"] for st in stats)
+        return {st["incarnation"]: (st["images"], st["busy_seconds"]) for st in stats}
 
     def cpu_per_image(self) -> dict[str, float]:
         n = self.cpu_seconds["images"]

@@ -1,13 +1,17 @@
 """The dataset job on local Ray under load and under bad input (issue 11: soak, points 1-3).
 
-* soak: ~160 generated images in shards of 8, with a transient fault every few shards (a stage
-  actor killed, a write task raising, a write task's worker killed) and one corrupt image per
-  shard; every image ends written, duplicate or failed with its own reason, and the tars equal
-  those of a clean run of the same source;
+* soak: 120 generated images in 15 shards of 8, with a transient fault every few shards (a stage
+  actor killed after every 4th finished shard, a write task raising, a write task's worker
+  killed), one corrupt image per shard and two exact copies; every image ends written, duplicate
+  or failed with its own reason, and the tars equal those of a clean run of the same source
+  (120, not a few hundred: enough shards to fit three actor kills and five write faults, each
+  with shards still in flight after it, while both builds stay well under a minute on a quiet
+  2-core machine);
 * a bad-input corpus (odd formats, degenerate sizes, odd names, links, things to pass over);
 * an error in the driver still leaves ``run.json`` (status ``failed``, the reason) and no temp file.
 
-Uses the session's shared local Ray (``conftest.ray_local``).
+Uses the session's shared local Ray (``conftest.ray_local``) and one set of stage actors for the
+whole module (killed actors are restarted by Ray, so the pools stay usable).
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ from datagen.sources.names import unescape_path
 from datagen.sources.readers import open_source
 from fixtures.failure_hooks import ShardFaults
 from ray_jobs.job import BuildRequest, run_build
+from ray_jobs.pool import StagePools
+from ray_jobs.settings import resolve_settings
 
 pytestmark = pytest.mark.slow
 
-SOAK_IMAGES = 160
+SOAK_IMAGES = 120
 SHARD = 8
+SOAK_SHARDS = SOAK_IMAGES // SHARD  # one corrupt image in each
+SOAK_COPIES = 2  # slot 6 of shards 6 and 13
 CONFIG = {
     "shards": {"size": SHARD, "max_side": 64},
     "ray": {"images_per_call": SHARD, "shard_attempts": 3, "task_max_retries": 2, "progress_interval_s": 30},
@@ -52,10 +60,20 @@ def profile(tiny_models_all):
             os.environ[TINY_MODELS_ENV] = old
 
 
-def build(source: Path, root: Path, profile, hooks=None, on_shard_done=None, name: str = "run"):
+@pytest.fixture(scope="module")
+def pools(ray_local, profile):
+    """The stage actors every build of this module shares (loading the models once)."""
+    import ray
+
+    pools = StagePools.start(resolve_settings(profile, ray.cluster_resources()), profile)
+    yield pools
+    pools.shutdown()
+
+
+def build(source: Path, root: Path, profile, pools, hooks=None, on_shard_done=None, name: str = "run"):
     request = BuildRequest(
         source=source, out=root / "out", profile=profile, run_name=name,
-        manifests_root=root / "manifests", hooks=hooks or ShardFaults(),
+        manifests_root=root / "manifests", hooks=hooks or ShardFaults(), pools=pools,
     )
     return run_build(request, on_shard_done=on_shard_done)
 
@@ -81,7 +99,7 @@ def tars(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def soak_source(tmp_path_factory) -> Path:
     """SOAK_IMAGES small images in folder order; in every shard of 8 one is corrupt, and every
-    tenth shard holds an exact copy of an earlier image (a duplicate)."""
+    seventh shard holds an exact copy of an earlier image (a duplicate)."""
     root = tmp_path_factory.mktemp("soak-source")
     rng = np.random.default_rng(11)
     for i in range(SOAK_IMAGES):
@@ -92,7 +110,7 @@ def soak_source(tmp_path_factory) -> Path:
             Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(good)
             path.write_bytes(good.read_bytes()[:300])  # truncated PNG
             good.unlink()
-        elif slot == 7 and shard % 10 == 9:
+        elif slot == 6 and shard % 7 == 6:
             path.write_bytes((root / f"img-{i - 50:04d}.png").read_bytes())  # an exact copy
         else:
             w, h = int(rng.integers(32, 80)), int(rng.integers(32, 80))
@@ -101,12 +119,12 @@ def soak_source(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean(ray_local, profile, soak_source, tmp_path_factory):
+def clean(pools, profile, soak_source, tmp_path_factory):
     root = tmp_path_factory.mktemp("soak-clean")
-    return root, build(soak_source, root, profile)
+    return root, build(soak_source, root, profile, pools)
 
 
-def test_soak_every_image_accounted_and_tars_equal_a_clean_run(ray_local, profile, soak_source, clean, tmp_path):
+def test_soak_every_image_accounted_and_tars_equal_a_clean_run(pools, profile, soak_source, clean, tmp_path):
     import ray
 
     clean_root, clean_summary = clean
@@ -114,21 +132,24 @@ def test_soak_every_image_accounted_and_tars_equal_a_clean_run(ray_local, profil
     killed: list[str] = []
 
     def kill_an_actor(entry, job):
-        # after every 5th shard, kill one stage actor (Ray restarts it and replays its calls)
+        # after every 4th shard, kill one stage actor (Ray restarts it and replays its calls)
         done = len(job.entries)
-        if done % 5 == 0 and done < 20:
+        if done % 4 == 0 and done < SOAK_SHARDS:
             stage = ("captioner", "segmenter", "matcher")[len(killed) % 3]
             ray.kill(job.pools[stage].actors[0], no_restart=False)
             killed.append(stage)
 
-    faults = ShardFaults(fail_shards={2: "raise", 6: "kill", 11: "raise", 15: "kill", 19: "raise"},
+    faults = ShardFaults(fail_shards={2: "raise", 5: "kill", 8: "raise", 11: "kill", 14: "raise"},
                          once_dir=str(tmp_path / "faults-once"))
-    summary = build(soak_source, tmp_path, profile, hooks=faults, on_shard_done=kill_an_actor)
+    summary = build(soak_source, tmp_path, profile, pools, hooks=faults, on_shard_done=kill_an_actor)
 
     assert summary.status == "complete", summary
     assert len(killed) >= 3 and len(list((tmp_path / "faults-once").iterdir())) == 5  # the faults happened
     run = json.loads((summary.run_dir / "run.json").read_text())
     assert run["invocations"][-1]["shard_retries"] >= 3  # the "raise" faults and, maybe, the kills
+    # shared pools with restarted actors: each stage's counts are this build's, never negative
+    for stage, r in run["invocations"][-1]["stage_rates"].items():
+        assert 0 < r["images"] <= SOAK_IMAGES and r["busy_seconds"] > 0 and r["images_per_second_per_replica"] > 0, (stage, r)
 
     items = {it.source_id: it for it in open_source(soak_source).items()}
     samples = manifest_samples(summary.run_dir)
@@ -140,7 +161,7 @@ def test_soak_every_image_accounted_and_tars_equal_a_clean_run(ray_local, profil
             assert s["reason"].startswith(f"load: {items[sid].rel_path}: truncated or corrupt image data"), s
         elif s["status"] == "duplicate":
             assert s["reason"] == f"duplicate of source_id {items[sid].duplicate_of} (same image)"
-    assert statuses == {"written": SOAK_IMAGES - 20 - 2, "duplicate": 2, "failed": 20}
+    assert statuses == {"written": SOAK_IMAGES - SOAK_SHARDS - SOAK_COPIES, "duplicate": SOAK_COPIES, "failed": SOAK_SHARDS}
     assert summary.counts["written"] == statuses["written"] and summary.counts["pending"] == 0
 
     assert tars(tmp_path) == tars(clean_root)  # byte for byte
@@ -205,7 +226,8 @@ def make_corpus(root: Path) -> dict[str, str]:
     add(os.fsdecode(b"latin\xe9.png"), "odd", lambda p: noise(44, 33).save(p))
     add("back\\slash.png", "odd", lambda p: noise(33, 44).save(p))
     add("x.png/inside.png", "good", lambda p: noise(40, 40).save(p))
-    add("copy-of-good-1.png", "duplicate", lambda p: p.write_bytes((root / "good-1.png").read_bytes()))
+    # the first of a copy group in sorted path order is kept, so the copy's name sorts after good-1.png
+    add("zz-copy-of-good-1.png", "duplicate", lambda p: p.write_bytes((root / "good-1.png").read_bytes()))
     (root / "dangling.png").symlink_to(root / "nowhere.png")
     what["dangling.png"] = "bad"
     (root / "self-loop.png").symlink_to(root / "self-loop.png")
@@ -219,11 +241,11 @@ def make_corpus(root: Path) -> dict[str, str]:
     return what
 
 
-def test_bad_input_corpus_every_image_accounted_with_its_own_reason(ray_local, profile, tmp_path, capsys):
+def test_bad_input_corpus_every_image_accounted_with_its_own_reason(pools, profile, tmp_path, capsys):
     source = tmp_path / "corpus"
     source.mkdir()
     what = make_corpus(source)
-    summary = build(source, tmp_path, profile)
+    summary = build(source, tmp_path, profile, pools)
     printed = capsys.readouterr().out
     assert summary.status == "complete" and summary.exit_code == 0  # no crash
 
@@ -238,6 +260,8 @@ def test_bad_input_corpus_every_image_accounted_with_its_own_reason(ray_local, p
         if s["status"] == "failed":
             assert s["reason"].startswith(f"load: {s['rel_path']}: "), s
             naming += 1
+    assert by_name["zz-copy-of-good-1.png"]["reason"] == (
+        f"duplicate of source_id {by_name['good-1.png']['source_id']} (same image)")
     assert "image is 1x64 px as stored, under the minimum side of 16 px" in by_name["thin-1x4000.png"]["reason"]
     assert "decompression-bomb guard" in by_name["bomb.png"]["reason"]
 
@@ -263,13 +287,13 @@ def test_bad_input_corpus_every_image_accounted_with_its_own_reason(ray_local, p
 
 
 # ---------------------------------------------------------------------------- driver error
-def test_an_error_in_the_driver_leaves_a_failed_run_json_and_no_temp_file(ray_local, profile, soak_source, tmp_path):
+def test_an_error_in_the_driver_leaves_a_failed_run_json_and_no_temp_file(pools, profile, soak_source, tmp_path):
     def explode(entry, job):
         # a temp file as a writer killed mid-write would leave it, then a driver error
         (job.request.run_dir / "shards" / f".{entry['name']}.json.tmp-4242").write_text("{")
         raise RuntimeError(f"driver fell over after {entry['name']}")
 
-    summary = build(soak_source, tmp_path, profile, on_shard_done=explode)
+    summary = build(soak_source, tmp_path, profile, pools, on_shard_done=explode)
     assert summary.status == "failed" and summary.exit_code == 1
     assert summary.error.startswith("RuntimeError: driver fell over after subjects-0000")
     run = json.loads((summary.run_dir / "run.json").read_text())
