@@ -5,7 +5,8 @@ A profile is a YAML file. The built-in ones live in ``datagen/profiles/`` (``pap
 onto the chosen profile (nested dicts are merged).
 
 ``{tiny}`` in a value is replaced by the tiny-models folder: ``$SUBJECT_FFHQ_TINY_MODELS`` if set,
-else ``out/tiny-models`` under the current directory.
+else ``out/tiny-models`` under the current directory. ``{paper_shapes}`` likewise: the paper-size
+random-weight models (``$SUBJECT_FFHQ_PAPER_SHAPES``, else ``out/paper-shapes``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 TINY_MODELS_ENV = "SUBJECT_FFHQ_TINY_MODELS"
+PAPER_SHAPES_ENV = "SUBJECT_FFHQ_PAPER_SHAPES"
 STAGES = ("captioner", "segmenter", "phrases", "matcher", "trainer")
 
 
@@ -32,6 +34,10 @@ def builtin_profiles() -> list[str]:
 
 def tiny_models_dir() -> Path:
     return Path(os.environ.get(TINY_MODELS_ENV) or Path.cwd() / "out" / "tiny-models").resolve()
+
+
+def paper_shapes_dir() -> Path:
+    return Path(os.environ.get(PAPER_SHAPES_ENV) or Path.cwd() / "out" / "paper-shapes").resolve()
 
 
 def load_profile(name_or_path: str, overrides: dict[str, Any] | str | Path | None = None) -> dict[str, Any]:
@@ -53,7 +59,18 @@ def load_profile(name_or_path: str, overrides: dict[str, Any] | str | Path | Non
     if missing:
         raise ProfileError(f"profile {path} lacks the section(s) {missing}; every profile names {list(STAGES)}")
     profile.setdefault("name", path.stem)
-    return expand_tiny(profile, tiny_models_dir())
+    profile = expand_tiny(profile, tiny_models_dir())
+    return _expand(profile, "{paper_shapes}", str(paper_shapes_dir()))
+
+
+def _expand(obj: Any, placeholder: str, value: str) -> Any:
+    if isinstance(obj, str):
+        return obj.replace(placeholder, value)
+    if isinstance(obj, dict):
+        return {k: _expand(v, placeholder, value) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_expand(v, placeholder, value) for v in obj]
+    return obj
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
