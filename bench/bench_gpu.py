@@ -188,7 +188,7 @@ def bench_stages(profile: dict, device: str, images, repeats: int) -> dict:
 
     rows["shared"] = {"rate": timed_rate(shared, len(images), device, repeats), "peak_mb": peak_mb(device),
                       "load_s": 0.0, "extra": "", "params": sum(r["params"] for r in rows.values())}
-    del stages
+    stages.clear()
     reset_peak(device)
     return rows
 

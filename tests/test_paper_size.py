@@ -203,6 +203,7 @@ def test_blip2_format_at_real_vocabulary_and_image_geometry_captions_through_the
     assert captioner.model.get_input_embeddings().weight.shape[0] == 50304
     captioner.model.generation_config.min_new_tokens = 5  # as bench_gpu forces the full length
     inputs = captioner.processor(images=[astronaut()], return_tensors="pt")
-    out = captioner.model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert out.shape[1] - inputs["input_ids"].shape[1] == 5
+    lengths = [captioner.model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False).shape[1]
+               for k in (3, 5)]
+    assert lengths[1] - lengths[0] == 2  # every forced token is generated, EOS or not
     assert isinstance(captioner.caption([astronaut()])[0], str)
