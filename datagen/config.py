@@ -18,7 +18,9 @@ Refused with :class:`ProfileError`, before anything runs:
 * a required key that is missing (a stage's model).
 
 ``{tiny}`` in a value is replaced by the tiny-models folder: ``$SUBJECT_FFHQ_TINY_MODELS`` if set,
-else ``out/tiny-models`` under the current directory.
+else ``out/tiny-models`` under the current directory; ``{paper_shapes}`` by the paper-size random
+models' folder: ``$SUBJECT_FFHQ_PAPER_SHAPES`` if set, else ``out/paper-shapes``. ``{paper_shapes}`` likewise: the paper-size
+random-weight models (``$SUBJECT_FFHQ_PAPER_SHAPES``, else ``out/paper-shapes``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ TINY_MODELS_ENV = "SUBJECT_FFHQ_TINY_MODELS"
 AUTO = "auto"
 Auto = Literal["auto"]
 DType = Literal["auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "bfloat16"]
+PAPER_SHAPES_ENV = "SUBJECT_FFHQ_PAPER_SHAPES"
 
 
 class ProfileError(ValueError):
@@ -252,6 +255,10 @@ def tiny_models_dir() -> Path:
     return Path(os.environ.get(TINY_MODELS_ENV) or Path.cwd() / "out" / "tiny-models").resolve()
 
 
+def paper_shapes_dir() -> Path:
+    return Path(os.environ.get(PAPER_SHAPES_ENV) or Path.cwd() / "out" / "paper-shapes").resolve()
+
+
 def load_profile(name_or_path: str | Path, *overlays: Mapping[str, Any] | str | Path | None) -> Profile:
     """Read a profile (built-in name or YAML path), apply ``overlays`` (mappings or YAML paths, in
     order; ``None`` is skipped), expand ``{tiny}`` and type the result. Raises :class:`ProfileError`."""
@@ -275,7 +282,7 @@ def load_profile(name_or_path: str | Path, *overlays: Mapping[str, Any] | str | 
         check_keys(Profile, over, "", where)
         data = merge(data, over)
     data.setdefault("name", path.stem)
-    return Profile.from_mapping(expand_tiny(data, tiny_models_dir()))
+    return Profile.from_mapping(expand_placeholders(data))
 
 
 def check_keys(cls: type, data: Mapping[str, Any], path: str = "", source: str | None = None) -> None:
@@ -306,13 +313,14 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def expand_tiny(obj: Any, tiny_dir: Path) -> Any:
+def expand_placeholders(obj: Any) -> Any:
+    """``{tiny}`` -> the tiny-models folder, ``{paper_shapes}`` -> the paper-size random models' folder."""
     if isinstance(obj, str):
-        return obj.replace("{tiny}", str(tiny_dir))
+        return obj.replace("{tiny}", str(tiny_models_dir())).replace("{paper_shapes}", str(paper_shapes_dir()))
     if isinstance(obj, Mapping):
-        return {k: expand_tiny(v, tiny_dir) for k, v in obj.items()}
+        return {k: expand_placeholders(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [expand_tiny(v, tiny_dir) for v in obj]
+        return [expand_placeholders(v) for v in obj]
     return obj
 
 
