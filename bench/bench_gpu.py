@@ -57,7 +57,9 @@ N_IMAGES_70K = 70_000
 SEGMENTS_PER_IMAGE = 10
 PHRASES_PER_CAPTION = 4
 GPU_SHARES = {"captioner": 0.5, "segmenter": 0.25, "matcher": 0.25}  # ray_jobs/settings.py's default
-IMAGES_PER_CALL = 8  # ray_jobs/settings.py RAY_DEFAULTS["images_per_call"]
+from datagen.config import RaySettings  # noqa: E402
+
+IMAGES_PER_CALL = RaySettings.__dataclass_fields__["images_per_call"].default  # the job's chunk size
 PHRASE_WORDS = ("a woman", "a man", "a dog", "a red car", "a table", "a young girl", "an umbrella", "the street")
 
 
