@@ -77,11 +77,11 @@ def pin_torch_threads() -> int | None:
     """Inside a Ray actor: set torch's intra-op thread count to the actor's whole CPUs (at least 1),
     explicitly. Float sums depend on the thread count, and Ray only sets ``OMP_NUM_THREADS`` when
     the worker process has none, so a worker Ray reuses (a restarted actor) could carry another
-    count; an explicit one makes a fresh and a restarted actor write the same bytes. Outside Ray:
-    leaves torch as it is and returns ``None``."""
+    count; an explicit one makes a fresh and a restarted actor write the same bytes. Outside a Ray
+    actor (the class used in-process, even with Ray started): leaves torch as it is, returns ``None``."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return None
     import torch
 
