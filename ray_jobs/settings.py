@@ -127,6 +127,9 @@ def config_digest(profile: Profile) -> str:
         name: {k: v for k, v in dataclasses.asdict(getattr(profile, name)).items() if k not in NOT_CONTENT_KEYS}
         for name in CONTENT_SECTIONS
     }
+    if content["segmenter"].get("pad_to") == "none":
+        # the segmenter before pad_to existed: runs made then keep their digest (and resume)
+        del content["segmenter"]["pad_to"]
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -88,9 +88,13 @@ def test_config_digest_follows_content_not_placement(paper):
 def test_config_digest_is_the_one_runs_recorded_before_settings_were_typed(paper):
     """Finished shards of a run started before the typed config layer are still recognised on
     resume: these are the digests the earlier dict-based code computed for the same settings."""
-    assert config_digest(paper) == "a3fd134fadc417d02a684a72b72ee784d8ad954fd423d1e0263ac5e73297d37c"
-    changed = load_profile("paper", {"captioner": {"max_new_tokens": 5}, "shards": {"verify_pixel_md5": True}})
+    unpadded = load_profile("paper", {"segmenter": {"pad_to": "none"}})  # the segmenter those runs had
+    assert config_digest(unpadded) == "a3fd134fadc417d02a684a72b72ee784d8ad954fd423d1e0263ac5e73297d37c"
+    changed = load_profile("paper", {"captioner": {"max_new_tokens": 5}, "shards": {"verify_pixel_md5": True},
+                                     "segmenter": {"pad_to": "none"}})
     assert config_digest(changed) == "ac0d04121b23a0d20c7f0f9429fa159d7ff639d45a7fb10d1c2b668bd3dcda77"
+    # the square canvas segments differently, so its shards must never be mixed with those
+    assert config_digest(paper) != config_digest(unpadded)
 
 
 def test_verify_pixel_md5_defaults_off_and_is_not_in_the_digest(paper):

@@ -325,31 +325,27 @@ def test_page_without_random_models_has_no_banner():
 
 
 def test_page_opens_in_chromium_without_errors_and_sorts_by_score(evaluation, tmp_path):
-    from tests.test_report import CHROMIUM, DevToolsPage
+    from tests.test_report import Chromium, require_chromium
 
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    page = DevToolsPage(tmp_path / "chromium-profile")
+    require_chromium()
+    browser = Chromium(tmp_path / "chromium-profile")
     try:
-        for domain in ("Runtime.enable", "Log.enable", "Page.enable", "Network.enable"):
-            page.call(domain)
-        page.call("Page.navigate", {"url": (evaluation / "evaluation.html").resolve().as_uri()})
-        page.wait_for("Page.loadEventFired")
-        first_line = page.evaluate("document.body.innerText.split('\\n')[0]")
-        images = page.call("Runtime.evaluate", {"expression": (
+        session, events = browser.visit((evaluation / "evaluation.html").resolve().as_uri())
+        first_line = browser.evaluate(session, "document.body.innerText.split('\\n')[0]")
+        images = browser.call("Runtime.evaluate", {"expression": (
             "Promise.all(Array.from(document.images).map(i => { i.loading = 'eager';"
             " return i.decode().then(() => i.naturalWidth, () => 0); }))"), "awaitPromise": True,
-            "returnByValue": True})["result"]["value"]
+            "returnByValue": True}, session=session)["result"]["value"]
         order = "Array.from(document.querySelectorAll('.card')).map(c => parseFloat(c.dataset.{}))"
-        page.evaluate("(() => { const s = document.getElementById('sort'); s.value = 'prompt-desc';"
-                      " s.dispatchEvent(new Event('change')); return s.value; })()")
-        by_prompt = page.evaluate(order.format("prompt"))
-        page.evaluate("(() => { const s = document.getElementById('sort'); s.value = 'identity-asc';"
-                      " s.dispatchEvent(new Event('change')); return s.value; })()")
-        by_identity = page.evaluate(order.format("identity"))
-        events = list(page.events)
+        browser.evaluate(session, "(() => { const s = document.getElementById('sort'); s.value = 'prompt-desc';"
+                         " s.dispatchEvent(new Event('change')); return s.value; })()")
+        by_prompt = browser.evaluate(session, order.format("prompt"))
+        browser.evaluate(session, "(() => { const s = document.getElementById('sort'); s.value = 'identity-asc';"
+                         " s.dispatchEvent(new Event('change')); return s.value; })()")
+        by_identity = browser.evaluate(session, order.format("identity"))
+        events = [e for e in browser.events if e.get("sessionId") == session]
     finally:
-        page.close()
+        browser.close()
     errors = [e["params"] for e in events if e.get("method") == "Runtime.exceptionThrown"]
     errors += [e["params"] for e in events if e.get("method") == "Runtime.consoleAPICalled"
                and e["params"]["type"] in ("error", "assert")]

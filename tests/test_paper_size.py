@@ -183,6 +183,7 @@ def test_blip2_format_at_real_vocabulary_and_image_geometry_captions_through_the
     """BLIP-2 at full size is GPU-only; its folder format is checked here at depth 1 and a narrow
     OPT, keeping what the loading path depends on: 364 px images, 32 query tokens, the 50304-token
     vocabulary with <image> at 50265 and '\\n' (eos) at 50118, max_new_tokens forced."""
+    from datagen.config import CaptionerSettings
     from datagen.stages.captioner import Captioner
 
     overrides = {"config": {
@@ -194,7 +195,7 @@ def test_blip2_format_at_real_vocabulary_and_image_geometry_captions_through_the
     dest = tmp_path / "blip2"
     dest.mkdir()
     ps.build_blip2(dest, device="cpu", overrides=overrides)
-    captioner = Captioner(str(dest), max_new_tokens=5, device="cpu")
+    captioner = Captioner(CaptionerSettings(model=str(dest), max_new_tokens=5), device="cpu")
     tok = captioner.processor.tokenizer
     assert tok.convert_tokens_to_ids("<image>") == captioner.model.config.image_token_index == 50265
     assert tok.convert_tokens_to_ids("\u010a") == captioner.model.config.text_config.eos_token_id == 50118

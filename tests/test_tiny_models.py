@@ -11,6 +11,7 @@ from PIL import Image
 from skimage import data
 
 from datagen.config import CaptionerSettings, MatcherSettings, SegmenterSettings
+from datagen.stages.model_loading import RANDOM_WEIGHTS_MARKER
 from fixtures import tiny_models
 from fixtures.tiny_models import BUILDERS, COMPLETE, build_all, build_one, folder_size
 from fixtures.tiny_models.mask2former import COCO_PANOPTIC_LABELS
@@ -38,8 +39,8 @@ def test_every_model_the_tiny_profile_names_has_a_builder(tmp_path, monkeypatch)
     ("name", "files"),
     [
         ("blip2", {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-                   "tokenizer_config.json", "generation_config.json", COMPLETE}),
-        ("mask2former", {"config.json", "model.safetensors", "preprocessor_config.json", COMPLETE}),
+                   "tokenizer_config.json", "generation_config.json", COMPLETE, RANDOM_WEIGHTS_MARKER}),
+        ("mask2former", {"config.json", "model.safetensors", "preprocessor_config.json", COMPLETE, RANDOM_WEIGHTS_MARKER}),
     ],
 )
 def test_folder_is_a_save_pretrained_folder(tiny_model, name, files):

@@ -358,9 +358,8 @@ def test_zoom_in_keeps_the_top_square_of_portrait_crops_only():
 
 
 def test_recipe_sets_the_text_only_probability(tmp_path, shards, tokenizer, subject_size):
-    from training.train_command import config_from_args
-
     from cli.main import build_parser
+    from cli.train import config_from_args
 
     base = {"shards": ["a.tar"], "out": str(tmp_path), "pretrained": "p", "image_encoder": "e"}
     assert TrainConfig(**base).recipe == "paper" and TrainConfig(**base).text_only_prob == 0.1  # the paper: 10%
