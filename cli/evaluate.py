@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from datagen.config import ProfileError
     from datagen.stages.faces import FaceError
     from datagen.stages.model_loading import ModelNotFoundError
+    from ray_jobs.cluster import RayConnectError
     from training.checkpoint import CheckpointError
     from training.evaluation.protocol import BASELINE, OURS
     from training.evaluation.runner import evaluate
@@ -93,8 +94,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         request = request_from_args(args)
-        summary = evaluate(request)
-    except (ValueError, ProfileError, CheckpointError, SamplerError, ModelNotFoundError, FaceError) as e:
+        run_on_ray = None
+        if request.ray_address:
+            from ray_jobs.evaluation import run_on_ray
+        summary = evaluate(request, run_on_ray=run_on_ray)
+    except (RayConnectError, ValueError, ProfileError, CheckpointError, SamplerError, ModelNotFoundError, FaceError) as e:
         print(f"subject-ffhq evaluate: error: {e}", file=sys.stderr)
         return 2
     if summary["random_weights"]:

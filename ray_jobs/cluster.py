@@ -29,7 +29,7 @@ DEFAULT_CONNECT_TIMEOUT_S = RaySettings().connect_timeout_s
 # cache and offline switches as the command.
 FORWARDED_ENV = (
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
-    "HUGGINGFACE_HUB_CACHE", "TOKENIZERS_PARALLELISM", "SUBJECT_FFHQ_TINY_MODELS",
+    "HUGGINGFACE_HUB_CACHE", "TORCH_HOME", "TOKENIZERS_PARALLELISM", "SUBJECT_FFHQ_TINY_MODELS",
 )
 
 
@@ -42,8 +42,10 @@ class RayConnectError(ConnectionError):
 
 
 def ray_address(address: str | None = None) -> str | None:
-    """The cluster to join: ``address``, else ``$RAY_ADDRESS``, else None (a private local Ray)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
+    """The cluster to join: ``address``, else ``$RAY_ADDRESS``, else None (a private local Ray, also
+    what ``local`` asks for)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
 
 
 def wait_for_address(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:

@@ -2,7 +2,7 @@
 
 Order matters for the user: everything that can fail cheaply (subjects, prompts, checkpoint, every
 model) fails before the first image is generated. Generation runs in-process (with a tqdm bar) or,
-when a Ray address is given, on a pool of Ray actors (``training.ray_evaluate``, the only module of
+when a Ray address is given, on a pool of Ray actors (``ray_jobs.evaluation``, handed in by the command; the only module of
 the evaluation that imports Ray).
 """
 
@@ -133,7 +133,9 @@ def run_local(settings: WorkerSettings, units: list[Unit], chunk: int, detector,
         yield worker.run(units[start:start + chunk])
 
 
-def evaluate(request: EvaluationRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate(
+    request: EvaluationRequest, log: Callable[[str], None] = print, run_on_ray: Callable | None = None,
+) -> dict[str, Any]:
     """Run the evaluation; return the summary (also written to ``OUT/summary.json``)."""
     import torch
     from tqdm import tqdm
@@ -206,8 +208,8 @@ def evaluate(request: EvaluationRequest, log: Callable[[str], None] = print) -> 
     )
     gen_started = time.perf_counter()
     if request.ray_address:
-        from training.ray_evaluate import run_on_ray
-
+        if run_on_ray is None:
+            raise ProtocolError(f"a Ray address ({request.ray_address}) was given but no Ray runner")
         batches = run_on_ray(settings, units, request.ray_address, request.workers, request.units_per_task)
         where = f"Ray ({request.ray_address})"
     else:

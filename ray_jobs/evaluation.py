@@ -1,7 +1,7 @@
 """Evaluation on Ray: a pool of actors, each holding the models once, generating and scoring units.
 
-``run_on_ray(settings, units, address)`` joins the cluster at ``address`` (``local`` starts Ray on
-this machine), starts ``workers`` actors (default: one per GPU of the cluster, or one on a CPU-only
+``run_on_ray(settings, units, address)`` joins the cluster at ``address`` through
+:func:`ray_jobs.cluster.ray_session` (``local`` starts a private Ray on this machine), starts ``workers`` actors (default: one per GPU of the cluster, or one on a CPU-only
 cluster), each with one GPU when the cluster has GPUs, and yields each finished batch of
 ``(row, png bytes)`` as it comes back, in completion order; the driver writes the files. The only
 module of the evaluation that imports Ray.
@@ -9,18 +9,10 @@ module of the evaluation that imports Ray.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 from training.evaluation.protocol import Unit
 from training.evaluation.worker import Worker, WorkerSettings
-
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME",
-                 "TOKENIZERS_PARALLELISM", "SUBJECT_FFHQ_TINY_MODELS")
-
-
-class RayUnavailableError(ValueError):
-    """Ray could not be started or joined at the given address."""
 
 
 class _EvalActor:
@@ -31,31 +23,13 @@ class _EvalActor:
         return self.worker.run(units)
 
 
-def connect(address: str) -> bool:
-    """Join ``address`` (``local``: start Ray here). Returns True when this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    try:
-        if address == "local":
-            ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None)
-        else:
-            ray.init(address=address)  # the cluster's nodes have their own environment
-    except Exception as e:  # Ray raises bare Exception / ConnectionError on start-up failures
-        raise RayUnavailableError(f"--ray-address {address}: cannot {'start' if address == 'local' else 'join'} "
-                                  f"Ray: {e}") from e
-    return True
-
-
 def run_on_ray(settings: WorkerSettings, units: list[Unit], address: str, workers: int | None = None,
                units_per_task: int = 4) -> Iterator[list[tuple[dict, bytes]]]:
     import ray
 
-    started = connect(address)
-    try:
+    from ray_jobs.cluster import ray_session
+
+    with ray_session(address):
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = workers or max(1, gpus)
         actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(_EvalActor)
@@ -73,6 +47,3 @@ def run_on_ray(settings: WorkerSettings, units: list[Unit], address: str, worker
             for ref in done:
                 free.append(pending.pop(ref))
                 yield ray.get(ref)
-    finally:
-        if started:
-            ray.shutdown()
