@@ -444,12 +444,12 @@ class BuildJob:
         self.say(f"failed: {reason}; finished shards are kept, the reason is in {req.run_dir / 'run.json'}")
         return summary
 
-    def write_failed_run_manifest(self, summary: BuildSummary, trace: str) -> None:
-        req, source = self.request, self.source
-        manifest = {
+    def manifest_fields(self, source, n_shards: int | None, summary: BuildSummary) -> dict[str, Any]:
+        """What ``run.json`` says of the run, whichever way it ended (``source`` None: it never opened)."""
+        req = self.request
+        return {
             "run": req.run_name,
-            "status": FAILED,
-            "error": summary.error,
+            "status": summary.status,
             "source": {
                 "path": str(Path(source.root if source is not None else req.source).resolve()),
                 "type": getattr(source, "name", None), "limit": req.limit,
@@ -463,9 +463,14 @@ class BuildJob:
             "config_digest": self.digest,
             "models": self.models,
             "packages": package_versions(),
-            "plan": {"shard_size": self.settings.shard_size, "shards": len(self.plan) if self.plan is not None else None},
+            "plan": {"shard_size": self.settings.shard_size, "shards": n_shards},
             "counts": summary.counts,
         }
+
+    def write_failed_run_manifest(self, summary: BuildSummary, trace: str) -> None:
+        req, source = self.request, self.source
+        manifest = self.manifest_fields(source, len(self.plan) if self.plan is not None else None, summary)
+        manifest["error"] = summary.error
         invocation = {
             "command_line": list(req.command_line),
             "status": FAILED,
@@ -483,24 +488,7 @@ class BuildJob:
     # ----------------------------------------------------------------------------- manifest
     def write_run_manifest(self, source, plan, summary: BuildSummary, started_wall: float, progress) -> None:
         req = self.request
-        manifest = {
-            "run": req.run_name,
-            "status": summary.status,
-            "source": {
-                "path": str(Path(source.root).resolve()), "type": source.name, "limit": req.limit,
-                "skipped_count": len(self.skipped), "skipped": self.skipped[:SKIPPED_KEPT],
-            },
-            "out": str(Path(req.out).resolve()),
-            "shards_dir": str(req.shards_dir.resolve()),
-            "run_dir": str(req.run_dir.resolve()),
-            "profile": self.profile.name,
-            "config": self.profile.to_dict(),
-            "config_digest": self.digest,
-            "models": self.models,
-            "packages": package_versions(),
-            "plan": {"shard_size": self.settings.shard_size, "shards": len(plan)},
-            "counts": summary.counts,
-        }
+        manifest = self.manifest_fields(source, len(plan), summary)
         invocation = {
             "command_line": list(req.command_line),
             "status": summary.status,
