@@ -69,7 +69,7 @@ dataset: install
 # OUT given on the command line wins (make train OUT=out/train); TRAIN_OUT is the default.
 train: install
 	$(if $(filter tiny,$(PROFILE)),$(OFFLINE)) $(QUIET) $(BIN)/subject-ffhq train --shards '$(SHARDS)' \
-		--profile $(PROFILE) --out $(if $(filter command line,$(origin OUT)),$(OUT),$(TRAIN_OUT)) \
+		--profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG)) --out $(if $(filter command line,$(origin OUT)),$(OUT),$(TRAIN_OUT)) \
 		--steps $(STEPS) --workers $(WORKERS) $(if $(filter 1 yes true,$(GPU)),--gpu) $(TRAIN_ARGS)
 
 # PROFILE=tiny evaluates with the tiny face/CLIP models (offline); SHARDS adds the leak check.
@@ -91,8 +91,10 @@ bench: install
 clean:
 	rm -rf out manifests/*/ .pytest_cache
 
-# FastComposer's own on-disk layout, from the shards that SHARDS names (quality filters via EXPORT_ARGS)
+# FastComposer's own on-disk layout, from the shards that SHARDS names (quality filters via EXPORT_ARGS;
+# the object types from PROFILE + CONFIG, subjects.object_types)
 FC_OUT ?= out/fastcomposer
 EXPORT_ARGS ?=
 export-fc: install
-	$(BIN)/subject-ffhq export --format fastcomposer $(dir $(firstword $(wildcard $(SHARDS)))) $(FC_OUT) $(EXPORT_ARGS)
+	$(BIN)/subject-ffhq export --format fastcomposer $(dir $(firstword $(wildcard $(SHARDS)))) $(FC_OUT) \
+		--profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG)) $(EXPORT_ARGS)

@@ -4,6 +4,11 @@ Reads every ``subjects-*.tar`` in SHARDS_DIR. ``fastcomposer`` writes ``image_id
 ``<id[:5]>/<id>.jpg|.json|.npy`` (see :mod:`datagen.export.fastcomposer`); ``seg-conditioning`` and
 ``subject-crops`` write the views of :mod:`datagen.export.views`. Quality filters drop whole samples;
 how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
+
+The object types (which matched segments are subjects: FastComposer's ``segments``, the crops, and
+what ``--require-subject`` / ``--exclude-unmatched-subject`` look at) are the profile's
+``subjects.object_types`` (``--profile``, ``--config``), the same setting the trainer and the report
+read; ``--object-types`` overrides it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from datagen.config import ProfileError, load_profile, parse_object_types
 from datagen.export.fastcomposer import (
     SEGMAP_DTYPES,
     UNREADABLE_SEGMAP_DTYPES,
@@ -32,41 +38,66 @@ def add_arguments(parser) -> None:
                         help="keep only samples whose weakest match scores at least X (samples without matches pass)")
     parser.add_argument("--min-margin", type=float, default=None,
                         help="keep only samples whose smallest margin to the runner-up assignment is at least X")
-    parser.add_argument("--require-person", action="store_true", help="keep only samples with a matched person segment")
+    parser.add_argument("--require-subject", "--require-person", dest="require_subject", action="store_true",
+                        help="keep only samples with a subject: a matched segment of the object types "
+                             "(--require-person: its old name, the same with the default object types)")
     parser.add_argument("--min-subjects", type=int, default=0, help="keep only samples with at least N matched segments")
     parser.add_argument("--max-subjects", type=int, default=None, help="keep only samples with at most N matched segments")
-    parser.add_argument("--exclude-unmatched-person", action="store_true",
-                        help="drop samples with a person segment that no phrase matched")
+    parser.add_argument("--exclude-unmatched-subject", "--exclude-unmatched-person", dest="exclude_unmatched_subject",
+                        action="store_true", help="drop samples with a segment of the object types that no phrase "
+                                                  "matched (--exclude-unmatched-person: its old name)")
     parser.add_argument("--split", choices=("train", "test", "all"), default="all", help="export only one split")
     # uint16 is accepted here so that export can say why it refuses it
     parser.add_argument("--segmap-dtype", choices=SEGMAP_DTYPES + tuple(UNREADABLE_SEGMAP_DTYPES), default="auto",
                         help="dtype of the .npy maps, one FastComposer's loader reads (auto: uint8 when every id "
                              "fits, else int32; uint16 is refused: upstream cannot read it)")
     parser.add_argument("--workers", type=int, default=1, help="processes exporting shards in parallel (default 1)")
-    parser.add_argument("--object-types", default="person",
-                        help="subject-crops: comma-separated COCO labels of the subjects to crop (default person)")
+    parser.add_argument("--profile", default="paper",
+                        help="profile whose subjects.object_types the export uses: paper, tiny or a YAML file (default paper)")
+    parser.add_argument("--config", type=Path, action="append", default=[], metavar="FILE",
+                        help="YAML merged over the profile, e.g. 'subjects: {object_types: [person, dog, cat]}' (may be repeated)")
+    parser.add_argument("--object-types", default=None, metavar="LABELS",
+                        help="comma-separated COCO labels of the subjects, e.g. person,dog,cat "
+                             "(default: the profile's subjects.object_types, person unless set)")
     parser.add_argument("--placeholder", default="S*",
                         help="subject-crops: the token that replaces the subject's phrase in its prompt (default S*)")
     parser.add_argument("--overwrite", action="store_true", help="export into a non-empty OUT, replacing an earlier export")
 
 
+def object_types_from_args(args) -> tuple[str, ...]:
+    """``--object-types`` if given, else the profile's (``--profile`` + ``--config``) subjects.object_types."""
+    if args.object_types is not None:
+        return parse_object_types(args.object_types)
+    for config in args.config:
+        if not config.is_file():
+            raise ProfileError(f"--config {config}: file not found")
+    return load_profile(args.profile, *args.config).subjects.object_types
+
+
 def run(args) -> int:
     filters = ExportFilters(
-        min_match_score=args.min_match_score, min_margin=args.min_margin, require_person=args.require_person,
+        min_match_score=args.min_match_score, min_margin=args.min_margin, require_subject=args.require_subject,
         min_subjects=args.min_subjects, max_subjects=args.max_subjects,
-        exclude_unmatched_person=args.exclude_unmatched_person,
+        exclude_unmatched_subject=args.exclude_unmatched_subject,
         splits=("train", "test") if args.split == "all" else (args.split,),
     )
+    try:
+        object_types = object_types_from_args(args)
+    except ProfileError as e:
+        print(f"subject-ffhq export: {e}", file=sys.stderr)
+        return 2
     if args.format != "fastcomposer":
-        return _export_view(args, filters)
+        return _export_view(args, filters, object_types)
     try:
         summary = export_fastcomposer(args.shards_dir, args.out, filters, overwrite=args.overwrite,
-                                      segmap_dtype=args.segmap_dtype, workers=args.workers)
+                                      segmap_dtype=args.segmap_dtype, workers=args.workers, object_types=object_types)
     except ExportError as e:
         print(f"subject-ffhq export: {e}", file=sys.stderr)
         return 1
     print(f"exported {summary.exported} of {summary.samples_seen} samples from {summary.shards} shard(s) "
           f"(train {summary.train}, test {summary.test}) to {summary.out}")
+    print(f"subjects ({','.join(summary.object_types)}): {summary.segments_exported} "
+          f"{json.dumps(summary.subjects_by_type)}")
     dropped = sum(summary.filtered_out.values())
     print(f"filtered out: {dropped}" + (f" {json.dumps(summary.filtered_out)}" if dropped else ""))
     if any(v not in (None, False, 0, ("train", "test")) for v in asdict(filters).values()):
@@ -83,10 +114,9 @@ def run(args) -> int:
     return 0
 
 
-def _export_view(args, filters) -> int:
+def _export_view(args, filters, object_types) -> int:
     from datagen.export.views import export_view
 
-    object_types = tuple(t.strip() for t in args.object_types.split(",") if t.strip())
     try:
         summary = export_view(args.format, args.shards_dir, args.out, filters, overwrite=args.overwrite,
                               object_types=object_types, placeholder=args.placeholder)

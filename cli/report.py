@@ -2,7 +2,8 @@
 
 Builds the run's tables first when they are missing or older than its manifests. The report is one
 static, self-contained HTML file (no network, no server): open it in any browser. Its path is
-printed last.
+printed last. Its per-type figures are for the run's ``subjects.object_types`` (from ``run.json``:
+the profile the run was built with); ``--object-types`` shows others.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from datagen.config import ProfileError, parse_object_types
 from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT, RunFolderError, resolve_run_dir
 from datagen.report.page import GALLERY_BUDGET, GALLERY_MAX, THUMB_SIDE, build_report
 
@@ -26,14 +28,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gallery-mib", type=float, default=GALLERY_BUDGET / 2**20,
                         help=f"most MiB of embedded thumbnails (default {GALLERY_BUDGET / 2**20:g}); bounds the file size")
     parser.add_argument("--rebuild-tables", action="store_true", help="rebuild the run's tables even if current")
+    parser.add_argument("--object-types", default=None, metavar="LABELS",
+                        help="comma-separated COCO labels of the per-type figures, e.g. person,dog,cat "
+                             "(default: the run's subjects.object_types)")
 
 
 def run(args) -> int:
+    try:
+        object_types = parse_object_types(args.object_types) if args.object_types is not None else None
+    except ProfileError as e:
+        print(f"subject-ffhq report: {e}", file=sys.stderr)
+        return 2
     try:
         run_dir = resolve_run_dir(args.run, args.manifests_root)
         path = build_report(
             run_dir, shards_dir=args.shards, gallery_max=args.gallery_max, thumb_side=args.thumb_size,
             gallery_budget=int(args.gallery_mib * 2**20), rebuild_tables=args.rebuild_tables,
+            object_types=object_types,
         )
     except (RunFolderError, ValueError) as e:
         print(f"subject-ffhq report: {e}", file=sys.stderr)

@@ -48,10 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):  # a switch that turns the setting on
             parser.add_argument(f"--{option}", dest=f.name, action="store_true", default=None, help=help_text)
             continue
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        kind = {"int": int, "float": float, "str": str, "tuple[str, ...]": comma_list}[str(f.type)]
         parser.add_argument(f"--{option}", dest=f.name, type=kind, choices=f.metadata.get("choices"),
                             metavar=None if f.metadata.get("choices") else option.upper().replace("-", "_"),
-                            help=f"{help_text} (default {f.default})")
+                            help=f"{help_text} (default {','.join(f.default) if isinstance(f.default, tuple) else f.default})")
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"person,dog"`` -> ``("person", "dog")`` (TrainConfig checks the names)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def config_from_args(args: argparse.Namespace):

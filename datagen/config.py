@@ -5,9 +5,10 @@ A profile is a YAML file. The built-in ones live in ``datagen/profiles/`` (``pap
 keys onto it (nested mappings are merged, later files win). :func:`load_profile` reads them once
 into a frozen :class:`Profile`: one section per stage (:class:`CaptionerSettings`,
 :class:`SegmenterSettings`, :class:`PhrasesSettings`, :class:`MatcherSettings`), the output
-(:class:`ShardsSettings`), the job's placement and pacing (:class:`RaySettings`) and the trainer's
-section (a mapping that ``training.config.TrainConfig.from_profile`` types). A stage takes its own
-section. Nothing reads the YAML again.
+(:class:`ShardsSettings`), the job's placement and pacing (:class:`RaySettings`), which segments
+count as subjects (:class:`SubjectsSettings`) and the trainer's section (a mapping that
+``training.config.TrainConfig.from_profile`` types). A stage takes its own section. Nothing reads the
+YAML again.
 
 Refused with :class:`ProfileError`, before anything runs:
 
@@ -29,6 +30,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import os
 import types
@@ -46,6 +48,9 @@ AUTO = "auto"
 Auto = Literal["auto"]
 DType = Literal["auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "bfloat16"]
 PAPER_SHAPES_ENV = "SUBJECT_FFHQ_PAPER_SHAPES"
+DEFAULT_OBJECT_TYPES = ("person",)  # FastComposer's subjects: people (DESIGN §6)
+# COCO panoptic's 133 categories (panopticapi's list): the names a segment's ``coco_label`` can take
+COCO_CATEGORIES_FILE = Path(__file__).parent / "export" / "coco_panoptic_palette.json"
 
 
 class ProfileError(ValueError):
@@ -216,6 +221,59 @@ class RaySettings(_Section):
     scheduling_strategy: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
 
 
+# ------------------------------------------------------------------------------ subjects
+@dataclass(frozen=True, kw_only=True)
+class SubjectsSettings(_Section):
+    """Which segments are subjects, for everything that reads the shards: the trainer (which matched
+    segments condition an example), the export (its ``segments``, filters and counts) and the report
+    (its per-type figures). The build does not read it: the matcher matches phrases to segments of
+    every COCO label, so the shards are the same whatever the object types (and the config digest
+    leaves this section out). The run's ``run.json`` keeps it, which is where the report reads it."""
+
+    # COCO panoptic labels whose matched segments are subjects, e.g. [person, dog, cat]
+    object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        problem = object_types_problem(self.object_types)
+        if problem:
+            raise _BadValue("object_types", problem)
+
+
+@functools.cache
+def coco_panoptic_labels() -> tuple[str, ...]:
+    """The 133 COCO panoptic class names, in category order (``person`` first)."""
+    return tuple(c["name"] for c in json.loads(COCO_CATEGORIES_FILE.read_text(encoding="utf-8"))["categories"])
+
+
+def object_types_problem(object_types: Any) -> str | None:
+    """What is wrong with a list of object types (None when nothing is): empty, a duplicate, or a
+    name that is not a COCO panoptic label (with the nearest label, if one is close)."""
+    types = list(object_types) if isinstance(object_types, list | tuple) else None
+    if not types:
+        return f"must name at least one COCO panoptic label (e.g. [person, dog]), got {object_types!r}"
+    known = coco_panoptic_labels()
+    for name in types:
+        if not isinstance(name, str) or name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "COCO panoptic labels are e.g. person, dog, cat, horse, teddy bear"
+            return f"names {name!r}, which is not a COCO panoptic label; {hint}"
+    duplicate = next((t for i, t in enumerate(types) if t in types[:i]), None)
+    if duplicate is not None:
+        return f"names {duplicate!r} twice"
+    return None
+
+
+def parse_object_types(text: str) -> tuple[str, ...]:
+    """Object types as a command line spells them (``"person,dog"``), checked as the profile's are;
+    raises :class:`ProfileError` saying what is wrong."""
+    types = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    problem = object_types_problem(types)
+    if problem:
+        raise ProfileError(f"object types {text!r} {problem}")
+    return types
+
+
 # ------------------------------------------------------------------------------- profile
 @dataclass(frozen=True, kw_only=True)
 class Profile(_Section):
@@ -228,6 +286,7 @@ class Profile(_Section):
     matcher: MatcherSettings
     shards: ShardsSettings
     ray: RaySettings
+    subjects: SubjectsSettings = field(default_factory=SubjectsSettings)
     # True for profiles whose models have random weights (tiny, paper-shapes): every output says so
     random_weights: bool = False
     # Typed by training.config.TrainConfig.from_profile; here only checked to be a mapping.
@@ -387,6 +446,10 @@ def _check(value: Any, hint: Any, key: str, meta: Mapping[str, Any]) -> Any:
             return value
         if typing.get_origin(kind) is dict and isinstance(value, Mapping):
             return dict(value)
+        if typing.get_origin(kind) is tuple and isinstance(value, list | tuple):
+            if not all(isinstance(v, str) and v.strip() for v in value):
+                raise _BadValue(key, f"must be a list of non-empty strings, got {value!r}")
+            return tuple(value)
     raise _BadValue(key, f"must be {_describe(choices, kinds)}, got {value!r}")
 
 
@@ -405,7 +468,7 @@ def _bounded(value: float, key: str, meta: Mapping[str, Any]) -> float:
 
 def _describe(choices: list[Any], kinds: list[Any]) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    parts = [names.get(k, "a mapping") for k in kinds]
+    parts = [names.get(k, "a list" if typing.get_origin(k) is tuple else "a mapping") for k in kinds]
     if choices:
         parts.insert(0, "one of " + ", ".join(repr(c) for c in choices) if len(choices) > 1 else repr(choices[0]))
     return " or ".join(parts)

@@ -165,6 +165,58 @@ def test_trainer_section_is_handed_to_train_config_as_written(tmp_path):
     assert (cfg.pretrained, cfg.resolution, cfg.batch_size) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", 256, 2)
 
 
+def test_object_types_are_one_setting_of_the_profile_that_the_trainer_takes(tmp_path):
+    from ray_jobs.settings import config_digest
+    from training.config import ConfigError, TrainConfig
+
+    assert load_profile("paper").subjects.object_types == ("person",)  # the default, from one place
+    pets = load_profile("paper", write(tmp_path, "pets.yaml", "subjects: {object_types: [person, dog, cat]}\n"))
+    assert pets.subjects.object_types == ("person", "dog", "cat")
+    # the trainer takes it from the profile; an option overrides it
+    cfg = TrainConfig.from_profile(pets.to_dict(), shards=["a.tar"], out=str(tmp_path))
+    assert cfg.object_types == ("person", "dog", "cat")
+    cfg = TrainConfig.from_profile(pets.to_dict(), shards=["a.tar"], out=str(tmp_path), object_types=("dog",))
+    assert cfg.object_types == ("dog",)
+    assert TrainConfig.from_profile(load_profile("paper").to_dict(), shards=["a.tar"], out="o").object_types == ("person",)
+    # set once: the trainer section may not set it again
+    twice = load_profile("paper", {"trainer": {"object_types": ["dog"]}})
+    with pytest.raises(ConfigError, match=r"'trainer.object_types' is not a trainer setting; set the object types once, "
+                                          r"under 'subjects: \{object_types: \[...\]\}'"):
+        TrainConfig.from_profile(twice.to_dict(), shards=["a.tar"], out="o")
+    with pytest.raises(ConfigError, match="trainer setting 'object_types' names 'dgo'.*did you mean 'dog'"):
+        TrainConfig.from_profile(pets.to_dict(), shards=["a.tar"], out="o", object_types=("dgo",))
+    # the build does not read it: the shards (and so the config digest) are the same
+    assert config_digest(pets) == config_digest(load_profile("paper"))
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("person", "subjects.object_types must be a list, got 'person'"),
+    ([], "subjects.object_types must name at least one COCO panoptic label"),
+    (["person", "dgo"], "subjects.object_types names 'dgo', which is not a COCO panoptic label; did you mean 'dog'?"),
+    (["person", "person"], "subjects.object_types names 'person' twice"),
+    (["person", 3], "subjects.object_types must be a list of non-empty strings"),
+])
+def test_bad_object_types_are_refused_naming_the_key(value, message):
+    with pytest.raises(ProfileError) as e:
+        load_profile("paper", {"subjects": {"object_types": value}})
+    assert message in str(e.value)
+
+
+def test_the_train_command_takes_object_types_from_the_profile_or_the_option(tmp_path):
+    import argparse
+
+    from cli.train import add_arguments, config_from_args
+
+    overlay = write(tmp_path, "pets.yaml", "subjects: {object_types: [person, cat]}\n")
+    (tmp_path / "a.tar").write_bytes(b"")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--shards", str(tmp_path / "a.tar"), "--out", str(tmp_path / "out"), "--profile", "paper"]
+    assert config_from_args(parser.parse_args([*base, "--config", str(overlay)])).object_types == ("person", "cat")
+    args = parser.parse_args([*base, "--config", str(overlay), "--object-types", "dog, cat"])
+    assert config_from_args(args).object_types == ("dog", "cat")
+
+
 # ---- every stage reads its typed section ----------------------------------------------------
 OVERLAY = {
     "captioner": {"batch_size": 3, "max_new_tokens": 5, "num_beams": 2},

@@ -65,7 +65,9 @@ def test_export_reads_back_like_fastcomposer(run, tmp_path):
         assert tuple(image.shape) == (3, record.height, record.width) == (3, *segmap.shape)
         assert info["caption"] == record.caption
         assert all("end" in s for s in info["segments"])
-        assert [s["id"] for s in info["segments"]] == [s.id for s in record.segments if s.matched]
+        # segments = the subjects (matched, default object type person); other matches and the unmatched kept apart
+        assert [s["id"] for s in info["segments"]] == [s.id for s in record.segments if s.matched and s.coco_label == "person"]
+        assert [s["id"] for s in info["other_segments"]] == [s.id for s in record.segments if s.matched and s.coco_label != "person"]
         assert [s["id"] for s in info["unmatched_segments"]] == [s.id for s in record.segments if not s.matched]
         for segment in info["segments"]:
             mask = segmap == segment["id"]
@@ -79,7 +81,8 @@ def test_export_reads_back_like_fastcomposer(run, tmp_path):
             assert info["caption"][: segment["end"]].endswith(segment["word"])
             assert info["caption"][segment["start"] : segment["end"]] == segment["word"]
             n_checked += 1
-    assert n_checked == sum(1 for r in records.values() for s in r.segments if s.matched)
+    assert n_checked == sum(1 for r in records.values() for s in r.segments if s.matched and s.coco_label == "person")
+    assert summary.segments_exported == summary.subjects_by_type["person"] == n_checked
 
     # the person subjects get their placeholder right after their phrase
     _, persons = read_like_fastcomposer(out, "all")
@@ -96,18 +99,18 @@ def test_jpeg_bytes_are_the_shard_bytes(run, tmp_path):
 def test_filters_drop_samples_and_count_them(run, tmp_path):
     records = {k: r for k, (_, r) in run["written"].items()}
     summary = export_fastcomposer(
-        run["shards_dir"], tmp_path / "fc", ExportFilters(require_person=True, min_match_score=0.12)
+        run["shards_dir"], tmp_path / "fc", ExportFilters(require_subject=True, min_match_score=0.12)
     )
     kept = set((tmp_path / "fc" / "image_ids.txt").read_text().split())
     no_person = {k for k, r in records.items() if not any(s.coco_label == "person" and s.matched for s in r.segments)}
     weak = {k for k, r in records.items() if min(s.match_score for s in r.segments if s.matched) < 0.12} - no_person
     assert kept == set(records) - no_person - weak
-    assert summary.filtered_out == {"require_person": len(no_person), "min_match_score": len(weak)}
+    assert summary.filtered_out == {"require_subject": len(no_person), "min_match_score": len(weak)}
     assert summary.exported + sum(summary.filtered_out.values()) == summary.samples_seen
     for k in no_person | weak:
         assert not (tmp_path / "fc" / k[:5]).exists()
     saved = json.loads((tmp_path / "fc" / "export_summary.json").read_text())
-    assert saved["filtered_out"] == summary.filtered_out and saved["filters"]["require_person"] is True
+    assert saved["filtered_out"] == summary.filtered_out and saved["filters"]["require_subject"] is True
 
 
 def test_split_and_margin_filters(run, tmp_path):
@@ -123,12 +126,12 @@ def test_refuses_a_non_empty_output_and_overwrite_removes_stale_ids(run, tmp_pat
     export_fastcomposer(run["shards_dir"], out)
     with pytest.raises(ExportError, match="not empty"):
         export_fastcomposer(run["shards_dir"], out)
-    summary = export_fastcomposer(run["shards_dir"], out, ExportFilters(require_person=True), overwrite=True)
+    summary = export_fastcomposer(run["shards_dir"], out, ExportFilters(require_subject=True), overwrite=True)
     kept = (out / "image_ids.txt").read_text().split()
     assert len(kept) == summary.exported
     on_disk = {p.stem for p in out.glob("*/*.json")}
     assert on_disk == set(kept)
-    assert summary.removed_stale == 3 * summary.filtered_out["require_person"]
+    assert summary.removed_stale == 3 * summary.filtered_out["require_subject"]
 
 
 def test_parallel_export_writes_the_same_files(run, tmp_path):
@@ -148,9 +151,36 @@ def test_export_command(run, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "exported 6 of 8 samples from 2 shard(s)" in printed
-    assert 'filtered out: 2 {"require_person": 2}' in printed
+    assert 'filtered out: 2 {"require_subject": 2}' in printed
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
     assert "no shards" in capsys.readouterr().err
+
+
+def test_object_types_choose_the_subjects_the_filters_and_the_counts(run, tmp_path, capsys):
+    records = {k: r for k, (_, r) in run["written"].items()}
+    pets = ("person", "cat")
+    summary = export_fastcomposer(run["shards_dir"], tmp_path / "fc", ExportFilters(require_subject=True),
+                                  object_types=pets)
+    with_subject = {k for k, r in records.items() if any(s.matched and s.coco_label in pets for s in r.segments)}
+    assert summary.filtered_out == {"require_subject": len(records) - len(with_subject)}  # the coffee cups
+    n_cats = sum(1 for k in with_subject for s in records[k].segments if s.matched and s.coco_label == "cat")
+    assert n_cats and summary.subjects_by_type["cat"] == n_cats and summary.object_types == list(pets)
+    # upstream's loader with its default object_types=None takes exactly our subjects
+    _, everything = read_like_fastcomposer(tmp_path / "fc", "all", object_types=None)
+    assert {s["coco_label"] for v in everything.values() for s in v[4]} == set(pets)
+    assert sum(len(v[4]) for v in everything.values()) == summary.segments_exported
+
+    # the command reads the object types from the profile (+ --config); --object-types overrides them
+    overlay = tmp_path / "pets.yaml"
+    overlay.write_text("subjects: {object_types: [person, cat]}\n")
+    args = ["export", str(run["shards_dir"]), "--require-subject", "--exclude-unmatched-subject"]
+    assert main([*args[:2], str(tmp_path / "cli"), *args[2:], "--config", str(overlay)]) == 0
+    printed = capsys.readouterr().out
+    assert f'subjects (person,cat): {summary.segments_exported - 1} {{"person": {summary.subjects_by_type["person"] - 1}, "cat": {n_cats}}}' in printed
+    assert '"unmatched_subject_segment": 1' in printed  # Grace Hopper's second, unmatched person
+    assert main([*args[:2], str(tmp_path / "cli2"), "--object-types", "person,dgo"]) == 2
+    assert "'dgo', which is not a COCO panoptic label; did you mean 'dog'?" in capsys.readouterr().err
+    assert not (tmp_path / "cli2").exists()
 
 
 def upstream_train_transform(image, segmap, resolution=32):

@@ -207,8 +207,9 @@ class PageParser(HTMLParser):
         return [a for t, a in self.elements if t == name]
 
 
-def check_markup_is_the_pages_own(text, n_cards):
+def check_markup_is_the_pages_own(text, n_cards, n_object_types=1):
     """Only the page's own elements and attributes: no script, no event handler, one image per card."""
+    n_charts = 8 + 2 * n_object_types  # the distributions, and two per object type
     page = PageParser(text)
     assert {t for t, _ in page.elements} <= PAGE_TAGS, {t for t, _ in page.elements} - PAGE_TAGS
     handlers = [(t, n) for t, a in page.elements for n in a if n.lower().startswith("on")]
@@ -217,7 +218,8 @@ def check_markup_is_the_pages_own(text, n_cards):
     assert len(images) == n_cards and all(set(a) == {"alt", "width", "height", "src"} for a in images)
     assert all(a["src"].startswith("data:image/jpeg;base64,") for a in images)
     assert all(re.fullmatch(r"data:image/jpeg;base64,[A-Za-z0-9+/=]+", a["src"]) for a in images)
-    assert len(page.tags("svg")) <= 8 and len(page.tags("style")) == 1 and len(page.tags("title")) <= 1 + 8 * 50
+    assert len(page.tags("svg")) <= n_charts and len(page.tags("style")) == 1
+    assert len(page.tags("title")) <= 1 + n_charts * 50
     assert len(page.tags("body")) == 1 and len(page.tags("pre")) == 1
     return page
 
@@ -318,6 +320,41 @@ def test_report_command_prints_the_report_path(report, capsys):
     assert out[-1] == str(path)
     assert main(["report", str(expected["run_dir"] / "nowhere")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_figures_per_object_type_follow_the_runs_setting_or_the_option(report, tmp_path, capsys):
+    expected, _ = report
+    records = [r for _, r in expected["written"].values()]
+    summary = json.loads((expected["run_dir"] / SUMMARY).read_text(encoding="utf-8"))
+    # a run.json without the setting (made before it existed): the default, people, whose figures match the person ones
+    assert summary["object_types"] == ["person"] and list(summary["by_object_type"]) == ["person"]
+    person = summary["by_object_type"]["person"]
+    assert person["subjects"] == summary["counts"]["matched_persons"]
+    assert person["segments"] == summary["counts"]["person_segments"]
+    assert person["images_with_subject"] == summary["counts"]["with_matched_person"]
+    assert person["subjects_per_image"] == summary["per_image"]["n_matched_person"]
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(expected["run_dir"], run_dir)
+    cats = [s for r in records for s in r.segments if s.coco_label == "cat"]
+    page = build_report(run_dir, object_types=("person", "cat")).read_text(encoding="utf-8")
+    assert "Match scores of cat subjects" in page and "Cat subjects per image" in page
+    assert f"<td>cat</td><td>{len(cats)}</td>" in page
+    check_markup_is_the_pages_own(page, len(expected["written"]), n_object_types=2)
+    assert json.loads((run_dir / SUMMARY).read_text(encoding="utf-8")) == summary  # summary.json stays the run's
+
+    # the run's own setting (run.json keeps the profile) decides when no option is given
+    run = json.loads((run_dir / "run.json").read_text())
+    run["config"] = {"subjects": {"object_types": ["cat", "couch"]}}
+    (run_dir / "run.json").write_text(json.dumps(run))
+    page = build_report(run_dir).read_text(encoding="utf-8")
+    summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+    assert summary["object_types"] == ["cat", "couch"]
+    assert summary["by_object_type"]["cat"]["subjects"] == sum(1 for s in cats if s.matched) == len(cats)
+    assert summary["by_object_type"]["cat"]["match_score_quantiles"]["max"] == max(s.match_score for s in cats)
+    assert "Match scores of couch subjects" in page and "Match scores of person subjects" not in page
+    assert main(["report", str(run_dir), "--object-types", "person,dgo"]) == 2
+    assert "did you mean 'dog'?" in capsys.readouterr().err
 
 
 def test_gallery_budget_bounds_the_file(report):
@@ -543,6 +580,8 @@ def test_markup_in_every_value_is_shown_as_text(injected):
         "summary.json.counts.sources", "summary.json.counts.shards", "summary.json.counts.with_matched_person",
         "summary.json.counts.no_person", "summary.json.shard_bytes", "summary.json.shard_seconds",
         "summary.json.quantiles.min_match_score.median",
+        *[f"summary.json.by_object_type.person.{f}" for f in (
+            "images_with_subject", "subjects", "images_with_segment", "unmatched_segments")],
         *[f for f in markup.fields if f.startswith("summary.json.failures_by_reason.") and f.endswith((
             "(key)", ".count", "examples[0].reason", "examples[0].source_id"))],
         *[f"shards.parquet row {i} {c}" for i in range(3)
@@ -554,8 +593,9 @@ def test_markup_in_every_value_is_shown_as_text(injected):
     ]
     assert sum(f.startswith("summary.json.failures_by_reason.") for f in must_show) >= 8
     assert [f for f in must_show if f not in shown] == []
-    # values that are not numbers are not charted; the charts say so
-    assert page.text.count(NOT_NUMBERS) == 8
+    # values that are not numbers are not charted; the charts say so (+ people per image: the records'
+    # labels are markup, so no person subject has a score to chart)
+    assert page.text.count(NOT_NUMBERS) == 8 + 1
 
 
 def test_markup_in_every_value_runs_no_script_in_chromium(injected, chromium):

@@ -3,7 +3,9 @@
 The model references (``pretrained``: a Stable Diffusion folder or hub id with ``unet/ vae/
 text_encoder/ tokenizer/ scheduler/``; ``image_encoder``: a CLIP vision folder or hub id) come from
 the profile's ``trainer`` section, which may also set any other field below (e.g. a smaller
-``resolution`` for the tiny profile). Command-line values override both.
+``resolution`` for the tiny profile) except ``object_types``: that one comes from the profile's
+``subjects`` section, the one setting the trainer, the export and the report share
+(:class:`datagen.config.SubjectsSettings`). Command-line values override both.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from datagen.config import DEFAULT_OBJECT_TYPES, object_types_problem
 
 # Cross-attention of SD1.5's down blocks 1-2, mid block and up blocks 1-2 (FastComposer's
 # `localization_layers=5`: the middle five of the seven cross-attention stages).
@@ -67,7 +71,9 @@ class TrainConfig:
                           "released training script ran", cli=True, choices=tuple(RECIPES))
     resolution: int = setting(512, "training image size in pixels", cli=True)
     max_subjects: int = setting(4, "subjects per example at most", cli=True)
-    object_types: tuple[str, ...] = setting(("person",), "COCO labels whose segments can be subjects")
+    object_types: tuple[str, ...] = setting(
+        DEFAULT_OBJECT_TYPES, "comma-separated COCO labels whose matched segments can be subjects, e.g. person,dog,cat "
+        "(the profile's subjects.object_types)", cli=True)
     uncond_prob: float = setting(0.1, "share of examples with empty caption and no subjects")
     text_only_prob: float | None = setting(None, "share of text-only examples (default: the recipe's)")
     subject_keep_prob: float = setting(0.9, "each subject kept with this probability")
@@ -113,7 +119,8 @@ class TrainConfig:
                 if getattr(self, name) is None:
                     setattr(self, name, value)
         self.shards = [str(s) for s in self.shards]
-        self.object_types = tuple(self.object_types)
+        if isinstance(self.object_types, list):
+            self.object_types = tuple(self.object_types)
         self.localization_layers = tuple(self.localization_layers)
         self.validate()
 
@@ -152,8 +159,9 @@ class TrainConfig:
             fail("mixed_precision", f"must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.bad_samples not in BAD_SAMPLE_POLICIES:
             fail("bad_samples", f"must be one of {BAD_SAMPLE_POLICIES}, got {self.bad_samples!r}")
-        if not self.object_types:
-            fail("object_types", "must name at least one COCO label (e.g. person)")
+        problem = object_types_problem(self.object_types)
+        if problem:
+            fail("object_types", problem)
         if not self.shards:
             fail("shards", "is empty: give at least one shard tar")
         for name in ("pretrained", "image_encoder", "out"):
@@ -187,14 +195,23 @@ class TrainConfig:
 
     @classmethod
     def from_profile(cls, profile: dict[str, Any], **overrides: Any) -> TrainConfig:
-        """Build from a loaded profile's ``trainer`` section; ``overrides`` (not None) win."""
+        """Build from a loaded profile's ``trainer`` section and its ``subjects.object_types``;
+        ``overrides`` (not None) win."""
         section = dict(profile.get("trainer") or {})
+        name = profile.get("name", "?")
         for required in ("pretrained", "image_encoder"):
             if not section.get(required):
                 raise ConfigError(
-                    f"profile {profile.get('name', '?')!r}: section 'trainer' lacks '{required}' "
-                    "(a model folder or hub id)"
+                    f"profile {name!r}: section 'trainer' lacks '{required}' (a model folder or hub id)"
                 )
+        if "object_types" in section:
+            raise ConfigError(
+                f"profile {name!r}: 'trainer.object_types' is not a trainer setting; set the object types once, "
+                "under 'subjects: {object_types: [...]}', which the trainer, the export and the report share"
+            )
+        subjects = profile.get("subjects") or {}
+        if subjects.get("object_types"):
+            section["object_types"] = tuple(subjects["object_types"])
         values = {**section, **{k: v for k, v in overrides.items() if v is not None}}
         return cls.from_dict(values)
 

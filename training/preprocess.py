@@ -34,6 +34,7 @@ import random
 import numpy as np
 import torch
 
+from datagen.config import DEFAULT_OBJECT_TYPES
 from datagen.record.schema import Record
 from training.subject_augment import SubjectAugmenter
 from training.subject_crops import SubjectCropper
@@ -53,7 +54,7 @@ class ExamplePreprocessor:
         subject_size: int,
         resolution: int = 512,
         max_subjects: int = 4,
-        object_types: tuple[str, ...] = ("person",),
+        object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES,
         policy: SubjectDropPolicy | None = None,
         augment_subjects: bool | str = True,
         seed: int | None = None,

@@ -8,11 +8,18 @@ Layout written under ``OUT`` (what FastComposer's released ``FastComposerDataset
     <id[:5]>/<id>.npy    the segment-id map, a 2-D integer array (pixel = segments[i].id, 0 = none)
     export_summary.json  what was exported and what was filtered out, by reason
 
-**Segments in the exported JSON.** FastComposer's loader keeps the segments whose ``coco_label`` is
-in its object types and then reads ``segment["end"]`` of *every* one of them, so an unmatched
-person segment would raise ``KeyError`` there. The exported ``segments`` therefore hold only
-matched segments (each with ``word``/``start``/``end``); the unmatched ones move, unchanged, to
-``unmatched_segments`` (their pixels stay in the ``.npy``). Everything else of the record is kept.
+**Segments in the exported JSON: the subjects.** FastComposer's loader keeps the segments whose
+``coco_label`` is in its ``object_types`` (``None``, its default, keeps every one) and then reads
+``segment["end"]`` of *every* one of them, so an unmatched segment would raise ``KeyError`` there
+and a matched ``banner`` would become a subject when the flag is left out. The exported
+``segments`` therefore hold exactly the subjects: the matched segments (each with
+``word``/``start``/``end``) whose ``coco_label`` is one of the export's ``object_types`` (the
+profile's ``subjects.object_types``, default ``person``; the trainer uses the same list). Matched
+segments of other labels move, unchanged, to ``other_segments``, unmatched ones to
+``unmatched_segments`` (all their pixels stay in the ``.npy``). Everything else of the record is
+kept. Upstream's loader then reads the same subjects with its ``object_types`` set to the same
+labels or left at ``None``; ``export_summary.json`` names them (``object_types``) and counts the
+exported subjects per type (``subjects_by_type``).
 
 **Ids and safety.** Before anything is written, every member name of every shard is checked:
 it must be ``<id>.<ext>`` with ``id`` made of ASCII decimal digits (``0``-``9`` only: ``²`` or
@@ -30,7 +37,8 @@ error.
 
 **Filters** (:class:`ExportFilters`) drop whole samples; each dropped sample is counted under the
 first filter it fails. Samples without any match are not affected by ``min_match_score`` or
-``min_margin`` (use ``min_subjects`` / ``require_person`` for them).
+``min_margin`` (use ``min_subjects`` / ``require_subject`` for them). ``require_subject`` and
+``exclude_unmatched_subject`` look at segments of the export's object types.
 
 Files are written through temp files and renames; the id lists and the summary come last, so an
 interrupted export has no ``image_ids.txt`` and is not mistaken for a finished one.
@@ -50,8 +58,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datagen.config import DEFAULT_OBJECT_TYPES, object_types_problem
 from datagen.files import atomic_write
-from datagen.record.quality import AMBIGUOUS_MARGIN, match_quality
+from datagen.record.quality import AMBIGUOUS_MARGIN, match_quality, subject_segments
 from datagen.record.schema import Record, RecordError
 from datagen.shards.reader import ShardError, decode_segment_map, iter_members
 
@@ -77,14 +86,15 @@ class ExportError(ValueError):
 class ExportFilters:
     min_match_score: float | None = None  # drop samples whose weakest match scores below this
     min_margin: float | None = None  # drop samples whose smallest margin to the runner-up is below this
-    require_person: bool = False  # drop samples without a matched person segment
+    require_subject: bool = False  # drop samples without a matched segment of the object types
     min_subjects: int = 0  # drop samples with fewer matched segments
     max_subjects: int | None = None  # drop samples with more matched segments
-    exclude_unmatched_person: bool = False  # drop samples with a person segment no phrase matched
+    exclude_unmatched_subject: bool = False  # drop samples with a segment of the object types no phrase matched
     splits: tuple[str, ...] = ("train", "test")  # export only these splits
 
-    def rejection(self, record: Record) -> str | None:
-        """The first filter the record fails (its name), or None when it passes."""
+    def rejection(self, record: Record, object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES) -> str | None:
+        """The first filter the record fails (its name), or None when it passes; ``object_types``:
+        the COCO labels of subjects (``require_subject``, ``exclude_unmatched_subject``)."""
         if record.split not in self.splits:
             return f"split_{record.split}"
         q = match_quality(record, AMBIGUOUS_MARGIN)
@@ -92,15 +102,24 @@ class ExportFilters:
             return "min_subjects"
         if self.max_subjects is not None and q.n_matched > self.max_subjects:
             return "max_subjects"
-        if self.require_person and q.n_matched_person == 0:
-            return "require_person"
+        subjects, unmatched = subject_segments(record, object_types)
+        if self.require_subject and not subjects:
+            return "require_subject"
         if self.min_match_score is not None and q.min_match_score is not None and q.min_match_score < self.min_match_score:
             return "min_match_score"
         if self.min_margin is not None and q.min_margin is not None and q.min_margin < self.min_margin:
             return "min_margin"
-        if self.exclude_unmatched_person and q.unmatched_person_segment:
-            return "unmatched_person_segment"
+        if self.exclude_unmatched_subject and unmatched:
+            return "unmatched_subject_segment"
         return None
+
+
+def check_object_types(object_types: tuple[str, ...]) -> tuple[str, ...]:
+    """``object_types`` as a tuple, or :class:`ExportError` saying what is wrong with them."""
+    problem = object_types_problem(object_types)
+    if problem:
+        raise ExportError(f"object types {problem}")
+    return tuple(object_types)
 
 
 @dataclass
@@ -115,7 +134,10 @@ class ExportSummary:
     test: int
     filtered_out: dict[str, int]
     filters: dict
-    segments_exported: int
+    object_types: list[str]  # the COCO labels of the exported subjects (``segments``)
+    segments_exported: int  # subjects: matched segments of the object types
+    subjects_by_type: dict[str, int]
+    other_segments: int  # matched segments of other labels
     unmatched_segments: int
     segmap_dtype: str
     removed_stale: int = 0
@@ -126,10 +148,13 @@ class ExportSummary:
     not_removed: list[str] = field(default_factory=list)
 
 
-def fastcomposer_json(record: Record) -> dict:
-    """The record as FastComposer's loader wants it: ``segments`` = matched segments only."""
+def fastcomposer_json(record: Record, object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES) -> dict:
+    """The record as FastComposer's loader wants it: ``segments`` = the subjects (matched segments
+    of ``object_types``), then ``other_segments`` (matched, other labels), ``unmatched_segments``."""
+    subjects = {s.id for s in subject_segments(record, object_types)[0]}
     d = record.to_dict()
-    d["segments"] = [s.to_dict() for s in record.segments if s.matched]
+    d["segments"] = [s.to_dict() for s in record.segments if s.id in subjects]
+    d["other_segments"] = [s.to_dict() for s in record.segments if s.matched and s.id not in subjects]
     d["unmatched_segments"] = [s.to_dict() for s in record.segments if not s.matched]
     return d
 
@@ -151,9 +176,12 @@ def export_fastcomposer(
     overwrite: bool = False,
     segmap_dtype: str = "auto",
     workers: int = 1,
+    object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES,
 ) -> ExportSummary:
-    """Export every ``subjects-*.tar`` of ``shards_dir`` to ``out``; return (and write) the summary."""
+    """Export every ``subjects-*.tar`` of ``shards_dir`` to ``out``; return (and write) the summary.
+    ``object_types``: the COCO labels of the subjects (the profile's ``subjects.object_types``)."""
     filters = filters or ExportFilters()
+    object_types = check_object_types(object_types)
     shards_dir, out = Path(shards_dir), Path(out)
     if segmap_dtype in UNREADABLE_SEGMAP_DTYPES:
         raise ExportError(f"segment-map dtype {segmap_dtype}: {UNREADABLE_SEGMAP_DTYPES[segmap_dtype]}")
@@ -168,7 +196,7 @@ def export_fastcomposer(
         _check_id_folders(out, {k[:5] for k in keys})
     out.mkdir(parents=True, exist_ok=True)
 
-    jobs = [(tar, out, filters, segmap_dtype) for tar in tars]
+    jobs = [(tar, out, filters, segmap_dtype, object_types) for tar in tars]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_export_shard, *zip(*jobs, strict=True)))
@@ -178,9 +206,10 @@ def export_fastcomposer(
     split_of: dict[str, str] = {}
     where: dict[str, str] = {}
     rejected: Counter[str] = Counter()
-    seen = n_segments = n_unmatched = 0
+    by_type: Counter[str] = Counter()
+    seen = n_other = n_unmatched = 0
     for tar, outcome in zip(tars, results, strict=True):
-        for key, split, reason, n_seg, n_unm in outcome:
+        for key, split, reason, subject_labels, n_oth, n_unm in outcome:
             seen += 1
             if key in where:
                 raise ExportError(f"sample id {key} is in both {where[key]} and {tar.name}")
@@ -189,7 +218,8 @@ def export_fastcomposer(
                 rejected[reason] += 1
                 continue
             split_of[key] = split
-            n_segments += n_seg
+            by_type.update(subject_labels)
+            n_other += n_oth
             n_unmatched += n_unm
 
     ids = sorted(split_of, key=int)
@@ -206,8 +236,9 @@ def export_fastcomposer(
     summary = ExportSummary(
         format="fastcomposer", shards_dir=str(shards_dir.resolve()), out=str(out.resolve()), shards=len(tars),
         samples_seen=seen, exported=len(ids), train=len(train), test=len(test),
-        filtered_out=dict(sorted(rejected.items())), filters=asdict(filters), segments_exported=n_segments,
-        unmatched_segments=n_unmatched, segmap_dtype=segmap_dtype, removed_stale=removed,
+        filtered_out=dict(sorted(rejected.items())), filters=asdict(filters), object_types=list(object_types),
+        segments_exported=sum(by_type.values()), subjects_by_type={t: by_type[t] for t in object_types},
+        other_segments=n_other, unmatched_segments=n_unmatched, segmap_dtype=segmap_dtype, removed_stale=removed,
         shard_names=[t.name for t in tars], ignored_old_ids=ignored, not_removed=not_removed,
     )
     atomic_write(out / SUMMARY, (json.dumps(asdict(summary), indent=1) + "\n").encode())
@@ -300,8 +331,9 @@ def _remove_exported(out: Path, key: str) -> tuple[int, list[str]]:
     return removed, []
 
 
-def _export_shard(tar_path: Path, out: Path, filters: ExportFilters, segmap_dtype: str):
-    """Export one shard; return ``(key, split, rejection or None, matched segments, unmatched segments)`` per sample."""
+def _export_shard(tar_path: Path, out: Path, filters: ExportFilters, segmap_dtype: str, object_types: tuple[str, ...]):
+    """Export one shard; return ``(key, split, rejection or None, labels of its subjects, other matched
+    segments, unmatched segments)`` per sample."""
     outcomes = []
     for key, members in _shard_members(tar_path):
         try:
@@ -310,7 +342,8 @@ def _export_shard(tar_path: Path, out: Path, filters: ExportFilters, segmap_dtyp
             raise ExportError(f"{tar_path.name}: sample {key}: {e}") from e
         if record.key != key:
             raise ExportError(f"{tar_path.name}: member {key}.json holds record key {record.key!r}")
-        reason = filters.rejection(record)
+        reason = filters.rejection(record, object_types)
+        subjects = subject_segments(record, object_types)[0]
         matched = sum(1 for s in record.segments if s.matched)
         if reason is None:
             segmap = decode_segment_map(members["seg.png"])
@@ -329,8 +362,9 @@ def _export_shard(tar_path: Path, out: Path, filters: ExportFilters, segmap_dtyp
             np.save(buf, segmap_array(segmap, segmap_dtype, record), allow_pickle=False)
             atomic_write(folder / f"{key}.jpg", members["jpg"])
             atomic_write(folder / f"{key}.npy", buf.getvalue())
-            atomic_write(folder / f"{key}.json", json.dumps(fastcomposer_json(record), ensure_ascii=False).encode())
-        outcomes.append((key, record.split, reason, matched, len(record.segments) - matched))
+            atomic_write(folder / f"{key}.json", json.dumps(fastcomposer_json(record, object_types), ensure_ascii=False).encode())
+        outcomes.append((key, record.split, reason, [s.coco_label for s in subjects], matched - len(subjects),
+                         len(record.segments) - matched))
     return outcomes
 
 

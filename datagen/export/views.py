@@ -11,7 +11,8 @@
                                palette knows; classes outside it get a stable colour listed under "extra"
     OUT/export_summary.json    counts, filters and what each filter dropped
 
-``subject-crops`` — per matched subject of the chosen object types, grouped by source image, what
+``subject-crops`` — per subject (a matched segment of the object types: the profile's
+``subjects.object_types``, as for the trainer and the FastComposer export), grouped by source image, what
 encoder-based (E4T-style) and attention-mask (ViCo-style) personalisation take::
 
     OUT/<key>/subject-<segment id>.png   the subject cropped to its bbox, RGBA: alpha = the subject's mask
@@ -39,12 +40,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datagen.export.fastcomposer import ExportError, ExportFilters
+from datagen.config import COCO_CATEGORIES_FILE, DEFAULT_OBJECT_TYPES
+from datagen.export.fastcomposer import ExportError, ExportFilters, check_object_types
 from datagen.files import atomic_write
 from datagen.record.schema import Record, RecordError
 from datagen.shards.reader import ShardError, decode_segment_map, iter_members
 
-PALETTE_FILE = Path(__file__).with_name("coco_panoptic_palette.json")
+PALETTE_FILE = COCO_CATEGORIES_FILE
 SUMMARY = "export_summary.json"
 METADATA = "metadata.jsonl"
 LEGEND = "legend.json"
@@ -95,12 +97,14 @@ def export_view(
     out: str | Path,
     filters: ExportFilters | None = None,
     overwrite: bool = False,
-    object_types: tuple[str, ...] = ("person",),
+    object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES,
     placeholder: str = DEFAULT_PLACEHOLDER,
 ) -> dict:
-    """Export to ``fmt`` (``seg-conditioning`` or ``subject-crops``); return (and write) the summary."""
+    """Export to ``fmt`` (``seg-conditioning`` or ``subject-crops``); return (and write) the summary.
+    ``object_types``: the COCO labels of subjects (the crops, and the filters that look at subjects)."""
     if fmt not in ("seg-conditioning", "subject-crops"):
         raise ExportError(f"unknown view format {fmt!r}")
+    object_types = check_object_types(object_types)
     if not placeholder.strip():
         raise ExportError("the placeholder must not be empty")
     filters = filters or ExportFilters()
@@ -128,7 +132,7 @@ def export_view(
                 if key in keys:
                     raise ExportError(f"sample id {key} appears twice (again in {tar.name})")
                 keys.add(key)
-                reason = filters.rejection(record)
+                reason = filters.rejection(record, object_types)
                 if reason is not None:
                     rejected[reason] += 1
                     continue
@@ -158,7 +162,7 @@ def export_view(
         "format": fmt, "shards_dir": str(shards_dir.resolve()), "out": str(out.resolve()), "shards": len(tars),
         "samples_seen": seen, "exported": exported, "subjects": subjects if fmt == "subject-crops" else None,
         "filtered_out": dict(sorted(rejected.items())), "filters": asdict(filters),
-        "object_types": list(object_types) if fmt == "subject-crops" else None,
+        "object_types": list(object_types),
         "placeholder": placeholder if fmt == "subject-crops" else None,
     }
     atomic_write(out / METADATA, "".join(lines))

@@ -14,7 +14,13 @@ the entries name; see :mod:`datagen.manifests.shard_entry`.
   when the run was made with random weights, see :func:`random_weights`: its captions, segments
   and matches are then meaningless), then counts and distributions (histograms of match scores,
   weakest scores, margins, subjects / person segments / segments / phrases per image, failures by
-  reason, flag counts).
+  reason, flag counts), and the same figures per object type (``object_types``, ``by_object_type``:
+  for each COCO label of the run's ``subjects.object_types``, read from ``run.json``, or of an
+  ``object_types`` given: images with such a segment and with such a subject, segments, matched and
+  unmatched ones, matched ones per image, and the histogram and quantiles of their match scores).
+  ``samples.parquet`` does not depend on the object types (``segment_labels`` and ``matched_labels``
+  carry every label), so the figures of other object types come from the same tables
+  (:func:`build_summary` with ``object_types``; the report does that for ``--object-types``).
 
 Every row of the tables is checked against the shards: a written sample the tar lacks, or a tar
 sample the entry does not list, is an error naming both. Files are written atomically.
@@ -32,6 +38,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datagen.config import DEFAULT_OBJECT_TYPES
 from datagen.files import atomic_write
 from datagen.manifests.run_manifest import RunFolderError, load_run_manifest
 from datagen.manifests.shard_entry import SHARD_DONE, check_tar, load_shard_entries
@@ -42,7 +49,7 @@ SHARDS_TABLE = "shards.parquet"
 SAMPLES_TABLE = "samples.parquet"
 SUMMARY = "summary.json"
 SCORE_BINS = 40
-TABLES_VERSION = 2  # bump when the tables' columns or summary.json's fields change: older tables get rebuilt
+TABLES_VERSION = 3  # bump when the tables' columns or summary.json's fields change: older tables get rebuilt
 
 SHARDS_SCHEMA = pa.schema([
     ("shard", pa.int32()),
@@ -83,6 +90,7 @@ SAMPLES_SCHEMA = pa.schema([
     ("n_matched_person", pa.int32()),
     ("n_unmatched_phrases", pa.int32()),
     ("n_unmatched_person_segments", pa.int32()),
+    ("segment_labels", pa.list_(pa.string())),  # every segment's COCO label, in segment order
     ("match_scores", pa.list_(pa.float64())),
     ("match_margins", pa.list_(pa.float64())),
     ("matched_words", pa.list_(pa.string())),
@@ -113,6 +121,17 @@ def random_weights_note(run: dict) -> str:
     profile = run.get("profile") if isinstance(run.get("profile"), str) else "?"
     return (f"Made with random weights (profile {profile}): captions, segments and matches are meaningless; "
             "this run shows only the plumbing.")
+
+
+def run_object_types(run: dict) -> tuple[str, ...]:
+    """The object types the run's profile names (``run.json``'s ``config.subjects.object_types``);
+    the default (``person``) for runs made before the setting existed."""
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    subjects = config.get("subjects") if isinstance(config.get("subjects"), dict) else {}
+    types = subjects.get("object_types")
+    if isinstance(types, list | tuple) and types and all(isinstance(t, str) and t for t in types):
+        return tuple(types)
+    return DEFAULT_OBJECT_TYPES
 
 
 def reason_kind(reason: str | None) -> str | None:
@@ -183,6 +202,7 @@ def _record_columns(rec, ambiguous_margin: float) -> dict:
         "n_phrases": q.n_phrases, "n_segments": q.n_segments, "n_person_segments": q.n_person_segments,
         "n_matched": q.n_matched, "n_matched_person": q.n_matched_person,
         "n_unmatched_phrases": q.n_unmatched_phrases, "n_unmatched_person_segments": q.n_unmatched_person_segments,
+        "segment_labels": [s.coco_label for s in rec.segments],
         "match_scores": q.match_scores, "match_margins": q.match_margins, "matched_words": q.matched_words,
         "matched_labels": q.matched_labels, "matched_segment_ids": q.matched_segment_ids,
         "min_match_score": q.min_match_score, "mean_match_score": q.mean_match_score, "min_margin": q.min_margin,
@@ -190,11 +210,14 @@ def _record_columns(rec, ambiguous_margin: float) -> dict:
     }
 
 
-def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_margin: float) -> dict:
+def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_margin: float,
+                  object_types: tuple[str, ...] | None = None) -> dict:
+    """``object_types``: the labels of the per-type figures (default: the run's, see :func:`run_object_types`)."""
     rows = samples.to_pylist()
     written = [r for r in rows if r["status"] == "written"]
     failed = [r for r in rows if r["status"] == "failed"]
     run = load_run_manifest(run_dir)
+    object_types = tuple(object_types) if object_types else run_object_types(run)
     all_scores = [v for r in written for v in r["match_scores"]]
     weakest = [r["min_match_score"] for r in written if r["min_match_score"] is not None]
     margins = [r["min_margin"] for r in written if r["min_margin"] is not None]
@@ -256,7 +279,29 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
             for name in ("n_matched", "n_matched_person", "n_person_segments", "n_segments", "n_phrases")
         },
         "matched_labels": dict(Counter(lbl for r in written for lbl in r["matched_labels"]).most_common(30)),
+        "object_types": list(object_types),
+        "by_object_type": {t: by_object_type(written, t) for t in object_types},
         "failures_by_reason": failures,
+    }
+
+
+def by_object_type(written: list[dict], label: str) -> dict:
+    """The figures of one object type over the written rows: images with a segment / a subject
+    (matched segment) of that COCO label, its segments, matched and unmatched, subjects per image,
+    and the histogram and quantiles of its subjects' match scores."""
+    segments = [sum(1 for lbl in r["segment_labels"] or [] if lbl == label) for r in written]
+    scores_per_row = [[v for v, lbl in zip(r["match_scores"], r["matched_labels"], strict=True) if lbl == label]
+                      for r in written]
+    scores = [v for row in scores_per_row for v in row]
+    return {
+        "images_with_segment": sum(1 for n in segments if n),
+        "images_with_subject": sum(1 for row in scores_per_row if row),
+        "segments": sum(segments),
+        "subjects": len(scores),
+        "unmatched_segments": sum(segments) - len(scores),
+        "subjects_per_image": value_counts(len(row) for row in scores_per_row),
+        "match_score": histogram(scores, SCORE_BINS),
+        "match_score_quantiles": quantiles(scores),
     }
 
 

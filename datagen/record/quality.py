@@ -20,15 +20,21 @@ the CLIP × SBERT product the greedy matcher picked):
   :data:`PERSON_WORDS` ("a young man", "the bride", "two children" …). Unmatched background
   phrases ("a beach") are counted (``n_unmatched_phrases``) but not flagged.
 * **no person**: the image has no ``person`` segment at all.
+
+The person numbers above are FastComposer's default subjects. For any list of object types (the
+profile's ``subjects.object_types``), :func:`subject_segments` splits a record's segments of those
+COCO labels into matched (the subjects) and unmatched ones: the export filters use it, and the
+report counts per type from the same two facts (a segment's label, whether it is matched).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from datagen.record.schema import PERSON_LABEL, Record
+from datagen.record.schema import PERSON_LABEL, Record, Segment
 
 AMBIGUOUS_MARGIN = 0.01
 
@@ -75,6 +81,13 @@ class MatchQuality:
 
 
 FLAG_NAMES = ("unmatched_person_segment", "unmatched_subject_phrase", "ambiguous_match", "no_person")
+
+
+def subject_segments(record: Record, object_types: Iterable[str]) -> tuple[list[Segment], list[Segment]]:
+    """The record's segments whose COCO label is one of ``object_types``: (matched, unmatched)."""
+    wanted = set(object_types)
+    chosen = [s for s in record.segments if s.coco_label in wanted]
+    return [s for s in chosen if s.matched], [s for s in chosen if not s.matched]
 
 
 def match_margins(record: Record) -> dict[int, float | None]:

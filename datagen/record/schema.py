@@ -8,8 +8,8 @@ only when matched to a noun phrase, ``word``, ``start`` and ``end`` (end exclusi
 *no* ``word`` / ``start`` / ``end`` keys at all (not ``null``), so a consumer tells subjects apart
 with ``"end" in segment`` (our trainer does). FastComposer's released loader filters segments by
 ``coco_label`` only and then reads ``end`` from each, so ``subject-ffhq export --format
-fastcomposer`` lists only matched segments under ``segments`` and moves the rest, unchanged, to
-``unmatched_segments``.
+fastcomposer`` lists only the subjects (matched segments of the object types) under ``segments`` and
+moves the rest, unchanged, to ``other_segments`` (matched) and ``unmatched_segments``.
 
 Everything else is for auditing: the raw caption, every phrase, the score matrices the greedy
 matcher used, the unmatched phrases and person segments, provenance and model ids.

@@ -19,6 +19,12 @@ the run has 10 or 70 000 samples.
 
 A run made with random weights (:func:`datagen.manifests.tables.random_weights`) says so on the
 page's first line.
+
+**Object types.** Besides the person figures (FastComposer's default subjects), the page shows, for
+each object type of the run's ``subjects.object_types`` (``summary.json``'s; or, for ``object_types``
+given, summed up from the same tables without touching ``summary.json``), a table row
+(images with such a subject, subjects, unmatched segments, median score) and a histogram of its
+subjects' match scores: the summary's ``by_object_type``.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ import pyarrow.parquet as pq
 
 from datagen.files import atomic_write
 from datagen.manifests.run_manifest import load_run_manifest
-from datagen.manifests.tables import ensure_tables, random_weights, random_weights_note
-from datagen.record.quality import FLAG_NAMES
+from datagen.manifests.tables import build_summary, ensure_tables, random_weights, random_weights_note
+from datagen.record.quality import AMBIGUOUS_MARGIN, FLAG_NAMES
 from datagen.report.charts import Chart, histogram_chart, value_counts_chart
 from datagen.report.gallery import (
     FLAG_TITLES,
@@ -68,13 +74,21 @@ def build_report(
     thumb_side: int = THUMB_SIDE,
     gallery_budget: int = GALLERY_BUDGET,
     rebuild_tables: bool = False,
+    object_types: tuple[str, ...] | None = None,
 ) -> Path:
-    """Write ``report.html`` into the run folder (atomically) and return its path."""
+    """Write ``report.html`` into the run folder (atomically) and return its path. ``object_types``:
+    the labels of the per-type figures (default: the run's ``subjects.object_types``)."""
     run_dir = Path(run_dir)
     tables = ensure_tables(run_dir, shards_dir, rebuild=rebuild_tables)
     summary = json.loads(tables.summary.read_text(encoding="utf-8"))
-    rows = pq.read_table(tables.samples).to_pylist()
-    shards = pq.read_table(tables.shards).to_pylist()
+    samples_table, shards_table = pq.read_table(tables.samples), pq.read_table(tables.shards)
+    if object_types and as_dict(summary).get("object_types") != list(object_types):
+        # other object types than the run's: the same tables, summed up for them (summary.json stays the run's)
+        margin = as_number(as_dict(as_dict(summary).get("thresholds")).get("ambiguous_margin"))
+        summary = build_summary(run_dir, shards_table, samples_table,
+                                AMBIGUOUS_MARGIN if margin is None else margin, tuple(object_types))
+    rows = samples_table.to_pylist()
+    shards = shards_table.to_pylist()
     run = load_run_manifest(run_dir)
     picks = select_gallery(rows, gallery_max)
     cards, dropped = draw_cards(picks, shards, thumb_side, gallery_budget, run_dir.name)
@@ -119,6 +133,8 @@ def render_page(run_dir: Path, run: dict, summary: dict, shards: list[dict], car
             ("flagged images", show(c.get("flagged")), percent_of(c.get("flagged"), written)),
         ],
         charts=_charts(summary, thresholds),
+        object_types=_object_type_rows(summary),
+        object_type_charts=_object_type_charts(summary),
         flags=[(FLAG_TITLES[f], show(c.get(f)), percent_of(c.get(f), written)) for f in FLAG_NAMES],
         failures=[_failure_row(kind, v) for kind, v in list(failures.items())[:50]],
         shards=[_shard_row(s) for s in _failed_and_slowest(shards, 20)],
@@ -148,6 +164,32 @@ def _charts(summary: dict, thresholds: dict) -> list[Chart]:
         value_counts_chart(per.get("n_segments"), "Segments per image", "panoptic segments"),
         value_counts_chart(per.get("n_phrases"), "Noun phrases per caption", "phrases"),
     ]
+
+
+def _by_type(summary: dict) -> list[tuple[str, dict]]:
+    by_type = as_dict(summary.get("by_object_type"))
+    return [(show(t), as_dict(v)) for t, v in by_type.items()]
+
+
+def _object_type_rows(summary: dict) -> list[list[str]]:
+    """Per object type: label, images with a subject (and share of written), subjects, images with a
+    segment, unmatched segments, median subject score."""
+    written = as_dict(summary.get("counts")).get("written")
+    return [[label, show(v.get("images_with_subject")), percent_of(v.get("images_with_subject"), written),
+             show(v.get("subjects")), show(v.get("images_with_segment")), show(v.get("unmatched_segments")),
+             fixed(as_dict(v.get("match_score_quantiles")).get("median"))]
+            for label, v in _by_type(summary)]
+
+
+def _object_type_charts(summary: dict) -> list[Chart]:
+    charts = []
+    for label, v in _by_type(summary):
+        h = as_dict(v.get("match_score"))
+        charts.append(histogram_chart(h.get("edges"), h.get("counts"), f"Match scores of {label} subjects",
+                                      "CLIP × SBERT score"))
+        charts.append(value_counts_chart(v.get("subjects_per_image"), f"{label.capitalize()} subjects per image",
+                                         f"matched {label} segments"))
+    return charts
 
 
 def _failure_row(kind, v) -> tuple[str, str, str, str]:
