@@ -36,7 +36,7 @@ TINY := out/tiny-models
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SUBJECT_FFHQ_TINY_MODELS=$(CURDIR)/$(TINY)
 QUIET := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test demo dataset train evaluate report lint bench clean export-fc
+.PHONY: install test test-scale demo dataset train evaluate report lint bench clean export-fc
 
 install: $(STAMP)
 
@@ -51,8 +51,13 @@ $(STAMP): pyproject.toml requirements.lock.txt
 	echo "installed .venv in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"
 	@touch $(STAMP)
 
+# make test: the suite but for the `scale` tests (a few minutes on 2 CPUs); make test-scale: those
+# (soak, node loss, Ray Train worker loss, 70k-item planning, paper-size models; CI runs both).
 test: install
-	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider --durations=10
+	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider -m "not scale" --durations=10
+
+test-scale: install
+	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider -m scale --durations=10
 
 demo: install
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq sample-data out/demo-source

@@ -170,9 +170,9 @@ class SegmenterActor(_StageActor):
 
 class MatcherActor(_StageActor):
     """Runs the phrase chunker and the matcher. At start-up it fills the matcher's label-embedding
-    cache with the segmenter's whole label set, so no image pays for a label's first encoding.
-    (The matcher encodes each label on its own, so scores never depend on which images an actor
-    saw before: a resumed or retried shard is byte-identical to an uninterrupted one.)"""
+    cache with the segmenter's whole label set (:meth:`Matcher.encode_label_set`), so no image pays
+    for a label's first encoding and scores never depend on which images an actor saw before: a
+    resumed or retried shard is byte-identical to an uninterrupted one."""
 
     stage = "matcher"
 
@@ -183,7 +183,7 @@ class MatcherActor(_StageActor):
 
         self.chunker = PhraseChunker(phrases)
         self.matcher = Matcher(section, self.device)
-        self.matcher.label_embeddings(segmenter_labels(segmenter))
+        self.matcher.encode_label_set(segmenter_labels(segmenter))
 
     def match(self, chunk: LoadedChunk, captions: list, panoptic: list) -> list:
         """``(chunked caption, MatchResult)`` or a :class:`StageFailure` per loaded image.

@@ -94,3 +94,28 @@ def pytest_collection_modifyitems(session, config, items):
     """Tests that start their own (multi-node) Ray cluster run after every test on the shared one."""
     own_cluster = [it for it in items if "own_ray_cluster" in it.keywords]
     items[:] = [it for it in items if "own_ray_cluster" not in it.keywords] + own_cluster
+
+
+@pytest.fixture(scope="session")
+def tiny_stage_pools(ray_local, tiny_models_all):
+    """The tiny profile's stage actors on the shared Ray, started once (loading the models once) and
+    handed to every build of the session whose stage settings are the tiny profile's
+    (``BuildRequest.pools``); overlays may change ``shards:`` and ``ray:`` but not the stages."""
+    import ray
+
+    from datagen.config import TINY_MODELS_ENV, load_profile
+    from ray_jobs.pool import StagePools
+    from ray_jobs.settings import resolve_settings
+
+    old = os.environ.get(TINY_MODELS_ENV)
+    os.environ[TINY_MODELS_ENV] = str(tiny_models_all)
+    try:
+        profile = load_profile("tiny")
+    finally:
+        if old is None:
+            os.environ.pop(TINY_MODELS_ENV, None)
+        else:
+            os.environ[TINY_MODELS_ENV] = old
+    pools = StagePools.start(resolve_settings(profile, ray.cluster_resources()), profile)
+    yield pools
+    pools.shutdown()

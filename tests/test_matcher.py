@@ -236,6 +236,24 @@ def test_label_embeddings_are_encoded_once_and_cached(matcher, section):
     assert m.labels_encoded == 4 and m.cached_labels == ["bicycle", "cat", "dog", "person"]
 
 
+def test_a_label_set_encoded_at_once_depends_only_on_the_set(matcher, section):
+    labels = ["person", "dog", "bicycle", "traffic light", "cat", "wall-other-merged"]
+    a, b = sibling(matcher, section), sibling(matcher, section)
+    a.encode_label_set(labels)
+    b.encode_label_set(list(reversed(labels)) + ["dog"])  # another order, a repeat: the same set
+    assert a.labels_encoded == b.labels_encoded == 6 and a.cached_labels == sorted(labels)
+    one_by_one = sibling(matcher, section)
+    for label in labels:
+        ea, eb = a.label_embeddings([label])[label], b.label_embeddings([label])[label]
+        np.testing.assert_array_equal(ea, eb)
+        assert abs(float(np.linalg.norm(ea)) - 1.0) < 1e-5
+        # the same embedding as one forward per label, up to batch-shape rounding
+        np.testing.assert_allclose(ea, one_by_one.label_embeddings([label])[label], atol=1e-5)
+    assert a.labels_encoded == 6  # served from the cache
+    with pytest.raises(RuntimeError, match="empty label cache"):
+        a.encode_label_set(["tree"])
+
+
 def test_zero_phrases_or_zero_segments(matcher):
     image, pan = make_scene()
     empty_pan = PanopticResult(np.zeros_like(pan.segment_map), [])

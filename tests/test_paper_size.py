@@ -128,6 +128,7 @@ def astronaut(size=(320, 240)) -> Image.Image:
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_mask2former_swin_l_segments_one_image_through_the_segmenter(built, monkeypatch):
     from datagen.config import PAPER_SHAPES_ENV, load_profile
     from datagen.stages.segmenter import PanopticSegmenter
@@ -148,6 +149,7 @@ def test_mask2former_swin_l_segments_one_image_through_the_segmenter(built, monk
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_vit_h_14_and_mpnet_match_one_caption_through_the_matcher(built, monkeypatch):
     from datagen.config import PAPER_SHAPES_ENV, load_profile
     from datagen.stages.matcher import Matcher

@@ -52,6 +52,7 @@ def full_size_source(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.scale
 @pytest.mark.slow  # ~30 s on a quiet machine (writes and parses ~300 MB twice); 6 min on the shared box
 def test_planning_70k_items_is_fast_and_flat(full_size_source):
     size_mb = (full_size_source / "ffhq-dataset-v2.json").stat().st_size / 1e6

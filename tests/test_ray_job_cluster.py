@@ -11,7 +11,7 @@ from datagen.config import TINY_MODELS_ENV, load_profile
 from ray_jobs.job import BuildRequest, run_build
 from tests.test_ray_job_end_to_end import check_run, entries
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scale]
 
 # Logical CPUs small enough that everything still fits on the head alone once the worker is
 # gone; SPREAD puts actors and tasks on both nodes while both are up.

@@ -15,8 +15,6 @@ from datagen.shards.reader import read_shard
 from datagen.sources.readers import open_source
 from fixtures.failure_hooks import ShardFaults
 from ray_jobs.job import BuildRequest, run_build
-from ray_jobs.pool import StagePools
-from ray_jobs.settings import resolve_settings
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +42,9 @@ def profile(tiny_models_all):
 
 
 @pytest.fixture(scope="module")
-def pools(ray_local, profile):
-    """The stage actors every build of this module shares (loading the models once)."""
-    import ray
-
-    pools = StagePools.start(resolve_settings(profile, ray.cluster_resources()), profile)
-    yield pools
-    pools.shutdown()
+def pools(tiny_stage_pools):
+    """The session's tiny stage actors (tests/conftest.py), shared by every build here."""
+    return tiny_stage_pools
 
 
 def build(source, root: Path, profile, pools=None, name: str = "run", **faults):

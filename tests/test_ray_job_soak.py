@@ -6,12 +6,12 @@
   or failed with its own reason, and the tars equal those of a clean run of the same source
   (120, not a few hundred: enough shards to fit three actor kills and five write faults, each
   with shards still in flight after it, while both builds stay well under a minute on a quiet
-  2-core machine);
+  2-core machine; marked ``scale``: run by ``make test-scale``);
 * a bad-input corpus (odd formats, degenerate sizes, odd names, links, things to pass over);
 * an error in the driver still leaves ``run.json`` (status ``failed``, the reason) and no temp file.
 
-Uses the session's shared local Ray (``conftest.ray_local``) and one set of stage actors for the
-whole module (killed actors are restarted by Ray, so the pools stay usable).
+Uses the session's shared local Ray and stage actors (``conftest.ray_local``,
+``conftest.tiny_stage_pools``; killed actors are restarted by Ray, so the pools stay usable).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from datagen.sources.names import unescape_path
 from datagen.sources.readers import open_source
 from fixtures.failure_hooks import ShardFaults
 from ray_jobs.job import BuildRequest, run_build
-from ray_jobs.pool import StagePools
-from ray_jobs.settings import resolve_settings
 
 pytestmark = pytest.mark.slow
 
@@ -61,13 +59,9 @@ def profile(tiny_models_all):
 
 
 @pytest.fixture(scope="module")
-def pools(ray_local, profile):
-    """The stage actors every build of this module shares (loading the models once)."""
-    import ray
-
-    pools = StagePools.start(resolve_settings(profile, ray.cluster_resources()), profile)
-    yield pools
-    pools.shutdown()
+def pools(tiny_stage_pools):
+    """The session's tiny stage actors (tests/conftest.py), shared by every build here."""
+    return tiny_stage_pools
 
 
 def build(source: Path, root: Path, profile, pools, hooks=None, on_shard_done=None, name: str = "run"):
@@ -124,6 +118,7 @@ def clean(pools, profile, soak_source, tmp_path_factory):
     return root, build(soak_source, root, profile, pools)
 
 
+@pytest.mark.scale
 def test_soak_every_image_accounted_and_tars_equal_a_clean_run(pools, profile, soak_source, clean, tmp_path):
     import ray
 
@@ -287,13 +282,13 @@ def test_bad_input_corpus_every_image_accounted_with_its_own_reason(pools, profi
 
 
 # ---------------------------------------------------------------------------- driver error
-def test_an_error_in_the_driver_leaves_a_failed_run_json_and_no_temp_file(pools, profile, soak_source, tmp_path):
+def test_an_error_in_the_driver_leaves_a_failed_run_json_and_no_temp_file(pools, profile, sample_source, tmp_path):
     def explode(entry, job):
         # a temp file as a writer killed mid-write would leave it, then a driver error
         (job.request.run_dir / "shards" / f".{entry['name']}.json.tmp-4242").write_text("{")
         raise RuntimeError(f"driver fell over after {entry['name']}")
 
-    summary = build(soak_source, tmp_path, profile, pools, on_shard_done=explode)
+    summary = build(sample_source, tmp_path, profile, pools, on_shard_done=explode)
     assert summary.status == "failed" and summary.exit_code == 1
     assert summary.error.startswith("RuntimeError: driver fell over after subjects-0000")
     run = json.loads((summary.run_dir / "run.json").read_text())

@@ -15,6 +15,7 @@ from training.config import TrainConfig
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_two_cpu_workers_train_checkpoint_and_resume(ray_local, sample_source, tiny_model, tmp_path, capsys):
     from training.ray_train import run_training
 

@@ -340,6 +340,17 @@ class Matcher:
         self.labels_encoded += len(missing)
         return {label: self._label_embeddings[label] for label in labels}
 
+    def encode_label_set(self, labels) -> None:
+        """Fill the empty label cache with a whole label vocabulary (the segmenter's), ``batch_size``
+        labels per forward in sorted order: each value then depends only on the set, so every Matcher
+        given the same set holds the same embeddings (what byte-identical resumes need), at a fraction
+        of the cost of one forward per label."""
+        if self._label_embeddings:
+            raise RuntimeError("encode_label_set fills an empty label cache; this Matcher has encoded labels already")
+        ordered = sorted(set(labels))
+        self._label_embeddings = dict(zip(ordered, self._encode_sbert(ordered), strict=True))
+        self.labels_encoded += len(ordered)
+
     @property
     def cached_labels(self) -> list[str]:
         return sorted(self._label_embeddings)
