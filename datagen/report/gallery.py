@@ -109,7 +109,7 @@ def select_gallery(rows: list[dict], gallery_max: int = GALLERY_MAX) -> list[Gal
 
     face_picks: list[GalleryPick] = []
     for f in FACE_FLAG_NAMES:
-        flagged = sorted((r for r in written if r.get(f)), key=weakest_first)
+        flagged = sorted((r for r in written if r.get(f) is True), key=weakest_first)  # null: not checked
         room = min(max(1, gallery_max // FACE_SECTION_SHARE), gallery_max - len(face_picks))
         face_picks += [GalleryPick(r, f"Face check: {FLAG_TITLES[f]}") for r in flagged[:room]]
     picked: dict[str, GalleryPick] = {}
