@@ -79,7 +79,8 @@ def test_report_shows_face_rates_histogram_and_a_gallery_row_per_face_flag(run):
     for f in FACE_FLAG_NAMES:
         assert f"<tr><td>{FLAG_TITLES[f]}</td><td>1</td><td>16.7%</td></tr>" in table, f
     assert "Faces per person segment" in text and "Face size of matched people" in text
-    assert "Face checks ran on 6 of 6 written images (4 with a face rect from the source; 4 faces" in text
+    assert "Face checks ran on 6 of 6 written images (4 with a face rect from the source; faces found in person " \
+           "segments: 4)" in text
     # a row per face flag, holding the sample that has it (a sample with two flags is in both rows)
     for f in FACE_FLAG_NAMES:
         heading = f"<h3>Face check: {FLAG_TITLES[f]} <span class=\"dim\">(1)</span></h3>"

@@ -165,8 +165,8 @@ def _face_note(run: dict, counts: dict) -> str:
              f"small face below {show(faces.get('small_face_px'))} px, face rect covered when a person segment "
              f"holds at least {show(faces.get('primary_min_overlap'))} of it" if faces else "run.json names no face settings")
     return (f"Face checks ran on {show(counts.get('faces_checked'))} of {show(counts.get('written'))} written images "
-            f"({show(counts.get('with_face_rect'))} with a face rect from the source; {show(counts.get('faces'))} faces "
-            f"found in person segments); {where}. Shares are of the face-checked images.")
+            f"({show(counts.get('with_face_rect'))} with a face rect from the source; faces found in person "
+            f"segments: {show(counts.get('faces'))}); {where}. Shares are of the face-checked images.")
 
 
 def _failure_row(kind, v) -> tuple[str, str, str, str]:
