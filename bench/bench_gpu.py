@@ -7,7 +7,7 @@
 Per stage (captioner, segmenter, matcher): images/s of one replica at the ``paper-shapes`` profile's
 settings (the ``paper`` profile's, bf16), with the stage's own batching, and the peak GPU memory of
 that stage alone (``torch.cuda.max_memory_allocated``); then the three stages sharing one GPU as the
-job places them by default (captioner 0.5 + segmenter 0.25 + matcher 0.25: all loaded at once, run in
+job places them by default (captioner 0.5 + segmenter 0.2 + matcher 0.2: all loaded at once, run in
 turn on each chunk of ``ray.images_per_call`` images); then the 70 000-image estimate from the
 measured shared rate and the measured non-model CPU cost per image.
 
@@ -19,7 +19,8 @@ measured shared rate and the measured non-model CPU cost per image.
 * The segmenter's random Mask2Former has confident queries (see the paper-size spec), so its
   post-processing keeps more candidate masks than a real photo gives: an upper bound on that cost.
 * Not measured here: the phrase stage (spaCy, CPU; ``bench/bench_phrases.py``), which the job runs
-  inside the matcher actor.
+  inside the matcher actor, and the face stage (MTCNN on person segments, GPU share 0.1; its CPU cost
+  per image is in ``docs/throughput.md``).
 * No GPU: the same code runs the tiny models (built on the fly) at the tiny profile's settings on
   small images, and the GPU rows stay open. Those figures measure plumbing, not the paper models.
 
@@ -56,7 +57,7 @@ from fixtures.tiny_models.paper_size import RANDOM_WEIGHTS_LINE  # noqa: E402
 N_IMAGES_70K = 70_000
 SEGMENTS_PER_IMAGE = 10
 PHRASES_PER_CAPTION = 4
-GPU_SHARES = {"captioner": 0.5, "segmenter": 0.25, "matcher": 0.25}  # ray_jobs/settings.py's default
+GPU_SHARES = {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2}  # ray_jobs/settings.py's (faces: the other 0.1)
 from datagen.config import RaySettings  # noqa: E402
 
 IMAGES_PER_CALL = RaySettings.__dataclass_fields__["images_per_call"].default  # the job's chunk size
@@ -293,7 +294,7 @@ def print_table(rows: dict, profile, gpu: bool, cpu_s: float, cpu_how: str) -> N
         "captioner": f"batch {cap.batch_size}, exactly {cap.max_new_tokens} new tokens, beams {cap.num_beams}",
         "segmenter": f"batch {seg.batch_size}, short side {seg.resolution}, square canvas",
         "matcher": f"batch {mat.batch_size}, {SEGMENTS_PER_IMAGE} crops + {PHRASES_PER_CAPTION} phrases/img",
-        "shared": "all 3 loaded, in turn per chunk of 8 (0.5/0.25/0.25)",
+        "shared": "all 3 loaded, in turn per chunk of 8 (0.5/0.2/0.2)",
     }
     where = "GPU" if gpu else "CPU (tiny)"
     print(f"\n| stage | params | settings | {where} images/s | peak GPU MiB | note |")

@@ -162,6 +162,9 @@ def check_models(profile) -> None:
     except ValueError as e:  # an unknown architecture or tag: as missing as a missing folder
         raise ModelNotFoundError(str(e)) from None
     resolve_model(profile.matcher.sbert_model, SBERT_WHAT)
+    from datagen.stages.faces import FaceDetector
+
+    FaceDetector.resolve(profile.faces.detector)  # 'mtcnn' (inside facenet-pytorch) or a folder of its three nets
 
 
 def _importable(module: str) -> bool:

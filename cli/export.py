@@ -46,6 +46,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--exclude-unmatched-subject", "--exclude-unmatched-person", dest="exclude_unmatched_subject",
                         action="store_true", help="drop samples with a segment of the object types that no phrase "
                                                   "matched (--exclude-unmatched-person: its old name)")
+    parser.add_argument("--drop-merged-persons", action="store_true",
+                        help="drop samples with a person segment holding two faces or more (merged people)")
+    parser.add_argument("--drop-faceless-persons", action="store_true",
+                        help="drop samples with a matched person segment in which no face was found")
+    parser.add_argument("--min-face-size", type=int, default=None, metavar="PX",
+                        help="drop samples with a matched person whose largest face is smaller than PX pixels")
+    parser.add_argument("--require-primary-face", action="store_true",
+                        help="drop samples whose source face rect (FFHQ-wild metadata) is not in a matched person "
+                             "segment (sources without face rects pass)")
     parser.add_argument("--split", choices=("train", "test", "all"), default="all", help="export only one split")
     # uint16 is accepted here so that export can say why it refuses it
     parser.add_argument("--segmap-dtype", choices=SEGMAP_DTYPES + tuple(UNREADABLE_SEGMAP_DTYPES), default="auto",
@@ -80,6 +89,8 @@ def run(args) -> int:
         min_subjects=args.min_subjects, max_subjects=args.max_subjects,
         exclude_unmatched_subject=args.exclude_unmatched_subject,
         splits=("train", "test") if args.split == "all" else (args.split,),
+        drop_merged_persons=args.drop_merged_persons, drop_faceless_persons=args.drop_faceless_persons,
+        min_face_size=args.min_face_size, require_primary_face=args.require_primary_face,
     )
     try:
         object_types = object_types_from_args(args)

@@ -4,11 +4,11 @@ A profile is a YAML file. The built-in ones live in ``datagen/profiles/`` (``pap
 ``--profile`` also takes a path to a YAML file of your own, and each ``--config FILE`` overlays
 keys onto it (nested mappings are merged, later files win). :func:`load_profile` reads them once
 into a frozen :class:`Profile`: one section per stage (:class:`CaptionerSettings`,
-:class:`SegmenterSettings`, :class:`PhrasesSettings`, :class:`MatcherSettings`), the output
-(:class:`ShardsSettings`), the job's placement and pacing (:class:`RaySettings`), which segments
-count as subjects (:class:`SubjectsSettings`) and the trainer's section (a mapping that
-``training.config.TrainConfig.from_profile`` types). A stage takes its own section. Nothing reads the
-YAML again.
+:class:`SegmenterSettings`, :class:`PhrasesSettings`, :class:`MatcherSettings`,
+:class:`FacesSettings`), the output (:class:`ShardsSettings`), the job's placement and pacing
+(:class:`RaySettings`), which segments count as subjects (:class:`SubjectsSettings`) and the
+trainer's section (a mapping that ``training.config.TrainConfig.from_profile`` types). A stage takes
+its own section. Nothing reads the YAML again.
 
 Refused with :class:`ProfileError`, before anything runs:
 
@@ -173,6 +173,22 @@ class MatcherSettings(_Section):
     device: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class FacesSettings(_Section):
+    """Face-anchored checks (see :mod:`datagen.stages.face_checker`): MTCNN on every person
+    segment, and which segment covers the face rect the source's metadata gives."""
+
+    detector: str = "mtcnn"  # 'mtcnn' (the weights inside facenet-pytorch) or a folder of pnet/rnet/onet.pt
+    batch_size: int = _limit(16, minimum=1)  # person-segment crops per MTCNN call
+    min_face_size: int = _limit(20, minimum=8)  # smallest face MTCNN looks for, px of the stored image
+    min_score: float = _limit(0.9, minimum=0.0, maximum=1.0)  # weaker detections are not faces
+    crop_margin: float = _limit(0.1, minimum=0.0, maximum=1.0)  # person crop grown by this share of its side
+    min_inside: float = _limit(0.5, minimum=0.0, maximum=1.0)  # share of a face box in the segment's mask
+    small_face_px: int = _limit(32, minimum=0)  # flag small_face: a matched person's face below this side
+    primary_min_overlap: float = _limit(0.5, minimum=0.0, maximum=1.0)  # share of the face rect a segment must cover
+    device: str | None = None
+
+
 # ------------------------------------------------------------------------ output and job
 @dataclass(frozen=True, kw_only=True)
 class ShardsSettings(_Section):
@@ -200,6 +216,7 @@ class RayStagesSettings(_Section):
     captioner: RayStageSettings = field(default_factory=RayStageSettings)
     segmenter: RayStageSettings = field(default_factory=RayStageSettings)
     matcher: RayStageSettings = field(default_factory=RayStageSettings)
+    faces: RayStageSettings = field(default_factory=RayStageSettings)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,6 +301,7 @@ class Profile(_Section):
     segmenter: SegmenterSettings
     phrases: PhrasesSettings
     matcher: MatcherSettings
+    faces: FacesSettings = field(default_factory=FacesSettings)
     shards: ShardsSettings
     ray: RaySettings
     subjects: SubjectsSettings = field(default_factory=SubjectsSettings)
@@ -392,6 +410,7 @@ def model_ids(profile: Profile) -> dict[str, str]:
         "phrases": profile.phrases.spacy_model,
         "clip": m.clip_model + (f":{m.clip_pretrained}" if m.clip_pretrained else ""),
         "sbert": m.sbert_model,
+        "face_detector": profile.faces.detector,
     }
 
 

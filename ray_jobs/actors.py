@@ -7,7 +7,9 @@ data between them. Each call splits its chunk into the stage's own ``batch_size`
 * :class:`CaptionerActor` — BLIP-2 captions (and the caption's quality flags);
 * :class:`SegmenterActor` — Mask2Former panoptic segmentation;
 * :class:`MatcherActor` — spaCy noun phrases (cheap, CPU, so they run here rather than in a
-  separate pool) and the CLIP × SBERT greedy match.
+  separate pool) and the CLIP × SBERT greedy match;
+* :class:`FaceCheckerActor` — MTCNN on every person segment and the face rect's covering segment
+  (after the segmenter, next to the matcher).
 
 Each call runs its stage through :func:`datagen.stages.failures.in_batches`, so one image the
 model cannot handle fails alone (see there); each actor's ``probe`` is the known-good input that
@@ -24,7 +26,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from datagen.config import CaptionerSettings, MatcherSettings, PhrasesSettings, SegmenterSettings
+from datagen.config import (
+    CaptionerSettings,
+    FacesSettings,
+    MatcherSettings,
+    PhrasesSettings,
+    SegmenterSettings,
+)
 from datagen.stages.failures import StageFailure, in_batches
 from ray_jobs.chunks import LoadedChunk
 
@@ -225,6 +233,45 @@ class MatcherActor(_StageActor):
             return out
 
         return self._timed(len(todo), run)
+
+
+class FaceCheckerActor(_StageActor):
+    """The face checks of :mod:`datagen.stages.face_checker`. The checker batches person-segment crops
+    itself (``faces.batch_size`` per MTCNN call), so a chunk is one call; an image fails alone."""
+
+    stage = "faces"
+
+    def __init__(self, section: FacesSettings):
+        super().__init__(section.batch_size)
+        from datagen.stages.face_checker import FaceChecker
+
+        self.checker = FaceChecker(section, self.device)
+
+    def check(self, chunk: LoadedChunk, panoptic: list) -> list:
+        """A ``FaceCheck`` or a :class:`StageFailure` per loaded image; an image whose segmentation
+        failed keeps that failure. The face rect (FFHQ-wild metadata) is scaled to the stored image."""
+        from datagen.stages.face_checker import stored_rect
+
+        out: list = list(panoptic)
+        todo, inputs, labels = [], [], []
+        for i, (li, pan) in enumerate(zip(chunk.loaded, panoptic, strict=True)):
+            if isinstance(pan, StageFailure):
+                continue
+            todo.append(i)
+            inputs.append((li.image, pan, stored_rect((li.item.meta or {}).get("face_rect"), li.original_size, li.image.size)))
+            labels.append(li.item.rel_path)
+
+        def run(batch: list) -> list:
+            return self.checker.check(*(list(column) for column in zip(*batch, strict=True)))
+
+        def checked() -> list:
+            results = in_batches(self.stage, run, inputs, labels, max(1, len(inputs)),
+                                 lambda: (probe_image(), probe_panoptic(), None))
+            for i, r in zip(todo, results, strict=True):
+                out[i] = r
+            return out
+
+        return self._timed(len(todo), checked)
 
 
 def _labels(chunk: LoadedChunk) -> list[str]:

@@ -3,7 +3,8 @@
 Per shard (the unit of work, failure and resume), for each chunk of its items::
 
     load_chunk (CPU task) ──► CaptionerActor.caption ──┐
-                        └──► SegmenterActor.segment ──┴─► MatcherActor.match ──► encode_chunk (CPU task)
+                        └──► SegmenterActor.segment ──┴─► MatcherActor.match ─────┬─► encode_chunk (CPU task)
+                                                  └────► FaceCheckerActor.check ──┘
 
 and, once every chunk is encoded, ``write_shard_tar`` (CPU task) writes the tar; the driver then
 writes the shard's manifest entry, last. The whole graph of a chunk is submitted at once as object
@@ -130,8 +131,8 @@ def _load_task(shard: int, chunk: int, items: list[SourceItem], max_side: int, v
     return shard_tasks.load_chunk(shard, chunk, items, max_side, verify_pixel_md5)
 
 
-def _encode_task(chunk, captions, panoptic, matched, models: dict[str, str], jpeg_quality: int):
-    return shard_tasks.encode_chunk(chunk, captions, panoptic, matched, models, jpeg_quality)
+def _encode_task(chunk, captions, panoptic, matched, faces, models: dict[str, str], jpeg_quality: int):
+    return shard_tasks.encode_chunk(chunk, captions, panoptic, matched, models, jpeg_quality, faces)
 
 
 def _write_task(spec: ShardSpec, tar_path: str, *chunks):
@@ -343,7 +344,8 @@ class BuildJob:
         captions = self.pools["captioner"].call("caption", loaded)
         panoptic = self.pools["segmenter"].call("segment", loaded)
         matched = self.pools["matcher"].call("match", loaded, captions, panoptic)
-        encoded = encode.remote(loaded, captions, panoptic, matched, self.models, s.jpeg_quality)
+        faces = self.pools["faces"].call("check", loaded, panoptic)
+        encoded = encode.remote(loaded, captions, panoptic, matched, faces, self.models, s.jpeg_quality)
         work.encoded.append(encoded)
         work.next_chunk += 1
         return encoded

@@ -89,7 +89,7 @@ class StagePool:
 
 
 class StagePools:
-    """The three stage pools of a build. A build starts its own and shuts them down at its end;
+    """The four stage pools of a build. A build starts its own and shuts them down at its end;
     a caller that runs several builds with the same stage settings in one Ray session (a notebook,
     the test suite) can start them once with :meth:`start` and hand them to each build
     (``BuildRequest.pools``), which then neither restarts nor stops them."""
@@ -100,13 +100,14 @@ class StagePools:
 
     @classmethod
     def start(cls, settings: BuildSettings, profile: Profile) -> StagePools:
-        from ray_jobs.actors import CaptionerActor, MatcherActor, SegmenterActor
+        from ray_jobs.actors import CaptionerActor, FaceCheckerActor, MatcherActor, SegmenterActor
 
         s, p = settings, profile
         pools = {
             "captioner": StagePool(s.stages["captioner"], CaptionerActor, (p.captioner,), s),
             "segmenter": StagePool(s.stages["segmenter"], SegmenterActor, (p.segmenter,), s),
             "matcher": StagePool(s.stages["matcher"], MatcherActor, (p.matcher, p.phrases, p.segmenter), s),
+            "faces": StagePool(s.stages["faces"], FaceCheckerActor, (p.faces,), s),
         }
         return cls(pools, pools_key(settings, profile))
 
@@ -120,7 +121,7 @@ def pools_key(settings: BuildSettings, profile: Profile) -> str:
     import dataclasses
     import json
 
-    sections = {k: dataclasses.asdict(getattr(profile, k)) for k in ("captioner", "segmenter", "phrases", "matcher")}
+    sections = {k: dataclasses.asdict(getattr(profile, k)) for k in ("captioner", "segmenter", "phrases", "matcher", "faces")}
     return json.dumps({"stages": {k: vars(v) for k, v in settings.stages.items()}, **sections}, sort_keys=True, default=str)
 
 

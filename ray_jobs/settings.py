@@ -5,7 +5,7 @@ The sections, their keys and defaults are :class:`datagen.config.ShardsSettings`
 depends on the cluster: :func:`resolve_settings` turns ``auto`` values into concrete numbers,
 
 * ``ray.stages.<stage>`` ``replicas``/``num_gpus``/``num_cpus``: on a cluster with GPUs, one replica
-  of every stage per GPU, sharing it as captioner 0.5 + segmenter 0.25 + matcher 0.25; with no
+  of every stage per GPU, sharing it as captioner 0.5 + segmenter 0.2 + matcher 0.2 + faces 0.1; with no
   GPU, one replica each, ``num_gpus`` 0, and CPU shares that leave room for the CPU tasks;
 * ``max_shards_in_flight`` (2 x actors) and ``max_chunks_in_flight`` (3 x actors): the bounds that
   keep memory flat whatever the source size;
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 from datagen.config import AUTO, Profile
 
-STAGE_NAMES = ("captioner", "segmenter", "matcher")
+STAGE_NAMES = ("captioner", "segmenter", "matcher", "faces")
 # GPU share per actor when stages share GPUs: one replica of each stage fills one GPU.
-GPU_SHARES = {"captioner": 0.5, "segmenter": 0.25, "matcher": 0.25}
+GPU_SHARES = {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "faces": 0.1}
 # The profile sections whose values change the shards' bytes (digested into every shard entry).
-CONTENT_SECTIONS = ("captioner", "segmenter", "phrases", "matcher", "shards")
+CONTENT_SECTIONS = ("captioner", "segmenter", "phrases", "matcher", "faces", "shards")
 # Keys of those sections that never change a shard's bytes: ``verify_pixel_md5`` only checks the
 # source; ``device`` is where a model runs outside Ray (actors use the device Ray gives them).
 NOT_CONTENT_KEYS = ("verify_pixel_md5", "device")

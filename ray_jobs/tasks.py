@@ -5,7 +5,7 @@ A shard's non-duplicate items are cut, in plan order, into *chunks* of ``images_
 1. :func:`load_chunk` decodes, validates and downscales a chunk's images (a bad image, or one
    whose stored size is under ``MIN_SIDE``, becomes a recorded failure naming the file, never an
    exception);
-2. the stage actors caption, segment and match the chunk (``ray_jobs.actors``);
+2. the stage actors caption, segment, match and face-check the chunk (``ray_jobs.actors``);
 3. :func:`encode_chunk` joins the stage outputs into validated records and encodes each sample's
    members (JPEG, 16-bit PNG, JSON), so only compact bytes wait for the shard to finish (an image
    whose record cannot be built or encoded fails alone, as ``"record: <file>: <error>"``);
@@ -70,23 +70,26 @@ def encode_chunk(
     matched: list,
     models: dict[str, str],
     jpeg_quality: int,
+    faces: list | None = None,
 ) -> EncodedChunk:
     """Records + encoded members for a chunk. ``captions[i]`` is ``(caption, flags)``,
-    ``matched[i]`` is ``(chunked, match)``; any of them may be a :class:`StageFailure`."""
+    ``matched[i]`` is ``(chunked, match)``, ``faces[i]`` a ``FaceCheck`` (``faces`` None: records
+    without face checks); any of them may be a :class:`StageFailure`."""
     from datagen.record.build import build_record
 
     t = time.perf_counter()
     outcomes: dict[str, tuple[str, str | None]] = {sid: (FAILED, reason) for sid, reason in chunk.failed.items()}
     samples = []
-    for li, cap, pan, mat in zip(chunk.loaded, captions, panoptic, matched, strict=True):
+    faces = faces if faces is not None else [None] * len(chunk.loaded)
+    for li, cap, pan, mat, face in zip(chunk.loaded, captions, panoptic, matched, faces, strict=True):
         sid = li.item.source_id
-        failure = next((r for r in (cap, pan, mat) if isinstance(r, StageFailure)), None)
+        failure = next((r for r in (cap, pan, mat, face) if isinstance(r, StageFailure)), None)
         if failure is not None:
             outcomes[sid] = (FAILED, failure.reason)
             continue
         (_, flags), (chunked, match) = cap, mat
         try:
-            record = build_record(li, flags, pan, chunked, match, models)
+            record = build_record(li, flags, pan, chunked, match, models, face)
             sample = EncodedSample(
                 key=record.key,
                 jpg=encode_jpeg(li.image, jpeg_quality),

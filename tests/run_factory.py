@@ -91,8 +91,58 @@ def greedy(product: np.ndarray, min_score: float = MIN_SCORE) -> list[tuple[int,
     return pairs
 
 
+# make_run(face_checks=True): per template image, the sizes (px) of the faces of each person segment
+# (segment order) and which person segment the source's face rect lies in ("background": at the image's
+# top-left corner; None: no face rect, as from an image folder). Faces sit side by side in the top third
+# of their segment's box.
+FACES = {
+    "astronaut": ([[40]], 0),  # no face flag
+    "camera": ([[20]], 0),  # small_face
+    "grace_hopper": ([[36, 36], []], 1),  # merged_persons; face rect in the unmatched second person
+    "rocket": ([[]], "background"),  # faceless_person; face rect on the sky: primary_face_unsegmented
+}
+SMALL_FACE_PX = 32
+
+
+def face_checks_for(t: Template, segments: list, seg_map: np.ndarray):
+    """Hand-made face checks of a sample (see :data:`FACES`), flags as the record builder sets them."""
+    from datagen.record.build import face_flags
+    from datagen.record.schema import FaceChecks, PrimaryFace, SegmentFace
+
+    sizes, primary = FACES.get(t.image, ([], None))
+    persons = [s for s in segments if s.coco_label == "person"]
+    for s, face_sizes in zip(persons, sizes, strict=True):
+        x0, y0, x1, y1 = s.bbox
+        s.faces = []
+        for k, side in enumerate(face_sizes):
+            fx = x0 + (x1 - x0) * (k + 1) / (len(face_sizes) + 1) - side / 2
+            fy = y0 + (y1 - y0) / 6
+            box = [round(fx, 1), round(fy, 1), round(fx + side, 1), round(fy + side, 1)]
+            s.faces.append(SegmentFace(box=box, score=0.99 - 0.01 * k, size=side, inside=1.0))
+    checks = FaceChecks(small_face_px=SMALL_FACE_PX, primary_min_overlap=0.5)
+    if primary is None:
+        checks.flags = face_flags(segments, checks)
+        return checks
+    if primary == "background":
+        rect = [0, 0, 8, 8]
+    else:
+        x0, y0, x1, y1 = persons[primary].bbox
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        rect = [cx - 5, cy - 5, cx + 5, cy + 5]
+    region = seg_map[rect[1]:rect[3], rect[0]:rect[2]]
+    counts = np.bincount(region.ravel().astype(np.int64))
+    counts[0] = 0
+    sid = int(np.argmax(counts)) if counts.max() else None
+    cover = next((s for s in segments if s.id == sid), None)
+    checks.primary_face = PrimaryFace(
+        rect=rect, segment_id=sid, overlap=round(float(counts[sid]) / region.size, 4) if sid else 0.0,
+        matched_person=cover is not None and cover.coco_label == "person" and cover.matched)
+    checks.flags = face_flags(segments, checks)
+    return checks
+
+
 def make_sample(t: Template, key: str, split: str, rng: np.random.Generator, jitter: float = 0.0,
-                long_side: int = 160):
+                long_side: int = 160, face_checks: bool = False):
     image = photo(t.image, long_side)
     w, h = image.size
     canvas = Image.new("I", (w, h), 0)
@@ -140,18 +190,21 @@ def make_sample(t: Template, key: str, split: str, rng: np.random.Generator, jit
         split=split, models=dict(MODELS),
         unmatched_phrases=[i for i, p in enumerate(phrases) if p.segment_id is None],
         unmatched_person_segments=[s.id for s in segments if s.coco_label == "person" and not s.matched],
+        face_checks=face_checks_for(t, segments, seg_map) if face_checks else None,
     )
     return image, seg_map, record.validate()
 
 
 def make_run(root: Path, run: str = "test-run", plan: list[list[str]] | None = None, seed: int = 0,
-             jitter: float = 0.0, long_side: int = 160, failed_shards: tuple[int, ...] = ()) -> dict:
+             jitter: float = 0.0, long_side: int = 160, failed_shards: tuple[int, ...] = (),
+             face_checks: bool = False) -> dict:
     """Write shards under ``root/out/shards`` and the run folder ``root/manifests/<run>``.
 
     ``plan``: per shard, one status letter per source item: ``w`` written, ``d`` duplicate,
     ``f`` failed. Written items cycle through :data:`TEMPLATES`; every 4th written item is "test".
     ``failed_shards``: shards that "kept failing": no tar, an entry with ``"status": "failed"``, every
     non-duplicate item failed with the shard's error (the Ray job's ``failed_entry``).
+    ``face_checks``: records carry hand-made face checks (:data:`FACES`, :func:`face_checks_for`).
     Returns ``{"run_dir", "shards_dir", "written": {key: (template, record)}, "failed": {...}, ...}``.
     """
     plan = plan or [["w", "w", "f", "w", "w"], ["w", "d", "w", "w", "f", "w"]]
@@ -192,7 +245,7 @@ def make_run(root: Path, run: str = "test-run", plan: list[list[str]] | None = N
                 if st == "w":
                     t = TEMPLATES[n_written % len(TEMPLATES)]
                     split = "test" if n_written % 4 == 3 else "train"
-                    image, seg_map, record = make_sample(t, key, split, rng, jitter, long_side)
+                    image, seg_map, record = make_sample(t, key, split, rng, jitter, long_side, face_checks)
                     writer.write(image, seg_map, record)
                     expected["written"][key] = (t, record)
                     n_written += 1

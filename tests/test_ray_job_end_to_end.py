@@ -131,6 +131,15 @@ def check_run(run_dir: Path, source: Path, max_side: int = 256) -> dict[str, dic
                     assert rec.caption[s.start : s.end] == s.word
             for p in rec.phrases:
                 assert rec.caption[p.start : p.end] == p.text
+            # the face stage ran: every person segment lists its faces, and the FFHQ-wild face rect is placed
+            fc = rec.face_checks
+            assert fc is not None and fc.primary_face is not None and rec.models["face_detector"] == "mtcnn"
+            x0, y0, x1, y1 = fc.primary_face.rect
+            assert 0 <= x0 < x1 <= rec.width and 0 <= y0 < y1 <= rec.height
+            for s in rec.segments:
+                assert (s.faces is not None) == (s.coco_label == "person")
+                for f in s.faces or []:
+                    assert 0 <= f.box[0] < f.box[2] <= rec.width and 0 <= f.box[1] < f.box[3] <= rec.height
             phrases += len(rec.phrases)
             segments += len(rec.segments)
     # every source image accounted for exactly once, every written one in exactly one tar
@@ -162,6 +171,8 @@ def test_every_shard_and_sample_is_consistent(reference, sample_source):
     assert run["config"]["shards"] == {"size": 3, "max_side": 256, "jpeg_quality": 95, "verify_pixel_md5": False}
     assert run["config"]["ray"]["images_per_call"] == 2 and run["config"]["captioner"]["max_new_tokens"] == 12
     assert run["invocations"][-1]["shards_run"] == 4
+    assert run["config"]["faces"]["detector"] == "mtcnn" and run["models"]["face_detector"] == "mtcnn"
+    assert run["invocations"][-1]["stage_rates"]["faces"]["images"] == 11
 
 
 def test_second_run_is_a_no_op(reference, pools, profile, sample_source):

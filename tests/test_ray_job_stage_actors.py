@@ -7,10 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from datagen.record.schema import Record
 from datagen.shards.plan import plan_shards
 from datagen.sources.readers import open_source
 from datagen.stages.failures import StageFailure
-from ray_jobs.actors import CaptionerActor, MatcherActor, SegmenterActor
+from datagen.stages.matcher import MatchResult
+from datagen.stages.phrases import ChunkedCaption
+from ray_jobs.actors import CaptionerActor, FaceCheckerActor, MatcherActor, SegmenterActor
 from ray_jobs.chunks import LoadedChunk
 from ray_jobs.tasks import encode_chunk, load_chunk, split_chunks
 
@@ -68,3 +71,26 @@ def test_a_failed_caption_fails_only_that_image_downstream(tiny_profile, chunks)
     sid = first.loaded[1].item.source_id
     assert encoded.outcomes[sid] == ("failed", "captioner: x.png: RuntimeError: model fell over")
     assert len(encoded.samples) == 2
+
+
+def test_face_checker_actor_in_process(tiny_profile, chunks):
+    first, _ = chunks
+    pans = SegmenterActor(tiny_profile.segmenter).segment(first)
+    pans[2] = StageFailure("segmenter", "segmenter: y.png: RuntimeError: no")
+    faces = FaceCheckerActor(tiny_profile.faces)
+    checked = faces.check(first, pans)
+    assert checked[2] is pans[2]  # a failed segmentation stays that image's failure
+    for li, pan, check in zip(first.loaded[:2], pans[:2], checked[:2], strict=True):
+        assert sorted(check.faces) == sorted(s.id for s in pan.segments if s.coco_label == "person")
+        assert check.primary is not None  # the sample is FFHQ-wild: every item has a face rect
+        x0, y0, x1, y1 = check.primary.rect
+        assert 0 <= x0 < x1 <= li.image.width and 0 <= y0 < y1 <= li.image.height
+    assert faces.stats()["images"] == 2
+    # no phrases, so no match (the matcher is not what is tested here): the records carry the face checks
+    caps = [("", [])] * 3
+    matched = [(ChunkedCaption("", "", []), MatchResult([s.id for s in pan.segments], *[np.zeros((0, len(pan.segments)))] * 3,
+                                                        [], 0.0)) for pan in pans[:2]] + [pans[2]]
+    encoded = encode_chunk(first, caps, pans, matched, {"captioner": "tiny"}, jpeg_quality=90, faces=checked)
+    assert len(encoded.samples) == 2
+    records = [Record.from_json(s.json) for s in encoded.samples]
+    assert all(r.face_checks is not None and r.face_checks.primary_face is not None for r in records)

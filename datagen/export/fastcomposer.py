@@ -38,7 +38,13 @@ error.
 **Filters** (:class:`ExportFilters`) drop whole samples; each dropped sample is counted under the
 first filter it fails. Samples without any match are not affected by ``min_match_score`` or
 ``min_margin`` (use ``min_subjects`` / ``require_subject`` for them). ``require_subject`` and
-``exclude_unmatched_subject`` look at segments of the export's object types.
+``exclude_unmatched_subject`` look at segments of the export's object types. The face filters read the
+record's face checks (:mod:`datagen.record.face_quality`): ``drop_merged_persons`` (a person segment
+holding two faces or more), ``drop_faceless_persons`` (a matched person segment without a face),
+``min_face_size`` (a matched person whose largest face is smaller, px; matched persons without a face
+are left to ``drop_faceless_persons``) and ``require_primary_face`` (the source's face rect is not in
+a matched person segment; samples whose source gives no face rect pass). A record whose faces were
+never checked (schema 1.0) cannot pass a face filter and is counted as ``faces_not_checked``.
 
 Files are written through temp files and renames; the id lists and the summary come last, so an
 interrupted export has no ``image_ids.txt`` and is not mistaken for a finished one.
@@ -60,6 +66,7 @@ from PIL import Image
 
 from datagen.config import DEFAULT_OBJECT_TYPES, object_types_problem
 from datagen.files import atomic_write
+from datagen.record.face_quality import face_quality
 from datagen.record.quality import AMBIGUOUS_MARGIN, match_quality, subject_segments
 from datagen.record.schema import Record, RecordError
 from datagen.shards.reader import ShardError, decode_segment_map, iter_members
@@ -91,6 +98,15 @@ class ExportFilters:
     max_subjects: int | None = None  # drop samples with more matched segments
     exclude_unmatched_subject: bool = False  # drop samples with a segment of the object types no phrase matched
     splits: tuple[str, ...] = ("train", "test")  # export only these splits
+    drop_merged_persons: bool = False  # drop samples with a person segment holding 2+ faces
+    drop_faceless_persons: bool = False  # drop samples with a matched person segment without a face
+    min_face_size: int | None = None  # drop samples with a matched person whose largest face is smaller (px)
+    require_primary_face: bool = False  # drop samples whose source's face rect is not in a matched person
+
+    @property
+    def uses_faces(self) -> bool:
+        return bool(self.drop_merged_persons or self.drop_faceless_persons or self.min_face_size is not None
+                    or self.require_primary_face)
 
     def rejection(self, record: Record, object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES) -> str | None:
         """The first filter the record fails (its name), or None when it passes; ``object_types``:
@@ -111,6 +127,21 @@ class ExportFilters:
             return "min_margin"
         if self.exclude_unmatched_subject and unmatched:
             return "unmatched_subject_segment"
+        return self.face_rejection(record) if self.uses_faces else None
+
+    def face_rejection(self, record: Record) -> str | None:
+        f = face_quality(record)
+        if not f.checked:
+            return "faces_not_checked"
+        if self.drop_merged_persons and f.flags["merged_persons"]:
+            return "merged_persons"
+        if self.drop_faceless_persons and f.flags["faceless_person"]:
+            return "faceless_person"
+        if self.min_face_size is not None and f.min_matched_face_size is not None \
+                and f.min_matched_face_size < self.min_face_size:
+            return "min_face_size"
+        if self.require_primary_face and (f.flags["primary_face_unsegmented"] or f.flags["primary_face_unmatched"]):
+            return "require_primary_face"
         return None
 
 

@@ -9,12 +9,17 @@ the entries name; see :mod:`datagen.manifests.shard_entry`.
 * ``samples.parquet``: one row per **source image** of every finished shard, in shard and plan
   order, whatever became of it: ``status`` is ``written``, ``duplicate`` or ``failed`` with its
   ``reason``. Written rows carry the record's caption, split, counts and the match quality of
-  :mod:`datagen.record.quality` (scores, weakest score, margin, flags); other rows leave those null.
+  :mod:`datagen.record.quality` (scores, weakest score, margin, flags) and the face checks of
+  :mod:`datagen.record.face_quality` (faces per person segment, matched face sizes, the segment
+  covering the source's face rect, the face flags; null where the record's faces were not checked);
+  other rows leave those null.
 * ``summary.json``: first a ``note`` (what the numbers are worth) and ``random_weights`` (true
   when the run was made with random weights, see :func:`random_weights`: its captions, segments
   and matches are then meaningless), then counts and distributions (histograms of match scores,
-  weakest scores, margins, subjects / person segments / segments / phrases per image, failures by
-  reason, flag counts), and the same figures per object type (``object_types``, ``by_object_type``:
+  weakest scores, margins, subjects / person segments / segments / phrases per image, faces per
+  person segment, matched face sizes, failures by reason, flag counts; ``flagged`` counts images
+  with any match or face flag, ``face_flagged`` those with a face flag), and the same figures per
+  object type (``object_types``, ``by_object_type``:
   for each COCO label of the run's ``subjects.object_types``, read from ``run.json``, or of an
   ``object_types`` given: images with such a segment and with such a subject, segments, matched and
   unmatched ones, matched ones per image, and the histogram and quantiles of their match scores).
@@ -42,14 +47,16 @@ from datagen.config import DEFAULT_OBJECT_TYPES
 from datagen.files import atomic_write
 from datagen.manifests.run_manifest import RunFolderError, load_run_manifest
 from datagen.manifests.shard_entry import SHARD_DONE, check_tar, load_shard_entries
+from datagen.record.face_quality import face_quality
 from datagen.record.quality import AMBIGUOUS_MARGIN, FLAG_NAMES, match_quality
+from datagen.record.schema import FACE_FLAG_NAMES
 from datagen.shards.reader import iter_shard_records
 
 SHARDS_TABLE = "shards.parquet"
 SAMPLES_TABLE = "samples.parquet"
 SUMMARY = "summary.json"
 SCORE_BINS = 40
-TABLES_VERSION = 3  # bump when the tables' columns or summary.json's fields change: older tables get rebuilt
+TABLES_VERSION = 4  # bump when the tables' columns or summary.json's fields change: older tables get rebuilt
 
 SHARDS_SCHEMA = pa.schema([
     ("shard", pa.int32()),
@@ -100,6 +107,15 @@ SAMPLES_SCHEMA = pa.schema([
     ("mean_match_score", pa.float64()),
     ("min_margin", pa.float64()),
     *[(name, pa.bool_()) for name in FLAG_NAMES],
+    ("faces_checked", pa.bool_()),
+    ("n_faces", pa.int32()),
+    ("faces_per_person_segment", pa.list_(pa.int32())),
+    ("matched_face_sizes", pa.list_(pa.int32())),
+    ("min_matched_face_size", pa.int32()),
+    ("primary_face_segment", pa.int32()),
+    ("primary_face_label", pa.string()),
+    ("primary_face_overlap", pa.float64()),
+    *[(name, pa.bool_()) for name in FACE_FLAG_NAMES],
 ])
 
 
@@ -207,6 +223,19 @@ def _record_columns(rec, ambiguous_margin: float) -> dict:
         "matched_labels": q.matched_labels, "matched_segment_ids": q.matched_segment_ids,
         "min_match_score": q.min_match_score, "mean_match_score": q.mean_match_score, "min_margin": q.min_margin,
         **{name: getattr(q, name) for name in FLAG_NAMES},
+        **_face_columns(rec),
+    }
+
+
+def _face_columns(rec) -> dict:
+    f = face_quality(rec)
+    return {
+        "faces_checked": f.checked, "n_faces": f.n_faces,
+        "faces_per_person_segment": f.faces_per_person_segment if f.checked else None,
+        "matched_face_sizes": f.matched_face_sizes if f.checked else None,
+        "min_matched_face_size": f.min_matched_face_size, "primary_face_segment": f.primary_face_segment,
+        "primary_face_label": f.primary_face_label, "primary_face_overlap": f.primary_face_overlap,
+        **f.flags,
     }
 
 
@@ -248,9 +277,15 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
         "phrases": sum(r["n_phrases"] for r in written),
         "matches": sum(r["n_matched"] for r in written),
         "matched_persons": sum(r["n_matched_person"] for r in written),
-        "flagged": sum(1 for r in written if any(r[f] for f in FLAG_NAMES)),
+        "flagged": sum(1 for r in written if any(r[f] for f in (*FLAG_NAMES, *FACE_FLAG_NAMES))),
         **{f: sum(1 for r in written if r[f]) for f in FLAG_NAMES},
+        "faces_checked": sum(1 for r in written if r["faces_checked"]),
+        "with_face_rect": sum(1 for r in written if r["primary_face_overlap"] is not None),
+        "faces": sum(r["n_faces"] or 0 for r in written),
+        "face_flagged": sum(1 for r in written if any(r[f] for f in FACE_FLAG_NAMES)),
+        **{f: sum(1 for r in written if r[f]) for f in FACE_FLAG_NAMES},
     }
+    face_sizes = [v for r in written for v in (r["matched_face_sizes"] or [])]
     random = random_weights(run)
     return {
         "note": random_weights_note(run) if random else
@@ -268,6 +303,7 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
             "match_score": histogram(all_scores, SCORE_BINS),
             "min_match_score": histogram(weakest, SCORE_BINS),
             "min_margin": histogram(margins, SCORE_BINS),
+            "matched_face_size": histogram(face_sizes, SCORE_BINS),
         },
         "quantiles": {
             "match_score": quantiles(all_scores),
@@ -277,6 +313,9 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
         "per_image": {
             name: value_counts(r[name] for r in written)
             for name in ("n_matched", "n_matched_person", "n_person_segments", "n_segments", "n_phrases")
+        },
+        "per_person_segment": {
+            "n_faces": value_counts(n for r in written for n in (r["faces_per_person_segment"] or [])),
         },
         "matched_labels": dict(Counter(lbl for r in written for lbl in r["matched_labels"]).most_common(30)),
         "object_types": list(object_types),

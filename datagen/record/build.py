@@ -1,18 +1,32 @@
-"""Turn the four stages' outputs into validated records: the one path the Ray job and tests share.
+"""Turn the stages' outputs into validated records: the one path the Ray job and tests share.
 
 ``build_record`` is pure bookkeeping (no model): it joins one image's caption flags, panoptic
-result, chunked caption and match into a :class:`~datagen.record.schema.Record` and validates it.
-The Ray job's encode task calls it on what the stage actors returned.
+result, chunked caption, match and face checks into a :class:`~datagen.record.schema.Record` and
+validates it. The Ray job's encode task calls it on what the stage actors returned. The face flags
+(:data:`~datagen.record.schema.FACE_FLAG_NAMES`, defined in :mod:`datagen.record.schema`) are decided
+here, by :func:`face_flags`, because they need the matches as well as the faces.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from datagen.record.schema import PERSON_LABEL, MatchScores, Phrase, Provenance, Record, Segment
+from datagen.record.schema import (
+    FACE_FLAG_NAMES,
+    PERSON_LABEL,
+    FaceChecks,
+    MatchScores,
+    Phrase,
+    PrimaryFace,
+    Provenance,
+    Record,
+    Segment,
+    SegmentFace,
+)
 
 if TYPE_CHECKING:
     from datagen.sources.images import LoadedImage
+    from datagen.stages.face_checker import FaceCheck
     from datagen.stages.matcher import MatchResult
     from datagen.stages.phrases import ChunkedCaption
     from datagen.stages.segmenter import PanopticResult
@@ -26,7 +40,10 @@ def build_record(
     chunked: ChunkedCaption,
     match: MatchResult,
     models: dict[str, str],
+    faces: FaceCheck | None = None,
 ) -> Record:
+    """``faces``: the face stage's findings for the image; ``None`` leaves the record unchecked
+    (``face_checks`` null, no ``faces`` on its segments)."""
     item = loaded.item
     width, height = loaded.image.size
     if panoptic.segment_map.shape != (height, width):
@@ -79,6 +96,23 @@ def build_record(
         face_rect=meta.get("face_rect"),
         duplicate_of=item.duplicate_of,
     )
+    face_checks = None
+    if faces is not None:
+        for seg in segments:
+            if seg.coco_label == PERSON_LABEL:
+                seg.faces = [SegmentFace(box=[float(v) for v in f.box], score=float(f.score), size=int(f.size),
+                                         inside=float(f.inside)) for f in faces.faces.get(seg.id, [])]
+        primary = None
+        if faces.primary is not None:
+            cover = seg_by_id.get(faces.primary.segment_id)
+            primary = PrimaryFace(
+                rect=[int(v) for v in faces.primary.rect], segment_id=faces.primary.segment_id,
+                overlap=float(faces.primary.overlap),
+                matched_person=cover is not None and cover.coco_label == PERSON_LABEL and cover.matched,
+            )
+        face_checks = FaceChecks(small_face_px=int(faces.small_face_px),
+                                 primary_min_overlap=float(faces.primary_min_overlap), primary_face=primary)
+        face_checks.flags = face_flags(segments, face_checks)
     record = Record(
         key=item.key,
         caption=chunked.caption,
@@ -94,8 +128,29 @@ def build_record(
         unmatched_phrases=[i for i, p in enumerate(phrases) if p.segment_id is None],
         unmatched_person_segments=[s.id for s in segments if s.coco_label == PERSON_LABEL and not s.matched],
         caption_flags=list(caption_flags),
+        face_checks=face_checks,
     )
     return record.validate()
+
+
+def face_flags(segments: list[Segment], checks: FaceChecks) -> list[str]:
+    """The face flags of a record's segments (definitions: :mod:`datagen.record.schema`)."""
+    persons = [s for s in segments if s.coco_label == PERSON_LABEL]
+    matched = [s for s in persons if s.matched]
+    seg_by_id = {s.id: s for s in segments}
+    pf = checks.primary_face
+    cover = seg_by_id.get(pf.segment_id) if pf is not None else None
+    unsegmented = pf is not None and (
+        cover is None or cover.coco_label != PERSON_LABEL or pf.overlap < checks.primary_min_overlap
+    )
+    found = {
+        "merged_persons": any(len(s.faces or []) >= 2 for s in persons),
+        "faceless_person": any(not s.faces for s in matched),
+        "small_face": any(s.faces and max(f.size for f in s.faces) < checks.small_face_px for s in matched),
+        "primary_face_unsegmented": unsegmented,
+        "primary_face_unmatched": pf is not None and not unsegmented and not cover.matched,
+    }
+    return [name for name in FACE_FLAG_NAMES if found[name]]
 
 
 SCORE_DIGITS = 6  # scores are float32 products; 6 decimals keep them exact enough and records short

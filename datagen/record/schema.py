@@ -13,6 +13,26 @@ moves the rest, unchanged, to ``other_segments`` (matched) and ``unmatched_segme
 
 Everything else is for auditing: the raw caption, every phrase, the score matrices the greedy
 matcher used, the unmatched phrases and person segments, provenance and model ids.
+
+**Face checks** (schema 1.1, :mod:`datagen.stages.face_checker`): every ``person`` segment carries
+``faces``, the faces MTCNN found inside it (``box`` [x0, y0, x1, y1] in pixels of the stored image,
+``score``, ``size`` = the box's longer side in px, ``inside`` = the share of the box that is the
+segment's), best score first, ``[]`` when none; other segments carry no ``faces`` key. The record's
+``face_checks`` holds the thresholds used, ``primary_face`` (the source's face rect in pixels of the
+stored image, the segment covering most of it, that share, and whether that segment is a matched
+person; ``null`` for a source without a face rect) and ``flags``, in :data:`FACE_FLAG_NAMES` order:
+
+* ``merged_persons``: a person segment holds two faces or more (touching people merged into one mask);
+* ``faceless_person``: a matched person segment holds no face (a back view, a crop, a false person);
+* ``small_face``: a matched person segment's largest face is smaller than ``small_face_px``;
+* ``primary_face_unsegmented``: the face rect is not covered by a person segment (the segment covering
+  most of it is not a person, or covers less than ``primary_min_overlap`` of it, or there is none);
+* ``primary_face_unmatched``: it is covered by a person segment that no phrase matched.
+
+**Versions.** This code writes :data:`SCHEMA_VERSION` and reads every version in
+:data:`READABLE_VERSIONS`. A ``1.0`` record (written before the face checks) has no ``faces`` and no
+``face_checks`` and reads back as it was (``face_checks`` is ``None``: not checked). In a ``1.1``
+record ``face_checks`` is ``null`` only when the face stage did not run.
 """
 
 from __future__ import annotations
@@ -22,7 +42,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+READABLE_VERSIONS = ("1.0", "1.1")  # 1.0: before the face checks
+FACE_FLAG_NAMES = (
+    "merged_persons", "faceless_person", "small_face", "primary_face_unsegmented", "primary_face_unmatched",
+)
 SPLITS = ("train", "test")
 PERSON_LABEL = "person"  # the COCO panoptic label of people
 
@@ -35,6 +59,16 @@ class RecordError(ValueError):
         self.problem = problem
         where = f"record {key!r}: " if key else "record: "
         super().__init__(f"{where}field '{field_path}' {problem}")
+
+
+@dataclass
+class SegmentFace:
+    """A face found inside a person segment."""
+
+    box: list[float]  # [x0, y0, x1, y1], pixels of the stored image
+    score: float  # the detector's face probability
+    size: int  # the box's longer side, px
+    inside: float  # share of the box's pixels that are the segment's
 
 
 @dataclass
@@ -54,6 +88,7 @@ class Segment:
     match_score: float | None = None  # CLIP × SBERT product of the match
     clip_sim: float | None = None
     sbert_sim: float | None = None
+    faces: list[SegmentFace] | None = None  # person segments of a face-checked record; None: not looked at
 
     @property
     def matched(self) -> bool:
@@ -64,7 +99,16 @@ class Segment:
         if not self.matched:
             for k in ("word", "start", "end", "match_score", "clip_sim", "sbert_sim"):
                 d.pop(k)
+        if self.faces is None:
+            d.pop("faces")
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Segment:
+        d = dict(d)
+        if d.get("faces") is not None:
+            d["faces"] = [SegmentFace(**f) for f in d["faces"]]
+        return cls(**d)
 
 
 @dataclass
@@ -107,6 +151,31 @@ class Provenance:
 
 
 @dataclass
+class PrimaryFace:
+    """The face the source photo was chosen for (FFHQ-wild's ``face_rect``) and what covers it."""
+
+    rect: list[int]  # [x0, y0, x1, y1], whole pixels of the stored image
+    segment_id: int | None  # the segment covering most of the rect; None: no segment pixel inside it
+    overlap: float  # that segment's share of the rect
+    matched_person: bool  # that segment is a person segment a phrase matched
+
+
+@dataclass
+class FaceChecks:
+    small_face_px: int
+    primary_min_overlap: float
+    primary_face: PrimaryFace | None = None  # None: the source gives no face rect
+    flags: list[str] = field(default_factory=list)  # in FACE_FLAG_NAMES order
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FaceChecks:
+        d = dict(d)
+        if d.get("primary_face") is not None:
+            d["primary_face"] = PrimaryFace(**d["primary_face"])
+        return cls(**d)
+
+
+@dataclass
 class Record:
     key: str  # sample key in the shard; a decimal string (FastComposer ids must int() parse)
     caption: str
@@ -122,11 +191,12 @@ class Record:
     unmatched_phrases: list[int] = field(default_factory=list)  # indices into phrases
     unmatched_person_segments: list[int] = field(default_factory=list)  # segment ids
     caption_flags: list[str] = field(default_factory=list)  # e.g. "empty", "degenerate"
+    face_checks: FaceChecks | None = None  # None: not checked (a 1.0 record, or the face stage did not run)
     schema_version: str = SCHEMA_VERSION
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "schema_version": self.schema_version,
             "key": self.key,
             "caption": self.caption,
@@ -143,6 +213,9 @@ class Record:
             "split": self.split,
             "models": dict(self.models),
         }
+        if self.schema_version != "1.0":  # a 1.0 record reads back as it was written
+            d["face_checks"] = asdict(self.face_checks) if self.face_checks is not None else None
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
@@ -160,8 +233,8 @@ class Record:
             if name not in d:
                 raise RecordError(name, "is missing", key)
         try:
-            segments = [Segment(**s) for s in d["segments"]]
-        except TypeError as e:
+            segments = [Segment.from_dict(s) for s in d["segments"]]
+        except (TypeError, AttributeError) as e:
             raise RecordError("segments", f"has a malformed item: {e}", key) from e
         try:
             phrases = [Phrase(**p) for p in d["phrases"]]
@@ -175,6 +248,10 @@ class Record:
             provenance = Provenance(**d["provenance"])
         except TypeError as e:
             raise RecordError("provenance", f"is malformed: {e}", key) from e
+        try:
+            face_checks = FaceChecks.from_dict(d["face_checks"]) if d.get("face_checks") is not None else None
+        except (TypeError, AttributeError) as e:
+            raise RecordError("face_checks", f"is malformed: {e}", key) from e
         rec = cls(
             key=d["key"], caption=d["caption"], caption_raw=d["caption_raw"], width=d["width"],
             height=d["height"], segments=segments, phrases=phrases, scores=scores,
@@ -182,6 +259,7 @@ class Record:
             unmatched_phrases=d.get("unmatched_phrases", []),
             unmatched_person_segments=d.get("unmatched_person_segments", []),
             caption_flags=d.get("caption_flags", []),
+            face_checks=face_checks,
             schema_version=d.get("schema_version", SCHEMA_VERSION),
         )
         rec.validate()
@@ -203,8 +281,8 @@ class Record:
         def fail(path: str, problem: str) -> None:
             raise RecordError(path, problem, k)
 
-        if self.schema_version != SCHEMA_VERSION:
-            fail("schema_version", f"is {self.schema_version!r}, this code reads {SCHEMA_VERSION!r}")
+        if self.schema_version not in READABLE_VERSIONS:
+            fail("schema_version", f"is {self.schema_version!r}, this code reads {', '.join(map(repr, READABLE_VERSIONS))}")
         if not isinstance(self.key, str) or not self.key.isdigit():
             fail("key", f"must be a string of decimal digits (FastComposer ids int()-parse), got {self.key!r}")
         if not isinstance(self.caption, str):
@@ -286,6 +364,8 @@ class Record:
             if sid in matched_by_seg:
                 fail("unmatched_person_segments", f"lists segment {sid}, which is matched")
 
+        self._check_faces(fail, matched_by_seg)
+
         sc = self.scores
         if sc.segment_ids and sorted(sc.segment_ids) != sorted(seen_ids):
             fail("scores.segment_ids", f"{sc.segment_ids} do not match the segment ids {sorted(seen_ids)}")
@@ -306,6 +386,59 @@ class Record:
         if not isinstance(pv.original_size, list | tuple) or len(pv.original_size) != 2:
             fail("provenance.original_size", f"must be [w, h], got {pv.original_size!r}")
         return self
+
+    def _check_faces(self, fail, matched_by_seg: dict[int, Segment]) -> None:
+        """The face fields: present only from 1.1 on, on person segments only, well formed."""
+        old = self.schema_version == "1.0"
+        if old and self.face_checks is not None:
+            fail("face_checks", "is a schema 1.1 field; a 1.0 record has none")
+        for i, s in enumerate(self.segments):
+            p = f"segments[{i}].faces"
+            if s.faces is None:
+                continue
+            if old:
+                fail(p, "is a schema 1.1 field; a 1.0 record has none")
+            if s.coco_label != PERSON_LABEL:
+                fail(p, f"is only for person segments, this one is {s.coco_label!r}")
+            if not isinstance(s.faces, list):
+                fail(p, f"must be a list of faces, got {s.faces!r}")
+            for j, f in enumerate(s.faces):
+                if not isinstance(f.box, list | tuple) or len(f.box) != 4 or not all(_is_number(v) for v in f.box) \
+                        or not (f.box[0] < f.box[2] and f.box[1] < f.box[3]):
+                    fail(f"{p}[{j}].box", f"must be four numbers [x0, y0, x1, y1] with x0 < x1, y0 < y1, got {f.box!r}")
+                if not _is_number(f.score) or not 0 <= f.score <= 1:
+                    fail(f"{p}[{j}].score", f"must be a probability in 0..1, got {f.score!r}")
+                if not _is_int(f.size) or f.size < 0:
+                    fail(f"{p}[{j}].size", f"must be a non-negative integer (px), got {f.size!r}")
+                if not _is_number(f.inside) or not 0 <= f.inside <= 1:
+                    fail(f"{p}[{j}].inside", f"must be a share in 0..1, got {f.inside!r}")
+        fc = self.face_checks
+        if fc is None:
+            return
+        if not _is_int(fc.small_face_px) or fc.small_face_px < 0:
+            fail("face_checks.small_face_px", f"must be a non-negative integer, got {fc.small_face_px!r}")
+        if not _is_number(fc.primary_min_overlap) or not 0 <= fc.primary_min_overlap <= 1:
+            fail("face_checks.primary_min_overlap", f"must be a share in 0..1, got {fc.primary_min_overlap!r}")
+        if not isinstance(fc.flags, list) or any(f not in FACE_FLAG_NAMES for f in fc.flags) \
+                or list(fc.flags) != [f for f in FACE_FLAG_NAMES if f in fc.flags]:
+            fail("face_checks.flags", f"must list names of {FACE_FLAG_NAMES}, once each, in that order; got {fc.flags!r}")
+        missing = [s.id for s in self.segments if s.coco_label == PERSON_LABEL and s.faces is None]
+        if missing:
+            fail("face_checks", f"says faces were checked, but person segment(s) {missing} carry no 'faces'")
+        pf = fc.primary_face
+        if pf is None:
+            return
+        if not isinstance(pf.rect, list | tuple) or len(pf.rect) != 4 or not all(_is_int(v) for v in pf.rect):
+            fail("face_checks.primary_face.rect", f"must be four integers [x0, y0, x1, y1], got {pf.rect!r}")
+        seg = next((s for s in self.segments if s.id == pf.segment_id), None)
+        if pf.segment_id is not None and seg is None:
+            fail("face_checks.primary_face.segment_id", f"names segment {pf.segment_id!r}, which is not in segments")
+        if not _is_number(pf.overlap) or not 0 <= pf.overlap <= 1:
+            fail("face_checks.primary_face.overlap", f"must be a share in 0..1, got {pf.overlap!r}")
+        is_matched_person = seg is not None and seg.coco_label == PERSON_LABEL and seg.id in matched_by_seg
+        if pf.matched_person is not is_matched_person:
+            fail("face_checks.primary_face.matched_person",
+                 f"is {pf.matched_person!r}, but segment {pf.segment_id} is{'' if is_matched_person else ' not'} a matched person")
 
     def _check_span(self, fail, p: str, start, end, text: str) -> None:
         if not _is_int(start) or not _is_int(end) or not (0 <= start < end <= len(self.caption)):

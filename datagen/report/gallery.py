@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datagen.manifests.run_manifest import RunFolderError
 from datagen.record.quality import FLAG_NAMES
+from datagen.record.schema import FACE_FLAG_NAMES
 from datagen.report.record_figure import caption_runs, hex_colour, overlay, segment_styles
 from datagen.report.values import as_number, fixed, show
 from datagen.shards.reader import iter_samples
@@ -32,7 +33,13 @@ FLAG_TITLES = {
     "ambiguous_match": "ambiguous match",
     "no_person": "no person",
     "no_match": "no match",
+    "merged_persons": "merged persons (a person segment with 2+ faces)",
+    "faceless_person": "faceless person (a matched person without a face)",
+    "small_face": "small face",
+    "primary_face_unsegmented": "primary face not in a person segment",
+    "primary_face_unmatched": "primary face in an unmatched person",
 }
+FACE_SECTION_SHARE = 15  # each face flag gets up to gallery_max // 15 places (16 of 240)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Card:
     n_matched: str
     n_phrases: str
     n_person_segments: str
+    faces: str  # what the face checks found ("" when not checked)
     caption: list[CaptionRun]
     legend: list[LegendItem]
     tags: list[str]
@@ -83,9 +91,13 @@ class Card:
 def select_gallery(rows: list[dict], gallery_max: int = GALLERY_MAX) -> list[GalleryPick]:
     """Which written samples the gallery shows, in sections, each sample once.
 
-    Half the places go to the lowest weakest-match scores, then a fifth to the smallest margins
-    (near ties), the rest round-robin over the flags (images with no match at all, unmatched person
-    segment, unmatched subject phrase, no person), each flag's samples weakest first.
+    First each face flag (:data:`~datagen.record.schema.FACE_FLAG_NAMES`) gets a row of its own, up
+    to ``gallery_max // FACE_SECTION_SHARE`` samples with that flag (weakest first; a sample with two
+    face flags is in both rows). Then, each sample at most once more: half the places go to the
+    lowest weakest-match scores, then a fifth to the smallest margins (near ties), the rest
+    round-robin over the match flags (images with no match at all, unmatched person segment,
+    unmatched subject phrase, no person), each flag's samples weakest first. The picks come back in
+    page order: weakest, near ties, match flags, face flags; at most ``gallery_max`` in all.
     """
     written = [r for r in rows if r["status"] == "written"]
     for r in written:
@@ -95,12 +107,18 @@ def select_gallery(rows: list[dict], gallery_max: int = GALLERY_MAX) -> list[Gal
         score = as_number(r["min_match_score"])
         return (-math.inf if score is None else score, str(r["source_id"]))
 
+    face_picks: list[GalleryPick] = []
+    for f in FACE_FLAG_NAMES:
+        flagged = sorted((r for r in written if r.get(f) is True), key=weakest_first)  # null: not checked
+        room = min(max(1, gallery_max // FACE_SECTION_SHARE), gallery_max - len(face_picks))
+        face_picks += [GalleryPick(r, f"Face check: {FLAG_TITLES[f]}") for r in flagged[:room]]
     picked: dict[str, GalleryPick] = {}
+    room = gallery_max - len(face_picks)
 
     def take(candidates, section, limit):
         n = 0
         for r in candidates:
-            if n >= limit or len(picked) >= gallery_max:
+            if n >= limit or len(picked) >= room:
                 break
             if r["key"] not in picked:
                 picked[r["key"]] = GalleryPick(r, section)
@@ -114,17 +132,18 @@ def select_gallery(rows: list[dict], gallery_max: int = GALLERY_MAX) -> list[Gal
     queues = {f: sorted((r for r in written if r[f]), key=weakest_first)
               for f in ("no_match", "unmatched_person_segment", "unmatched_subject_phrase", "no_person")}
     positions = dict.fromkeys(queues, 0)
-    while len(picked) < gallery_max and any(positions[f] < len(q) for f, q in queues.items()):
+    while len(picked) < room and any(positions[f] < len(q) for f, q in queues.items()):
         for f, q in queues.items():
             while positions[f] < len(q) and q[positions[f]]["key"] in picked:
                 positions[f] += 1
-            if positions[f] < len(q) and len(picked) < gallery_max:
+            if positions[f] < len(q) and len(picked) < room:
                 r = q[positions[f]]
                 picked[r["key"]] = GalleryPick(r, f"Flagged: {FLAG_TITLES[f]}")
                 positions[f] += 1
-    for p in picked.values():
-        p.tags = [FLAG_TITLES[f] for f in ("no_match", *FLAG_NAMES) if p.row.get(f)]
-    return list(picked.values())
+    picks = [*picked.values(), *face_picks]
+    for p in picks:
+        p.tags = [FLAG_TITLES[f] for f in ("no_match", *FLAG_NAMES, *FACE_FLAG_NAMES) if p.row.get(f)]
+    return picks
 
 
 def draw_cards(
@@ -141,23 +160,21 @@ def draw_cards(
                 "names no tar; rebuild the tables with --rebuild-tables"
             )
         by_shard[shard].append(p.row["key"])
-    pick_of = {p.row["key"]: p for p in picks}
-    rendered: dict[str, Card] = {}
+    rendered: dict[str, tuple] = {}  # key -> (record, base64 JPEG, size): a sample in two rows is drawn once
     for shard, keys in by_shard.items():  # one shard at a time: only its few samples are decoded
-        for key, sample in iter_samples(tar_of[shard], keys):
+        for key, sample in iter_samples(tar_of[shard], list(dict.fromkeys(keys))):
             img = overlay(sample.image, sample.segment_map, sample.record, max_side=thumb_side)
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=THUMB_QUALITY, optimize=True)
-            b64 = base64.b64encode(buf.getvalue()).decode("ascii")
-            rendered[key] = _card(pick_of[key], sample.record, b64, img.size, run_name)
+            rendered[key] = (sample.record, base64.b64encode(buf.getvalue()).decode("ascii"), img.size)
     cards, spent, dropped = [], 0, 0
     for p in picks:  # the budget is spent in gallery order: the weakest samples come first
-        card = rendered[p.row["key"]]
-        if spent + len(card.jpeg_base64) > budget:
+        record, b64, size = rendered[p.row["key"]]
+        if spent + len(b64) > budget:
             dropped += 1
             continue
-        spent += len(card.jpeg_base64)
-        cards.append(card)
+        spent += len(b64)
+        cards.append(_card(p, record, b64, size, run_name))
     return cards, dropped
 
 
@@ -188,6 +205,24 @@ def _card(pick: GalleryPick, record, b64: str, size: tuple[int, int], run_name: 
         credit=" · ".join(v for v in (pv.author, pv.license) if v),
         split=show(r["split"]), shard_name=show(r["shard_name"]), weakest=fixed(r["min_match_score"]),
         n_matched=show(r["n_matched"]), n_phrases=show(r["n_phrases"]), n_person_segments=show(r["n_person_segments"]),
-        caption=caption, legend=legend, tags=list(pick.tags), jpeg_base64=b64, width=size[0], height=size[1],
+        faces=_faces_line(record), caption=caption, legend=legend, tags=list(pick.tags), jpeg_base64=b64, width=size[0], height=size[1],
         section=pick.section, command=f"subject-ffhq inspect {run_name} {r['source_id']}",
     )
+
+
+def _faces_line(record) -> str:
+    """The face checks of a card in words: faces per person segment and what covers the face rect."""
+    fc = record.face_checks
+    if fc is None:
+        return ""
+    per = [f"{s.id}: {len(s.faces or [])}" for s in record.segments if s.faces is not None]
+    parts = ["faces per person segment " + (", ".join(per) if per else "(no person segment)")]
+    pf = fc.primary_face
+    if pf is not None:
+        if pf.segment_id is None:
+            parts.append("face rect: no segment")
+        else:
+            label = next(s.coco_label for s in record.segments if s.id == pf.segment_id)
+            matched = "matched" if pf.matched_person else "unmatched"
+            parts.append(f"face rect: segment {pf.segment_id} ({label}, {matched}), {pf.overlap:.0%} of it")
+    return " · ".join(parts)

@@ -40,6 +40,7 @@ from datagen.files import atomic_write
 from datagen.manifests.run_manifest import load_run_manifest
 from datagen.manifests.tables import build_summary, ensure_tables, random_weights, random_weights_note
 from datagen.record.quality import AMBIGUOUS_MARGIN, FLAG_NAMES
+from datagen.record.schema import FACE_FLAG_NAMES
 from datagen.report.charts import Chart, histogram_chart, value_counts_chart
 from datagen.report.gallery import (
     FLAG_TITLES,
@@ -131,11 +132,15 @@ def render_page(run_dir: Path, run: dict, summary: dict, shards: list[dict], car
              f"{ratio(c.get('matches'), written)} per image" if ratio(c.get("matches"), written) else ""),
             ("weakest match, median", fixed(weakest.get("median")), f"p05 {fixed(weakest.get('p05'))}"),
             ("flagged images", show(c.get("flagged")), percent_of(c.get("flagged"), written)),
+            ("face-flagged images", show(c.get("face_flagged")),
+             f"{percent_of(c.get('face_flagged'), c.get('faces_checked'))} of {show(c.get('faces_checked'))} face-checked"),
         ],
         charts=_charts(summary, thresholds),
         object_types=_object_type_rows(summary),
         object_type_charts=_object_type_charts(summary),
         flags=[(FLAG_TITLES[f], show(c.get(f)), percent_of(c.get(f), written)) for f in FLAG_NAMES],
+        face_flags=[(FLAG_TITLES[f], show(c.get(f)), percent_of(c.get(f), c.get("faces_checked"))) for f in FACE_FLAG_NAMES],
+        face_note=_face_note(run, c),
         failures=[_failure_row(kind, v) for kind, v in list(failures.items())[:50]],
         shards=[_shard_row(s) for s in _failed_and_slowest(shards, 20)],
         gallery=sections(cards),
@@ -163,6 +168,9 @@ def _charts(summary: dict, thresholds: dict) -> list[Chart]:
         value_counts_chart(per.get("n_person_segments"), "Person segments per image", "person segments"),
         value_counts_chart(per.get("n_segments"), "Segments per image", "panoptic segments"),
         value_counts_chart(per.get("n_phrases"), "Noun phrases per caption", "phrases"),
+        value_counts_chart(as_dict(summary.get("per_person_segment")).get("n_faces"), "Faces per person segment",
+                           "faces the detector found inside the segment (2+: merged persons)"),
+        histogram("matched_face_size", "Face size of matched people", "largest face of a matched person segment, px"),
     ]
 
 
@@ -190,6 +198,17 @@ def _object_type_charts(summary: dict) -> list[Chart]:
         charts.append(value_counts_chart(v.get("subjects_per_image"), f"{label.capitalize()} subjects per image",
                                          f"matched {label} segments"))
     return charts
+
+
+def _face_note(run: dict, counts: dict) -> str:
+    """How many images the face checks covered, and under which thresholds (the run's config)."""
+    faces = as_dict(as_dict(run.get("config")).get("faces"))
+    where = (f"detector {show(faces.get('detector'))}, faces scoring at least {show(faces.get('min_score'))}, "
+             f"small face below {show(faces.get('small_face_px'))} px, face rect covered when a person segment "
+             f"holds at least {show(faces.get('primary_min_overlap'))} of it" if faces else "run.json names no face settings")
+    return (f"Face checks ran on {show(counts.get('faces_checked'))} of {show(counts.get('written'))} written images "
+            f"({show(counts.get('with_face_rect'))} with a face rect from the source; faces found in person "
+            f"segments: {show(counts.get('faces'))}); {where}. Shares are of the face-checked images.")
 
 
 def _failure_row(kind, v) -> tuple[str, str, str, str]:

@@ -4,6 +4,8 @@ Colours: each *matched* segment gets its own colour (in phrase order, the same c
 overlay, the caption and the tables); an *unmatched person* segment is filled grey with a white
 outline and a "?" badge; other unmatched segments are only outlined, in light grey. Matched
 segments carry a numbered badge (1 = first match in caption order) at their most interior pixel.
+A face-checked record also shows the faces found in its person segments (yellow boxes) and the
+source's face rect (cyan box), when it has one.
 
 * :func:`overlay` — a PIL image (any size; the report uses small thumbnails), drawn with PIL + numpy.
 * :func:`sample_figure` — the full ``inspect`` figure (matplotlib): the overlay with text labels,
@@ -31,6 +33,8 @@ PALETTE = [
 UNMATCHED_PERSON = (128, 128, 128)
 UNMATCHED_OUTLINE = (220, 220, 220)
 WARNING_COLOUR = "#b00020"
+FACE_BOX = (255, 221, 0)
+PRIMARY_FACE_BOX = (0, 229, 255)
 
 
 @dataclass
@@ -98,6 +102,7 @@ def overlay(
     """The image with segments filled / outlined in their colours and numbered badges (RGB)."""
     image = image.convert("RGB")
     seg = np.asarray(segment_map)
+    scale = 1.0
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -137,7 +142,22 @@ def overlay(
             st = styles[sid]
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=st.colour, outline=(255, 255, 255))
             draw.text((x, y), st.badge, fill=(255, 255, 255), font=font, anchor="mm")
+    _draw_faces(result, record, scale, thickness)
     return result
+
+
+def _draw_faces(image: Image.Image, record: Record, scale: float, width: int) -> None:
+    """Faces found in person segments (yellow) and the source's face rect (cyan), scaled to ``image``."""
+    fc = record.face_checks
+    if fc is None:
+        return
+    draw = ImageDraw.Draw(image)
+    width = max(2, width + 1)
+    for s in record.segments:
+        for f in s.faces or []:
+            draw.rectangle([v * scale for v in f.box], outline=FACE_BOX, width=width)
+    if fc.primary_face is not None:
+        draw.rectangle([v * scale for v in fc.primary_face.rect], outline=PRIMARY_FACE_BOX, width=max(1, width - 1))
 
 
 def hex_colour(rgb: tuple[int, int, int]) -> str:
@@ -271,7 +291,10 @@ def _draw_caption(fig, ax, record: Record, styles, quality: MatchQuality) -> Non
         y -= 0.2
     raw = f"raw caption: {record.caption_raw}" if record.caption_raw != record.caption else ""
     flags = ", ".join(quality.flags) or "none"
-    ax.text(0, 0.02, f"{raw}\nflags: {flags}", fontsize=9, color="#333", va="bottom", transform=ax.transAxes)
+    fc = record.face_checks
+    faces = ("faces not checked" if fc is None else
+             f"face flags: {', '.join(fc.flags) or 'none'} (faces: yellow boxes; the source's face rect: cyan)")
+    ax.text(0, 0.02, f"{raw}\nflags: {flags}\n{faces}", fontsize=9, color="#333", va="bottom", transform=ax.transAxes)
 
 
 def _fmt(v: float | None) -> str:

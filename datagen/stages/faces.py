@@ -76,7 +76,7 @@ class FaceError(ValueError):
 class Face:
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the image's pixels
     score: float  # MTCNN's face probability
-    crop: torch.Tensor  # 3 x S x S float, standardised ((pixel - 127.5) / 128)
+    crop: torch.Tensor | None  # 3 x S x S float, standardised ((pixel - 127.5) / 128); None: not asked for
 
     @property
     def area(self) -> float:
@@ -151,8 +151,9 @@ class FaceDetector:
                    min_score=section.get("min_face_score", 0.0))
 
     @torch.no_grad()
-    def detect(self, images: Sequence[Any]) -> list[list[Face]]:
-        """Faces of each image. Images of the same size go through MTCNN as one batch."""
+    def detect(self, images: Sequence[Any], crops: bool = True) -> list[list[Face]]:
+        """Faces of each image. Images of the same size go through MTCNN as one batch.
+        ``crops=False``: boxes and scores only (``Face.crop`` is ``None``), for callers that embed nothing."""
         fp = _facenet_pytorch(DETECTOR_WHAT)
         pils = [_to_pil(im, i) for i, im in enumerate(images)]
         out: list[list[Face]] = [[] for _ in pils]
@@ -171,8 +172,9 @@ class FaceDetector:
                 for box, prob in zip(image_boxes, image_probs, strict=True):
                     if prob is None or float(prob) < self.min_score:
                         continue
-                    crop = fp.extract_face(pils[i], box, self.crop_size, self.margin)
-                    faces.append(Face(tuple(float(v) for v in box), float(prob), fp.fixed_image_standardization(crop)))
+                    crop = (fp.fixed_image_standardization(fp.extract_face(pils[i], box, self.crop_size, self.margin))
+                            if crops else None)
+                    faces.append(Face(tuple(float(v) for v in box), float(prob), crop))
                 out[i] = sorted(faces, key=lambda f: -f.score)
         return out
 
