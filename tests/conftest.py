@@ -19,24 +19,34 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:
-    """A session-wide folder where tiny models are built (each at most once, on first use).
-    ``SUBJECT_FFHQ_TEST_TINY_MODELS=DIR`` keeps them in DIR across sessions (built there if missing)."""
+    """A session-wide folder where tiny models are built (each at most once, on first use), shared
+    by the pytest-xdist workers of one run. ``SUBJECT_FFHQ_TEST_TINY_MODELS=DIR`` keeps them in DIR
+    across sessions (built there if missing)."""
     kept = os.environ.get("SUBJECT_FFHQ_TEST_TINY_MODELS")
     if kept:
         Path(kept).mkdir(parents=True, exist_ok=True)
         return Path(kept)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "tiny-models"  # the run's folder, above each worker's
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("tiny-models")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models_root):
-    """``tiny_model("blip2")`` -> path of that tiny model, built on first request."""
+    """``tiny_model("blip2")`` -> path of that tiny model, built on first request (by one worker
+    at a time: the others wait on its lock file and then find it built)."""
+    from filelock import FileLock
+
     from fixtures.tiny_models import build_one
 
     def get(name: str) -> Path:
         path = tiny_models_root / name
         if not (path / ".complete").exists():
-            build_one(name, tiny_models_root)
+            with FileLock(str(tiny_models_root / f".{name}.lock")):
+                if not (path / ".complete").exists():
+                    build_one(name, tiny_models_root)
         return path
 
     return get
@@ -90,10 +100,19 @@ def ray_local():
     ray.shutdown()
 
 
+RAY_FIXTURES = ("ray_local", "tiny_stage_pools")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that start their own (multi-node) Ray cluster run after every test on the shared one."""
+    """Tests that start their own (multi-node) Ray cluster run after every test on the shared one.
+    Under pytest-xdist (``make test`` runs two workers), every test that uses Ray or asks that Ray
+    is not started (marker ``ray``) goes to one worker, in this order (``--dist loadgroup``), so
+    that one worker holds the session's Ray."""
     own_cluster = [it for it in items if "own_ray_cluster" in it.keywords]
     items[:] = [it for it in items if "own_ray_cluster" not in it.keywords] + own_cluster
+    for item in items:
+        if "ray" in item.keywords or "own_ray_cluster" in item.keywords or set(RAY_FIXTURES) & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,8 @@ class Annotator:
             segmenter=PanopticSegmenter(profile.segmenter, device),
             chunker=PhraseChunker(profile.phrases),
             matcher=Matcher(profile.matcher, device),
-            models=model_ids(profile),
+            # the face checks are not run here, so the records do not name their detector
+            models={k: v for k, v in model_ids(profile).items() if k != "face_detector"},
         )
 
     def annotate(self, loaded: list) -> list[tuple[Record, Any]]:

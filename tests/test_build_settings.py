@@ -338,6 +338,7 @@ def test_wait_for_address_returns_once_something_listens():
         assert time.monotonic() - t < 2
 
 
+@pytest.mark.ray  # with the worker that starts the session's Ray, and before it does
 def test_cli_ray_address_with_nothing_there_gives_up_naming_it(tmp_path, capsys, monkeypatch, stage_models):
     import ray
 
