@@ -105,14 +105,19 @@ RAY_FIXTURES = ("ray_local", "tiny_stage_pools")
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests that start their own (multi-node) Ray cluster run after every test on the shared one.
-    Under pytest-xdist (``make test`` runs two workers), every test that uses Ray or asks that Ray
-    is not started (marker ``ray``) goes to one worker, in this order (``--dist loadgroup``), so
-    that one worker holds the session's Ray."""
+    Under pytest-xdist (``make test``: two workers, ``--dist loadfile``) the tests that use the
+    session's Ray must all be in one file, so that one worker runs them on one Ray; spread over
+    files, each worker would start a Ray and a set of stage actors of its own."""
     own_cluster = [it for it in items if "own_ray_cluster" in it.keywords]
     items[:] = [it for it in items if "own_ray_cluster" not in it.keywords] + own_cluster
-    for item in items:
-        if "ray" in item.keywords or "own_ray_cluster" in item.keywords or set(RAY_FIXTURES) & set(item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_collection_finish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the tests this run will run, after -m/-k
+        files = sorted({it.path.name for it in session.items if set(RAY_FIXTURES) & set(it.fixturenames)})
+        if len(files) > 1:
+            raise pytest.UsageError(f"under pytest-xdist the tests that use the session's Ray must be in one file; "
+                                    f"they are in {files} (or run without -n)")
 
 
 @pytest.fixture(scope="session")

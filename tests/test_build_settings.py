@@ -338,18 +338,27 @@ def test_wait_for_address_returns_once_something_listens():
         assert time.monotonic() - t < 2
 
 
-@pytest.mark.ray  # with the worker that starts the session's Ray, and before it does
-def test_cli_ray_address_with_nothing_there_gives_up_naming_it(tmp_path, capsys, monkeypatch, stage_models):
-    import ray
+def test_cli_ray_address_with_nothing_there_gives_up_naming_it(tmp_path, stage_models):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    assert not ray.is_initialized()  # else build would use that Ray and never look at the address
-    monkeypatch.setenv("SUBJECT_FFHQ_TINY_MODELS", str(stage_models))
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    # A process of its own: in this one another test may have started Ray, which build would use
+    # instead of looking at the address.
     config = tmp_path / "c.yaml"
     config.write_text("ray: {connect_timeout_s: 3}\n")
-    code, err = run_build_cli(tmp_path, capsys, "--config", str(config))
-    assert code == 2 and "no Ray cluster answered at 127.0.0.1:1 within 3 s" in err
-    assert nothing_written(tmp_path) and not ray.is_initialized()
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "SUBJECT_FFHQ_TINY_MODELS": str(stage_models)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "build", "--source", str(tmp_path / "source"), "--out", str(tmp_path / "out"),
+         "--profile", "tiny", "--manifests", str(tmp_path / "manifests"), "--config", str(config)],
+        cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("subject-ffhq build: error: no Ray cluster answered at 127.0.0.1:1 within 3 s (")
+    assert "check --ray-address / $RAY_ADDRESS" in line
+    assert nothing_written(tmp_path)
 
 
 def test_cli_ctrl_c_while_joining_stops_at_once(tmp_path, stage_models):

@@ -32,16 +32,20 @@ nothing beyond torch, torchvision, numpy and Pillow, which the project already h
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 from datagen.stages.model_loading import (
     ModelNotFoundError,
@@ -91,6 +95,28 @@ def _facenet_pytorch(what: str):
     return facenet_pytorch
 
 
+def _facenet_pytorch_folder(what: str) -> Path:
+    """The installed facenet-pytorch's folder, found without importing it (importing it imports torch
+    and torchvision: seconds that ``build`` should not spend checking models before Ray starts)."""
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"{what}: the package facenet-pytorch is not installed; {INSTALL_HINT}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _no_grad(method):
+    """``torch.no_grad()`` around ``method``, importing torch only when it runs."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 def _to_pil(image: Any, index: int) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
@@ -108,6 +134,8 @@ class FaceDetector:
     def __init__(self, model: str = "mtcnn", device: str | None = None, *, crop_size: int = 160, margin: int = 0,
                  min_face_size: int = 20, thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709,
                  min_score: float = 0.0):
+        import torch
+
         fp = _facenet_pytorch(DETECTOR_WHAT)
         folder = self.resolve(model)
         self.model_ref = model
@@ -124,9 +152,8 @@ class FaceDetector:
     @staticmethod
     def resolve(model: str) -> Path | None:
         """``None`` for the package's bundled weights, else the folder holding pnet/rnet/onet.pt."""
-        fp = _facenet_pytorch(DETECTOR_WHAT)
         if model == "mtcnn":
-            data = Path(fp.__file__).parent / "data"
+            data = _facenet_pytorch_folder(DETECTOR_WHAT) / "data"
             missing = [f for f in MTCNN_FILES if not (data / f).is_file()]
             if missing:
                 raise ModelNotFoundError(
@@ -150,7 +177,7 @@ class FaceDetector:
                    thresholds=section.get("face_thresholds", (0.6, 0.7, 0.7)),
                    min_score=section.get("min_face_score", 0.0))
 
-    @torch.no_grad()
+    @_no_grad
     def detect(self, images: Sequence[Any], crops: bool = True) -> list[list[Face]]:
         """Faces of each image. Images of the same size go through MTCNN as one batch.
         ``crops=False``: boxes and scores only (``Face.crop`` is ``None``), for callers that embed nothing."""
@@ -183,6 +210,8 @@ class FaceDetector:
 def build_facenet(repeats: Sequence[int] = FULL_REPEATS, device: str | torch.device | None = None) -> torch.nn.Module:
     """An InceptionResnetV1 (embedding output) with ``repeats`` Block35/Block17/Block8 blocks.
     ``device="meta"`` skips the random initialisation (for loading weights with ``assign=True``)."""
+    import torch
+
     fp = _facenet_pytorch(EMBEDDER_WHAT)
     with torch.device(device or "cpu"):
         model = fp.InceptionResnetV1(pretrained=None, classify=False)
@@ -208,6 +237,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
+    import torch
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise FaceError(f"{EMBEDDER_WHAT}: {path} does not hold a state dict")
@@ -260,6 +291,8 @@ class FaceEmbedder:
     """FaceNet: ``embed(faces)`` -> ``N x 512`` L2-normalised float32 embeddings (cosine = dot product)."""
 
     def __init__(self, model: str = "vggface2", device: str | None = None, batch_size: int = 64):
+        import torch
+
         path, kind = resolve_facenet(model)
         self.model_ref = model
         self.device = torch.device(pick_device(device))
@@ -282,8 +315,10 @@ class FaceEmbedder:
         self.model.float().eval().to(self.device)
         self.image_size = int(self.config["image_size"])
 
-    @torch.no_grad()
+    @_no_grad
     def embed(self, faces: Sequence[Face] | torch.Tensor) -> np.ndarray:
+        import torch
+
         crops = faces if isinstance(faces, torch.Tensor) else [f.crop for f in faces]
         if len(crops) == 0:
             return np.zeros((0, 512), dtype=np.float32)
