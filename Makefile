@@ -54,7 +54,7 @@ $(STAMP): pyproject.toml requirements.lock.txt
 # make test: the suite but for the `scale` tests (a few minutes on 2 CPUs); make test-scale: those
 # (soak, node loss, Ray Train worker loss, 70k-item planning, paper-size models; CI runs both).
 test: install
-	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider -m "not scale" -n 2 --dist loadfile --durations=10
+	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider -m "not scale" --durations=10
 
 test-scale: install
 	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider -m scale --durations=10

@@ -19,34 +19,24 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:
-    """A session-wide folder where tiny models are built (each at most once, on first use), shared
-    by the pytest-xdist workers of one run. ``SUBJECT_FFHQ_TEST_TINY_MODELS=DIR`` keeps them in DIR
-    across sessions (built there if missing)."""
+    """A session-wide folder where tiny models are built (each at most once, on first use).
+    ``SUBJECT_FFHQ_TEST_TINY_MODELS=DIR`` keeps them in DIR across sessions (built there if missing)."""
     kept = os.environ.get("SUBJECT_FFHQ_TEST_TINY_MODELS")
     if kept:
         Path(kept).mkdir(parents=True, exist_ok=True)
         return Path(kept)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = tmp_path_factory.getbasetemp().parent / "tiny-models"  # the run's folder, above each worker's
-        shared.mkdir(exist_ok=True)
-        return shared
     return tmp_path_factory.mktemp("tiny-models")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models_root):
-    """``tiny_model("blip2")`` -> path of that tiny model, built on first request (by one worker
-    at a time: the others wait on its lock file and then find it built)."""
-    from filelock import FileLock
-
+    """``tiny_model("blip2")`` -> path of that tiny model, built on first request."""
     from fixtures.tiny_models import build_one
 
     def get(name: str) -> Path:
         path = tiny_models_root / name
         if not (path / ".complete").exists():
-            with FileLock(str(tiny_models_root / f".{name}.lock")):
-                if not (path / ".complete").exists():
-                    build_one(name, tiny_models_root)
+            build_one(name, tiny_models_root)
         return path
 
     return get
@@ -100,24 +90,10 @@ def ray_local():
     ray.shutdown()
 
 
-RAY_FIXTURES = ("ray_local", "tiny_stage_pools")
-
-
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that start their own (multi-node) Ray cluster run after every test on the shared one.
-    Under pytest-xdist (``make test``: two workers, ``--dist loadfile``) the tests that use the
-    session's Ray must all be in one file, so that one worker runs them on one Ray; spread over
-    files, each worker would start a Ray and a set of stage actors of its own."""
+    """Tests that start their own (multi-node) Ray cluster run after every test on the shared one."""
     own_cluster = [it for it in items if "own_ray_cluster" in it.keywords]
     items[:] = [it for it in items if "own_ray_cluster" not in it.keywords] + own_cluster
-
-
-def pytest_collection_finish(session):
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # the tests this run will run, after -m/-k
-        files = sorted({it.path.name for it in session.items if set(RAY_FIXTURES) & set(it.fixturenames)})
-        if len(files) > 1:
-            raise pytest.UsageError(f"under pytest-xdist the tests that use the session's Ray must be in one file; "
-                                    f"they are in {files} (or run without -n)")
 
 
 @pytest.fixture(scope="session")
@@ -143,3 +119,4 @@ def tiny_stage_pools(ray_local, tiny_models_all):
     pools = StagePools.start(resolve_settings(profile, ray.cluster_resources()), profile)
     yield pools
     pools.shutdown()
+

@@ -2,9 +2,7 @@
 of the shards, a no-op re-run, interrupted-then-resumed runs and a source with bad images; a corpus
 of broken and odd inputs (issue 11: every image accounted with its own reason); an error in the
 driver (``run.json`` says ``failed``, no temp file left); run names that leave the manifests folder.
-
-Every test of ``make test`` that uses Ray is in this file: ``make test`` runs pytest-xdist with
-``--dist loadfile``, so one worker runs them all on one Ray (see ``tests/conftest.py``)."""
+All share the session's Ray and tiny stage actors (``tests/conftest.py``)."""
 
 from __future__ import annotations
 
