@@ -280,7 +280,7 @@ def e2e_run(cores: int, source: Path, out: Path, tiny: Path) -> dict:
     inv = json.loads((out / "manifests" / "bench" / "run.json").read_text())["invocations"][-1]
     return {"cores": cores, "images": inv["images_processed"], "stream_seconds": inv["stream_seconds"],
             "images_per_second": inv["images_per_second"], "job_seconds": summary.seconds, "ray_init_seconds": t_init,
-            "status": summary.status}
+            "status": summary.status, "stage_rates": inv.get("stage_rates") or {}}
 
 
 def e2e(n_images: int, work: Path, tiny: Path) -> list[dict]:
@@ -317,6 +317,12 @@ def print_e2e_table(results: list[dict]) -> None:
               f"{r['job_seconds']:>7.1f} {r['ray_init_seconds']:>10.1f}")
     if len(results) == 2 and results[0]["images_per_second"]:
         print(f"speed-up 1 -> 2 cores: {results[1]['images_per_second'] / results[0]['images_per_second']:.2f}x")
+    print(f"\n{'CPU cores':>9} {'stage':>10} {'replicas':>8} {'busy s':>7} {'busy / stream':>13}")
+    print("-" * 52)
+    for r in results:
+        for stage, rate in r["stage_rates"].items():
+            share = rate["busy_seconds"] / r["stream_seconds"] if r["stream_seconds"] else float("nan")
+            print(f"{r['cores']:>9} {stage:>10} {rate['replicas']:>8} {rate['busy_seconds']:>7.1f} {share:>13.2f}")
 
 
 def main() -> None:
