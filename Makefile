@@ -64,6 +64,12 @@ demo: install
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq tiny-models $(TINY)
 	$(OFFLINE) $(QUIET) env -u RAY_ADDRESS $(BIN)/subject-ffhq build --source out/demo-source --out out/demo \
 		--profile tiny --shard-size 4 --run-name demo
+	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq export out/demo/shards out/demo-exports/fastcomposer --profile tiny \
+		--overwrite --drop-merged-persons --min-face-size 24
+	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq export out/demo/shards out/demo-exports/seg-conditioning --profile tiny \
+		--overwrite --format seg-conditioning
+	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq export out/demo/shards out/demo-exports/subject-crops --profile tiny \
+		--overwrite --format subject-crops
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq report manifests/demo
 
 dataset: install

@@ -111,3 +111,30 @@ def test_mismatched_sizes_and_duplicate_keys_are_rejected(tmp_path):
 def test_reader_names_a_missing_shard(tmp_path):
     with pytest.raises(ShardError, match="shard not found"):
         list(read_shard(tmp_path / "nope.tar"))
+
+
+def test_segment_maps_decode_to_the_ids_written_whatever_the_decoder():
+    import io
+
+    from datagen.shards.reader import decode_segment_map
+    from datagen.shards.writer import encode_segment_map
+
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 65536, (37, 53)).astype(np.uint16)  # every bit of 16 used
+    ids[0, :3] = (0, 255, 256)
+    data = encode_segment_map(ids)
+    decoded = decode_segment_map(data)  # libspng: gray read as gray + alpha, gray kept
+    assert decoded.dtype == np.uint16 and decoded.shape == (37, 53) and np.array_equal(decoded, ids)
+    with Image.open(io.BytesIO(data)) as im:  # the same as Pillow's reading
+        assert np.array_equal(np.asarray(im).astype(np.uint16), decoded)
+
+    small = io.BytesIO()
+    Image.fromarray((ids % 200).astype(np.uint8)).save(small, format="PNG")  # an 8-bit map is read too
+    assert np.array_equal(decode_segment_map(small.getvalue()), (ids % 200).astype(np.uint16))
+
+    rgb = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(rgb, format="PNG")
+    with pytest.raises(ValueError, match="segment map PNG has mode RGB, expected 16-bit grayscale"):
+        decode_segment_map(rgb.getvalue())
+    with pytest.raises((ValueError, OSError)):  # truncated: Pillow's error, as before
+        decode_segment_map(data[: len(data) // 2])

@@ -36,7 +36,24 @@ class Sample:
     record: Record
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def decode_segment_map(data: bytes) -> np.ndarray:
+    """The (H, W) uint16 segment ids of a segment-map PNG. A grayscale PNG (the writer's 16-bit, or
+    8-bit) is decoded by libspng (``pyspng``, ~5x faster than Pillow on these maps: the training
+    loader's hot path); anything else goes through Pillow, which says what is wrong with it."""
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and data[25] == 0 and data[24] in (8, 16):
+        import pyspng
+
+        try:
+            array = pyspng.load(data)
+        except RuntimeError:
+            array = None  # Pillow names the problem below
+        if array is not None and array.ndim == 2:  # 8-bit gray
+            return array.astype(np.uint16)
+        if array is not None and array.ndim == 3 and array.shape[2] == 2 and array.dtype == np.uint16:
+            return np.ascontiguousarray(array[..., 0])  # 16-bit gray comes out as gray + opaque alpha
     with Image.open(io.BytesIO(data)) as im:
         im.load()
         if im.mode not in ("I;16", "I;16B", "I", "L"):
