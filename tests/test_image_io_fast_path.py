@@ -118,3 +118,21 @@ def test_exif_png_goes_to_pillow_so_orientation_is_applied(tmp_path, spng_calls)
     loaded = load_image(item_for(path), max_side=None)
     assert loaded.image.size == (40, 60) and "exif-transposed (orientation 6)" in loaded.notes
     assert spng_calls == [False]  # the eXIf chunk sent it back to Pillow
+
+
+def test_png_chunk_walk_finds_exif_anywhere_and_only_as_a_chunk():
+    import struct
+    import zlib
+
+    from datagen.sources.images import _has_png_chunk
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+    idat = chunk(b"IDAT", zlib.compress(b"\0" + b"eXIf" + b"\0" * 8))  # the bytes inside pixel data
+    text = chunk(b"tEXt", b"Comment\0mentions eXIf")
+    assert not _has_png_chunk(head + text + idat + chunk(b"IEND", b""), b"eXIf")  # no false hit
+    assert _has_png_chunk(head + idat + chunk(b"eXIf", b"MM\0*") + chunk(b"IEND", b""), b"eXIf")  # after IDAT
+    assert _has_png_chunk(head + chunk(b"eXIf", b"MM\0*") + idat + chunk(b"IEND", b""), b"eXIf")
+    assert _has_png_chunk(head + idat, b"eXIf")  # no IEND: let Pillow look at it

@@ -190,10 +190,26 @@ def _spng_applies(img: Image.Image) -> bool:
     return img.tile[0][3] in ("RGB", ("RGB",))  # 16-bit RGB reads as "RGB;16B"
 
 
+def _has_png_chunk(data: bytes, kind: bytes) -> bool:
+    """Whether the PNG ``data`` has a chunk of type ``kind``, walking the chunk headers (a few hundred
+    for a photo) rather than searching megabytes of pixel data. Malformed lengths answer True, so
+    that Pillow, which names what is wrong, decodes the file."""
+    pos, end = 8, len(data)
+    while pos + 8 <= end:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        tag = data[pos + 4:pos + 8]
+        if tag == kind:
+            return True
+        if tag == b"IEND":
+            return False
+        pos += 12 + length
+    return True
+
+
 def _spng_decode(data: bytes) -> np.ndarray | None:
     """The pixels, or None where Pillow must decode instead (EXIF to apply, or libspng refused:
     Pillow then decodes it or gives the reason the file is bad)."""
-    if b"eXIf" in data:  # may be orientation; rare in PNG, and a false hit only costs speed
+    if _has_png_chunk(data, b"eXIf"):  # may hold an orientation: Pillow applies it
         return None
     try:
         return _spng.load(data, format="RGB")
@@ -307,4 +323,5 @@ def _downscale(rgb: Image.Image | np.ndarray, max_side: int | None) -> Image.Ima
         warnings.simplefilter("ignore", UserWarning)
         x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # channels-last uint8: torch's fast path
     y = torch.nn.functional.interpolate(x, size=(target[1], target[0]), mode="bilinear", antialias=True)
-    return Image.fromarray(y[0].permute(1, 2, 0).contiguous().numpy())
+    # the result is planar (3 x H x W); Pillow interleaves three planes ~10x faster than a permuted copy
+    return Image.merge("RGB", [Image.fromarray(plane) for plane in y[0].numpy()])
