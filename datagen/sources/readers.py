@@ -57,6 +57,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from datagen.sources.names import escape_path
 
 METADATA_FILE = "ffhq-dataset-v2.json"
@@ -271,9 +273,52 @@ class FFHQWildSource:
 
 
 def _metadata_entries(where: Path):
-    """``(key, item)`` pairs of the metadata's top-level object, parsed incrementally: one item at a
-    time is in memory, never the whole 255 MB file. Anything that is not a JSON object is reported
-    as :class:`SourceError` with the standard library's message (line and column)."""
+    """``(key, item)`` pairs of the metadata's top-level object. Fast path: msgspec decodes the file
+    keeping only the fields planning reads (the landmark arrays, most of the 255 MB, are skipped
+    without becoming Python objects). A file that does not fit that shape (an item that is not an
+    object, ``in_the_wild`` missing, broken JSON) goes through :func:`_streamed_entries`, which names
+    each problem as before."""
+    try:
+        data = where.read_bytes()
+    except OSError as e:
+        raise SourceError(f"{where}: cannot read FFHQ metadata ({e})") from e
+    import msgspec
+
+    try:
+        decoded = msgspec.json.decode(data, type=dict[str, _Entry])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        del data
+        yield from _streamed_entries(where)
+        return
+    del data
+    for key, entry in decoded.items():
+        yield key, {"category": entry.category, "metadata": entry.metadata,
+                    "in_the_wild": msgspec.structs.asdict(entry.in_the_wild)}
+
+
+class _Wild(msgspec.Struct):
+    """The fields of ``in_the_wild`` that planning reads (any JSON type: checked item by item)."""
+
+    file_path: Any = None
+    pixel_md5: Any = None
+    file_md5: Any = None
+    face_rect: Any = None
+    file_size: Any = None
+    pixel_size: Any = None
+
+
+class _Entry(msgspec.Struct):
+    """The fields of one metadata item that planning reads."""
+
+    in_the_wild: _Wild
+    category: Any = None
+    metadata: Any = msgspec.field(default_factory=dict)
+
+
+def _streamed_entries(where: Path):
+    """``(key, item)`` pairs of the metadata's top-level object, parsed incrementally with ijson: one
+    item at a time is in memory. Anything that is not a JSON object is reported as
+    :class:`SourceError` with the standard library's message (line and column)."""
     import ijson
 
     try:
