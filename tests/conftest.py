@@ -61,6 +61,18 @@ def tiny_profile(tiny_models_all, monkeypatch):
     return load_profile("tiny")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models run fastest so on a shared CPU: no thread
+    oversubscription), restored after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sample_source(tmp_path_factory) -> Path:
     """The bundled FFHQ-wild-layout sample, built once per session."""

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from datagen.stages.model_loading import ModelNotFoundError
@@ -32,11 +31,8 @@ EXPECTED_FACES = {0: 1, 1: 1, 2: 1, 3: 2, 4: 3, 1000: 1, 1001: 1, 1002: 1, 1003:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Tiny models run fastest single-threaded on a shared CPU (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

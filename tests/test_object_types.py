@@ -28,12 +28,8 @@ trainer: {resolution: 64, batch_size: 2, loader_workers: 0, shuffle_buffer: 1, c
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Tiny models run fastest single-threaded on a shared CPU (tests/conftest.py)."""
 
 
 def test_pets_go_through_build_report_export_and_a_training_step(tmp_path, tiny_model, tiny_models_root,

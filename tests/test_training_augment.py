@@ -16,11 +16,8 @@ import training.subject_augment as A
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Tiny models run fastest single-threaded on a shared CPU (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,8 @@ NO_DROP = SubjectDropPolicy(uncond_prob=0.0, text_only_prob=0.0, keep_prob=1.0, 
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded on a shared CPU (no thread oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Tiny models run fastest single-threaded on a shared CPU (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
