@@ -374,6 +374,8 @@ def test_cli_ctrl_c_while_joining_stops_at_once(tmp_path, stage_models):
         [sys.executable, "-m", "cli.main", "build", "--source", str(tmp_path / "source"), "--out", str(tmp_path / "out"),
          "--profile", "tiny", "--manifests", str(tmp_path / "manifests")],
         cwd=Path(__file__).parent.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal: a test run started in the background inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = proc.stdout.readline()  # printed just before it starts waiting for the address (60 s by default)
