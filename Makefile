@@ -65,7 +65,7 @@ demo: install
 	$(OFFLINE) $(QUIET) env -u RAY_ADDRESS $(BIN)/subject-ffhq build --source out/demo-source --out out/demo \
 		--profile tiny --shard-size 4 --run-name demo
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq export out/demo/shards out/demo-exports/fastcomposer --profile tiny \
-		--overwrite --drop-merged-persons --min-face-size 24
+		--overwrite --drop-merged-persons --drop-faceless-persons --min-face-size 24
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq export out/demo/shards out/demo-exports/seg-conditioning --profile tiny \
 		--overwrite --format seg-conditioning
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq export out/demo/shards out/demo-exports/subject-crops --profile tiny \
