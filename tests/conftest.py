@@ -108,11 +108,13 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = [it for it in items if "own_ray_cluster" not in it.keywords] + own_cluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_stage_pools(ray_local, tiny_models_all):
-    """The tiny profile's stage actors on the shared Ray, started once (loading the models once) and
-    handed to every build of the session whose stage settings are the tiny profile's
-    (``BuildRequest.pools``); overlays may change ``shards:`` and ``ray:`` but not the stages."""
+    """The tiny profile's stage actors on the shared Ray, started once per module (loading the models
+    once) and handed to every build of the module whose stage settings are the tiny profile's
+    (``BuildRequest.pools``); overlays may change ``shards:`` and ``ray:`` but not the stages.
+    Stopped at the module's end: they hold most of the shared Ray's CPUs, which later modules (Ray
+    Train) need."""
     import ray
 
     from datagen.config import TINY_MODELS_ENV, load_profile

@@ -2,7 +2,7 @@
 of the shards, a no-op re-run, interrupted-then-resumed runs and a source with bad images; a corpus
 of broken and odd inputs (issue 11: every image accounted with its own reason); an error in the
 driver (``run.json`` says ``failed``, no temp file left); run names that leave the manifests folder.
-All share the session's Ray and tiny stage actors (``tests/conftest.py``)."""
+All share the session's Ray and one set of tiny stage actors (``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def small_profile(profile):
 
 @pytest.fixture(scope="module")
 def pools(tiny_stage_pools):
-    """The session's tiny stage actors (tests/conftest.py), shared by every build here."""
+    """The tiny stage actors (tests/conftest.py), shared by every build of this module."""
     return tiny_stage_pools
 
 
