@@ -353,3 +353,20 @@ def test_folder_without_images(tmp_path):
     (tmp_path / "readme.txt").write_text("x")
     with pytest.raises(SourceError, match="no image files found"):
         open_source(tmp_path).items()
+
+
+def test_a_repeated_key_is_named_not_silently_collapsed(tmp_path, monkeypatch):
+    import json
+
+    from datagen.sources import readers
+
+    one = json.dumps(good_entry(7))
+    root = with_metadata(tmp_path, "{" + f'"7": {one}, "7": {one}' + "}")  # the same key twice, as text
+    with pytest.raises(SourceError, match="keys '7' and '7' name the same index 7"):
+        open_source(root).items()
+
+    # a well-formed file never takes the item-by-item path
+    monkeypatch.setattr(readers, "_streamed_entries", lambda where: pytest.fail("streamed a good file"))
+    (tmp_path / "good").mkdir()
+    good = with_metadata(tmp_path / "good", {"7": good_entry(7), "8": good_entry(8)})
+    assert [it.source_id for it in open_source(good).items()] == ["7", "8"]

@@ -277,17 +277,19 @@ def _metadata_entries(where: Path):
     keeping only the fields planning reads (the landmark arrays, most of the 255 MB, are skipped
     without becoming Python objects). A file that does not fit that shape (an item that is not an
     object, ``in_the_wild`` missing, broken JSON) goes through :func:`_streamed_entries`, which names
-    each problem as before."""
+    each problem as before; so does one where a key may be repeated (a dict would keep only its last
+    item, silently): every item has one ``in_the_wild``, so fewer items than that word's count means
+    a repeat, or only the word elsewhere (a false alarm costs speed, never an item)."""
     try:
         data = where.read_bytes()
     except OSError as e:
         raise SourceError(f"{where}: cannot read FFHQ metadata ({e})") from e
-    import msgspec
-
     try:
         decoded = msgspec.json.decode(data, type=dict[str, _Entry])
     except (msgspec.DecodeError, msgspec.ValidationError):
-        del data
+        decoded = None
+    if decoded is None or len(decoded) != data.count(b'"in_the_wild"'):
+        del data, decoded
         yield from _streamed_entries(where)
         return
     del data
