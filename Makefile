@@ -32,6 +32,11 @@ EVAL_ARGS ?=
 # only torch, torchvision, numpy and Pillow, which the lock file already has).
 FACENET := facenet-pytorch==2.6.0
 
+# Compiled modules (.pyc): the install compiles the packages once (~1 min on 2 CPUs), and Python may
+# cache the project's own. A machine that sets PYTHONDONTWRITEBYTECODE would otherwise recompile torch
+# and transformers from source in every process (every Ray worker and actor, every CLI call): ~10 s each.
+export PYTHONDONTWRITEBYTECODE :=
+
 TINY := out/tiny-models
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SUBJECT_FFHQ_TINY_MODELS=$(CURDIR)/$(TINY)
 QUIET := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
@@ -45,16 +50,20 @@ $(STAMP): pyproject.toml requirements.lock.txt
 	@start=$$(date +%s); \
 	UV="$$(command -v uv || echo "$(PYTHON) -m uv")"; \
 	rm -rf $(VENV) && $$UV venv -q --python $(PYTHON) $(VENV) && \
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q -r requirements.lock.txt && \
-	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q --no-deps $(FACENET) && \
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q --compile-bytecode -r requirements.lock.txt && \
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q --compile-bytecode --no-deps $(FACENET) && \
 	VIRTUAL_ENV=$(CURDIR)/$(VENV) $$UV pip install -q --no-deps -e . && \
 	echo "installed .venv in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"
 	@touch $(STAMP)
 
-# make test: the suite but for the `scale` tests (a few minutes on 2 CPUs); make test-scale: those
-# (soak, node loss, Ray Train worker loss, 70k-item planning, paper-size models; CI runs both).
+# make test: the suite but for the `scale` tests, on TEST_WORKERS pytest workers, one test file per
+# worker at a time, the end-to-end Ray builds first (tests/conftest.py): ~3 min on 2 CPUs.
+# make test-scale: those (soak, node loss, Ray Train worker loss, 70k-item planning, paper-size models;
+# one at a time, each with the machine to itself). CI runs both.
+TEST_WORKERS ?= 2
 test: install
-	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider -m "not scale" --durations=10
+	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider -m "not scale" --durations=10 \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-scale: install
 	$(OFFLINE) $(QUIET) $(BIN)/pytest -q -p no:cacheprovider -m scale --durations=10

@@ -25,18 +25,26 @@ def tiny_models_root(tmp_path_factory) -> Path:
     if kept:
         Path(kept).mkdir(parents=True, exist_ok=True)
         return Path(kept)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one folder for all workers of this run (pytest -n)
+        shared = tmp_path_factory.getbasetemp().parent / "tiny-models"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("tiny-models")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_models_root):
-    """``tiny_model("blip2")`` -> path of that tiny model, built on first request."""
+    """``tiny_model("blip2")`` -> path of that tiny model, built on first request (by one process:
+    test workers that share the folder wait for the one building it)."""
+    from filelock import FileLock
+
     from fixtures.tiny_models import build_one
 
     def get(name: str) -> Path:
         path = tiny_models_root / name
         if not (path / ".complete").exists():
-            build_one(name, tiny_models_root)
+            with FileLock(str(tiny_models_root / f".lock-{name}")):
+                build_one(name, tiny_models_root)  # returns at once when another worker just built it
         return path
 
     return get
@@ -103,9 +111,15 @@ def ray_local():
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that start their own (multi-node) Ray cluster run after every test on the shared one."""
-    own_cluster = [it for it in items if "own_ray_cluster" in it.keywords]
-    items[:] = [it for it in items if "own_ray_cluster" not in it.keywords] + own_cluster
+    """The end-to-end builds (on the shared Ray's stage actors) run first, so that under ``-n 2``
+    (``make test``) the longest module starts at once and the rest share the other worker; tests
+    that start their own (multi-node) Ray cluster run after every test on the shared one."""
+    def rank(item) -> int:
+        if "own_ray_cluster" in item.keywords:
+            return 2
+        return 0 if "tiny_stage_pools" in getattr(item, "fixturenames", ()) else 1
+
+    items.sort(key=rank)  # stable: collection order within each rank
 
 
 @pytest.fixture(scope="module")
