@@ -10,9 +10,10 @@ FastComposer's subject augmentations, measured side by side (interleaved, best o
 * ``per crop (before)``: torchvision v2 transforms one crop at a time in the loader (the previous
   loader: separable-conv elastic field);
 * ``batched, loader``: :class:`training.subject_augment.SubjectAugmenter` on the example's crops;
-* ``on device``: the loader only cuts the crops; the training step augments the whole batch on its
-  device after collate (``augment_subjects_on=device``, the default on GPU). Its CPU cost per
-  crop is printed separately (on a GPU it is negligible).
+* ``on device``: the loader only validates each subject's box and draws its zoom-in; the training
+  step cuts (noise fill, pad, resize) and augments the whole batch's crops on its device after
+  collate (``augment_subjects_on=device``, the default on GPU). What that costs per crop when the
+  device is this CPU is printed separately (on a GPU it is small next to the step).
 
 Target: >= 40 samples/s per core at 512 px with 4 subjects.
 
@@ -167,19 +168,29 @@ def loader_rates(shards, tokenizer, subject_size, policy, samples: int, workers:
     return {v: max(zip(rates[v], subjects[v], strict=True)) for v in VARIANTS}
 
 
-def device_augment_ms_per_crop(subject_size: int, batch: int = 16, repeats: int = 5) -> float:
-    """CPU time per crop of SubjectAugmenter on a (batch, 4) stack of crops, one thread."""
+def device_ms_per_crop(shards, tokenizer, subject_size, batch: int = 16, repeats: int = 3) -> tuple[float, float]:
+    """(cut, augment) CPU ms per crop of the on-device path when the device is this CPU (one
+    thread): ``cut_on_device`` and ``SubjectAugmenter`` on a collated batch of ``shards``' examples."""
+    from training.collate import collate_examples
     from training.subject_augment import SubjectAugmenter
+    from training.subject_crops import cut_on_device
 
-    crops = torch.randint(0, 256, (batch, 4, 3, subject_size, subject_size), dtype=torch.uint8)
+    every = SubjectDropPolicy(0.0, 0.0, 1.0, 4)
+    stream = iter(make_dataset(shards, make_preprocessor("on device", tokenizer, subject_size, every, 0), seed=0,
+                               shuffle_buffer=16))
+    b = collate_examples([next(stream) for _ in range(batch)])
+    crops_n = int(b["subject_valid"].sum())
     augment = SubjectAugmenter()
-    augment(crops)
-    times = []
+    cut_times, augment_times = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        augment(crops)
-        times.append(time.perf_counter() - start)
-    return min(times) / (batch * 4) * 1000
+        crops = cut_on_device(b["source_image"], b["source_segment_map"], b["subject_boxes"], b["subject_ids"],
+                              b["subject_valid"], subject_size, "cpu")
+        cut_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        augment(crops, b["subject_valid"])
+        augment_times.append(time.perf_counter() - start)
+    return min(cut_times) / crops_n * 1000, min(augment_times) / crops_n * 1000
 
 
 def train_step_split(shards, models: Path, resolution: int, batch: int, steps: int, workers: int):
@@ -256,8 +267,9 @@ def main() -> None:
             if figures:
                 print(f"4 subjects, one core, {variant}: {min(figures):.1f} samples/s "
                       f"({'meets' if min(figures) >= 40 else 'below'} the 40/s target)")
-        per_crop = device_augment_ms_per_crop(subject_size)
-        print(f"on-device augmentation measured on this CPU (1 thread): {per_crop:.1f} ms per crop "
+        cut_ms, augment_ms = device_ms_per_crop(sets[-1][1], tokenizer, subject_size)
+        per_crop = cut_ms + augment_ms
+        print(f"the on-device part, run on this CPU (1 thread): cut {cut_ms:.1f} + augment {augment_ms:.1f} ms per crop "
               f"({1000 / (4 * per_crop):.1f} samples/s of 4 subjects if the training process ran it on CPU)")
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))

@@ -296,7 +296,68 @@ def test_subject_crop_keeps_the_segment_and_noises_the_rest(records):
     noise = crop[:, ~inside].float()
     assert abs(noise.mean().item() - 127.5) < 5 and noise.std().item() > 65  # uniform 0..255
     with pytest.raises(ValueError, match="no pixel"):
-        SubjectCropper(224).crop(image, segment_map, 42, person.bbox)
+        SubjectCropper(224).plan(segment_map, 42, person.bbox)
+    assert SubjectCropper(224, zoom=False).plan(segment_map, person.id, person.bbox) == list(person.bbox)
+
+
+def test_crops_cut_on_the_device_are_the_loaders_crops(records, tokenizer, subject_size):
+    """augment_subjects="device": the loader ships the image, the map and each crop's box (zoom-in
+    drawn); cut_on_device makes the loader's crop from them. Pixels inside the segment are the same
+    bytes; outside, both are uniform noise; the padding is black in both."""
+    from training.collate import collate_examples
+    from training.subject_crops import SubjectCropper, cut_on_device
+
+    image, segment_map, record = _decoded(records["90000"])  # five people side by side
+    keep_all = SubjectDropPolicy(0.0, 0.0, 1.0, 4)
+
+    def preprocessor(place):
+        return ExamplePreprocessor(__import__("copy").deepcopy(tokenizer), subject_size, resolution=RESOLUTION,
+                                   policy=keep_all, augment_subjects=place, seed=3)
+
+    on_device = preprocessor("device")(image, segment_map, record)
+    assert "subject_pixel_values" not in on_device and on_device["source_image"] is image
+    assert on_device["source_segment_map"].dtype == torch.uint8  # ids <= 255: compared and resized natively
+    batch = collate_examples([on_device, on_device])
+    assert isinstance(batch["source_image"], list) and batch["subject_boxes"].shape == (2, 4, 4)
+    crops = cut_on_device(batch["source_image"], batch["source_segment_map"], batch["subject_boxes"],
+                          batch["subject_ids"], batch["subject_valid"], subject_size, "cpu",
+                          torch.Generator().manual_seed(0))
+    valid = batch["subject_valid"]
+    kept = int(valid[0].sum())
+    assert crops.shape == (2, 4, 3, subject_size, subject_size) and kept >= 2
+    assert (crops[~valid] == 0).all() and (crops[valid].flatten(1).amax(1) > 0).all()
+
+    # where the segment covers its whole box there is no noise: the device's crop is the loader's, byte
+    # for byte (same box, same padding, same resize)
+    cropper = SubjectCropper(subject_size, zoom=False)
+    for slot in range(kept):
+        box, sid = batch["subject_boxes"][0, slot], int(batch["subject_ids"][0, slot])
+        full = np.full(segment_map.shape, sid, dtype=np.uint8)
+        want = cropper.finish(cropper.crop(image, full, sid, box.tolist()))
+        got = cut_on_device([image], torch.from_numpy(full)[None], box.view(1, 1, 4), torch.tensor([[sid]]),
+                            torch.tensor([[True]]), subject_size, "cpu")
+        assert torch.equal(got[0, 0], want)
+    # noise statistics of a device crop of a segment that covers nothing but its corner pixel
+    lone = torch.zeros(1, 64, 64, dtype=torch.int32)
+    lone[0, 0, 0] = 9
+    crop = cut_on_device([torch.full((3, 64, 64), 200, dtype=torch.uint8)], lone, torch.tensor([[[0, 0, 64, 64]]]),
+                         torch.tensor([[9]]), torch.tensor([[True]]), 32, "cpu", torch.Generator().manual_seed(1))
+    noise = crop[0, 0].float()
+    assert abs(noise.mean().item() - 127.5) < 6 and 10 < noise.std().item() < 60  # resized uniform noise
+
+
+def test_zoom_is_drawn_in_the_plan_and_keeps_the_top_square(records):
+    from training.subject_crops import SubjectCropper
+
+    image, segment_map, record = _decoded(records["00000"])
+    person = next(s for s in record.segments if s.coco_label == "person")
+    x0, y0, x1, y1 = person.bbox
+    assert y1 - y0 > x1 - x0  # a portrait crop
+    cropper = SubjectCropper(224, zoom=True, seed=0)
+    boxes = [cropper.plan(segment_map, person.id, person.bbox) for _ in range(400)]
+    zoomed = [b == [x0, y0, x1, y0 + (x1 - x0)] for b in boxes]
+    assert all(z or b == list(person.bbox) for z, b in zip(zoomed, boxes, strict=True))
+    assert 0.42 < np.mean(zoomed) < 0.58  # p = 0.5
 
 
 def test_square_target_upstream_mode_blends_ids_of_portraits_and_nearest_never_invents_one():

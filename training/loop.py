@@ -11,8 +11,8 @@ Each worker (a Ray Train worker, see :mod:`training.ray_train`, or one local pro
 4. wrap the model for distributed data parallel (the context's ``prepare``);
 5. stream batches (:mod:`training.loader`; the shard order is re-seeded with the resume step so
    a resumed run does not replay the same data);
-6. per step: ``grad_accum`` micro-batches (moved to the device; subject crops augmented there
-   when :meth:`TrainConfig.subject_augmentation_place` says so; gradients synchronised on the
+6. per step: ``grad_accum`` micro-batches (moved to the device; subject crops cut and augmented
+   there when :meth:`TrainConfig.subject_augmentation_place` says so; gradients synchronised on the
    last one only), clip the gradient norm to 1.0, optimizer step; log every term of the loss,
    samples/s, learning rate, and the time spent waiting for data vs computing;
 7. every ``checkpoint_every`` steps and at the end: rank 0 writes a checkpoint
@@ -40,11 +40,13 @@ from training.loader import loader_from_config
 from training.model import FastComposerModel
 from training.preprocess import ExamplePreprocessor
 from training.subject_augment import SubjectAugmenter
+from training.subject_crops import cut_on_device
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "denoise_loss", "localization_loss", "object_region")
 TRAIN_LOG = "train_log.jsonl"
-AUGMENT_WHERE = {"loader": "in the loader", "device": "on the training device after collate", None: "never"}
+AUGMENT_WHERE = {"loader": "in the loader", "device": "on the training device after collate (cut there too)",
+                 None: "never"}
 
 
 class WorkerContext(Protocol):
@@ -185,8 +187,10 @@ def train_loop(
             batch = next(batches)
             data_s += time.perf_counter() - t
             batch = batch_to(batch, device, non_blocking=True)
-            if augment is not None:
-                batch["subject_pixel_values"] = augment(batch["subject_pixel_values"], batch["subject_valid"])
+            if augment is not None:  # cut and augment the subject crops here, on the device
+                crops = cut_on_device(batch.pop("source_image"), batch.pop("source_segment_map"), batch["subject_boxes"],
+                                      batch["subject_ids"], batch["subject_valid"], components.subject_size, device)
+                batch["subject_pixel_values"] = augment(crops, batch["subject_valid"])
             last = i == cfg.grad_accum - 1
             # DDP: synchronise gradients on the last micro-batch only
             sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()

@@ -15,8 +15,8 @@ of the bytes through loader workers' shared memory and host-to-device copies):
 =========================  =====================  =============================================
 ``pixel_values``           uint8 (3, R, R)        target image (the model maps it to [-1, 1])
 ``input_ids``              int64 (77,)            caption tokens (empty caption if unconditional)
-``subject_pixel_values``   uint8 (N, 3, S, S)     subject crops; zeros where no subject (not yet
-                                                  augmented when ``augment_subjects="device"``)
+``subject_pixel_values``   uint8 (N, 3, S, S)     subject crops; zeros where no subject (absent
+                                                  when ``augment_subjects="device"``: see below)
 ``subject_masks``          bool (N, R, R)         subject segments in the target; False padding
 ``subject_token_index``    int64 (N,)             index of each subject's token in input_ids (0 pad)
 ``subject_valid``          bool (N,)              which of the N slots hold a subject
@@ -25,6 +25,11 @@ of the bytes through loader workers' shared memory and host-to-device copies):
 ``condition``              str                    unconditional | text_only | subjects
 ``key``                    str                    the sample key
 =========================  =====================  =============================================
+
+With ``augment_subjects="device"`` the crops are cut on the training device instead, from
+``source_image`` (uint8 (3, H, W), the decoded image), ``source_segment_map`` ((H, W) ids) and
+``subject_boxes`` (int64 (N, 4), each crop's box with its zoom-in drawn): the loader then does no
+per-subject pixel work (the noise fill and resize of full-size crops were half of its time).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from training.subject_augment import SubjectAugmenter
 from training.subject_crops import SubjectCropper
 from training.subject_policy import UNCONDITIONAL, SubjectDropPolicy, subject_candidates
 from training.subject_tokens import SubjectTokenizer
-from training.target_transform import square_target
+from training.target_transform import segment_id_tensor, square_target
 
 
 class SampleError(ValueError):
@@ -61,14 +66,16 @@ class ExamplePreprocessor:
         drop_cropped_subjects: bool = True,
         segment_map_resize: str = "nearest",
     ):
-        """``augment_subjects``: True or ``"loader"``: zoom-in and augmentations here; ``"device"``:
-        zoom-in here, the augmentations later on the batch (:meth:`SubjectAugmenter.__call__`);
-        False: neither."""
+        """``augment_subjects``: True or ``"loader"``: crops, zoom-in and augmentations here;
+        ``"device"``: the zoom-in drawn here, the crops cut and augmented later on the batch
+        (:func:`~training.subject_crops.cut_on_device`, :meth:`SubjectAugmenter.__call__`);
+        False: crops here, neither zoom-in nor augmentations."""
         if augment_subjects not in (True, False, "loader", "device"):
             raise ValueError(f"augment_subjects must be True, False, 'loader' or 'device', got {augment_subjects!r}")
         self.subject_tokenizer = SubjectTokenizer(tokenizer)
         self.cropper = SubjectCropper(subject_size, zoom=bool(augment_subjects), seed=seed)
         self.augmenter = SubjectAugmenter() if augment_subjects in (True, "loader") else None
+        self.cut_on_device = augment_subjects == "device"
         self.drop_cropped_subjects = drop_cropped_subjects
         self.segment_map_resize = segment_map_resize
         self.resolution = int(resolution)
@@ -105,7 +112,8 @@ class ExamplePreprocessor:
         caption = "" if condition == UNCONDITIONAL else record.caption
 
         flip = self.rng.random() < 0.5
-        target, target_map = square_target(image, segment_map, self.resolution, flip, self.segment_map_resize)
+        ids = segment_id_tensor(segment_map)
+        target, target_map = square_target(image, ids, self.resolution, flip, self.segment_map_resize)
         masks = {s.id: target_map == s.id for s in subjects}
         if self.drop_cropped_subjects:  # cropped out of the square target: cannot be localised, does not condition
             subjects = [s for s in subjects if masks[s.id].any()]
@@ -115,24 +123,20 @@ class ExamplePreprocessor:
         positions = [p for p in positions if p is not None]
 
         n, r, size = self.max_subjects, self.resolution, self.cropper.size
-        subject_pixels = torch.zeros(n, 3, size, size, dtype=torch.uint8)
         subject_masks = torch.zeros(n, r, r, dtype=torch.bool)
         token_index = torch.zeros(n, dtype=torch.long)
         valid = torch.zeros(n, dtype=torch.bool)
         segment_ids = torch.zeros(n, dtype=torch.long)
+        boxes = torch.zeros(n, 4, dtype=torch.long)
         for slot, (segment, position) in enumerate(zip(subjects, positions, strict=True)):
-            subject_pixels[slot] = self.cropper(image, segment_map, segment.id, segment.bbox)
+            boxes[slot] = torch.tensor(self.cropper.plan(segment_map, segment.id, segment.bbox))
             subject_masks[slot] = masks[segment.id]
             token_index[slot] = position
             valid[slot] = True
             segment_ids[slot] = segment.id
-        if self.augmenter is not None and subjects:
-            subject_pixels[: len(subjects)] = self.augmenter(subject_pixels[: len(subjects)])
-
-        return {
+        example = {
             "pixel_values": target,
             "input_ids": input_ids,
-            "subject_pixel_values": subject_pixels,
             "subject_masks": subject_masks,
             "subject_token_index": token_index,
             "subject_valid": valid,
@@ -141,3 +145,15 @@ class ExamplePreprocessor:
             "condition": condition,
             "key": record.key,
         }
+        if self.cut_on_device:  # the training step cuts the crops (subject_crops.cut_on_device)
+            example["subject_boxes"] = boxes
+            example["source_image"] = image
+            example["source_segment_map"] = ids
+            return example
+        subject_pixels = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+        for slot, segment in enumerate(subjects):
+            subject_pixels[slot] = self.cropper.finish(self.cropper.crop(image, segment_map, segment.id, boxes[slot].tolist()))
+        if self.augmenter is not None and subjects:
+            subject_pixels[: len(subjects)] = self.augmenter(subject_pixels[: len(subjects)])
+        example["subject_pixel_values"] = subject_pixels
+        return example

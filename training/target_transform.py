@@ -31,13 +31,11 @@ def square_target(
     segment_map_resize: str = "nearest",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``image``: uint8 (3, H, W); ``segment_map``: (H, W) ids. Returns uint8 (3, R, R) and the ids
-    (R, R): uint8 when every id fits (resized natively, ~4x faster), else int32."""
+    (R, R) as :func:`segment_id_tensor` types them."""
     _, h, w = image.shape
     if tuple(segment_map.shape) != (h, w):
         raise ValueError(f"segment map is {segment_map.shape[1]}x{segment_map.shape[0]}, image is {w}x{h}")
-    segment_map = np.asarray(segment_map)
-    ids = torch.from_numpy(segment_map.astype(np.uint8 if segment_map.max(initial=0) <= 255 else np.int32))
-    image, ids = tv_tensors.Image(image), tv_tensors.Mask(ids)
+    image, ids = tv_tensors.Image(image), tv_tensors.Mask(segment_id_tensor(segment_map))
     if segment_map_resize == "upstream":
         image, ids = _upstream(image, ids, resolution, flip)
     elif segment_map_resize == "nearest":
@@ -45,6 +43,15 @@ def square_target(
     else:
         raise ValueError(f"segment_map_resize must be 'nearest' or 'upstream', got {segment_map_resize!r}")
     return image.as_subclass(torch.Tensor).contiguous(), ids.as_subclass(torch.Tensor).contiguous()
+
+
+def segment_id_tensor(segment_map: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(H, W) segment ids as a tensor torch compares and resizes everywhere: uint8 when every id
+    fits (resized natively, ~4x faster), else int32 (torch has few uint16 kernels)."""
+    if torch.is_tensor(segment_map) and segment_map.dtype in (torch.uint8, torch.int32):
+        return segment_map
+    segment_map = np.asarray(segment_map)
+    return torch.from_numpy(segment_map.astype(np.uint8 if segment_map.max(initial=0) <= 255 else np.int32))
 
 
 def _nearest(image: tv_tensors.Image, ids: tv_tensors.Mask, r: int, flip: bool):
