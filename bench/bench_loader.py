@@ -27,6 +27,7 @@ random (their weights do not change any figure here).
 
     .venv/bin/python bench/bench_loader.py [--shards GLOB] [--samples 120] [--workers 2]
                                             [--train-resolution 256] [--train-batch 4] [--train-steps 8]
+                                            [--device cuda]
 """
 
 from __future__ import annotations
@@ -168,9 +169,10 @@ def loader_rates(shards, tokenizer, subject_size, policy, samples: int, workers:
     return {v: max(zip(rates[v], subjects[v], strict=True)) for v in VARIANTS}
 
 
-def device_ms_per_crop(shards, tokenizer, subject_size, batch: int = 16, repeats: int = 3) -> tuple[float, float]:
-    """(cut, augment) CPU ms per crop of the on-device path when the device is this CPU (one
-    thread): ``cut_on_device`` and ``SubjectAugmenter`` on a collated batch of ``shards``' examples."""
+def device_ms_per_crop(shards, tokenizer, subject_size, device: str = "cpu", batch: int = 16,
+                      repeats: int = 3) -> tuple[float, float]:
+    """(cut, augment) ms per crop of the on-device path on ``device`` (on CPU: one thread):
+    ``cut_on_device`` and ``SubjectAugmenter`` on a collated batch of ``shards``' examples."""
     from training.collate import collate_examples
     from training.subject_augment import SubjectAugmenter
     from training.subject_crops import cut_on_device
@@ -182,13 +184,17 @@ def device_ms_per_crop(shards, tokenizer, subject_size, batch: int = 16, repeats
     crops_n = int(b["subject_valid"].sum())
     augment = SubjectAugmenter()
     cut_times, augment_times = [], []
-    for _ in range(repeats):
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(repeats + 1):  # the first is a warm-up
+        sync()
         start = time.perf_counter()
         crops = cut_on_device(b["source_image"], b["source_segment_map"], b["subject_boxes"], b["subject_ids"],
-                              b["subject_valid"], subject_size, "cpu")
+                              b["subject_valid"], subject_size, device)
+        sync()
         cut_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         augment(crops, b["subject_valid"])
+        sync()
         augment_times.append(time.perf_counter() - start)
     return min(cut_times) / crops_n * 1000, min(augment_times) / crops_n * 1000
 
@@ -217,6 +223,7 @@ def main() -> None:
     parser.add_argument("--train-resolution", type=int, default=256)
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="where the on-device part is timed (cpu, cuda)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -267,10 +274,11 @@ def main() -> None:
             if figures:
                 print(f"4 subjects, one core, {variant}: {min(figures):.1f} samples/s "
                       f"({'meets' if min(figures) >= 40 else 'below'} the 40/s target)")
-        cut_ms, augment_ms = device_ms_per_crop(sets[-1][1], tokenizer, subject_size)
+        cut_ms, augment_ms = device_ms_per_crop(sets[-1][1], tokenizer, subject_size, args.device)
         per_crop = cut_ms + augment_ms
-        print(f"the on-device part, run on this CPU (1 thread): cut {cut_ms:.1f} + augment {augment_ms:.1f} ms per crop "
-              f"({1000 / (4 * per_crop):.1f} samples/s of 4 subjects if the training process ran it on CPU)")
+        where = "this CPU (1 thread)" if args.device == "cpu" else args.device
+        print(f"the on-device part, on {where}: cut {cut_ms:.2f} + augment {augment_ms:.2f} ms per crop "
+              f"({1000 / (4 * per_crop):.1f} samples/s of 4 subjects in the training process)")
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         workers = 1

@@ -104,10 +104,19 @@ def cut_on_device(images: list[torch.Tensor], segment_maps: list[torch.Tensor], 
     where ``valid`` is False. ``generator`` (on ``device``) draws the noise."""
     b_size, n_slots = valid.shape
     out = torch.zeros(b_size, n_slots, 3, size, size, dtype=torch.uint8, device=device)
-    for b, n in valid.nonzero().tolist():
-        x0, y0, x1, y1 = boxes[b, n].tolist()
-        patch = images[b][:, y0:y1, x0:x1].to(device, non_blocking=True)
-        inside = segment_maps[b][y0:y1, x0:x1].to(device, non_blocking=True) == int(ids[b, n])
-        noise = torch.randint(0, 256, patch.shape, dtype=torch.uint8, device=device, generator=generator)
-        out[b, n] = finish_crop(torch.where(inside, patch, noise), size)
+    box_list, id_list = boxes.tolist(), ids.tolist()  # read once (on a GPU: one sync each, not one per crop)
+    slots = valid.tolist()
+    for b in range(b_size):
+        if not any(slots[b]):
+            continue
+        image = images[b].to(device, non_blocking=True)  # one copy per example; the crops are views of it
+        segment_map = segment_maps[b].to(device, non_blocking=True)
+        for n in range(n_slots):
+            if not slots[b][n]:
+                continue
+            x0, y0, x1, y1 = box_list[b][n]
+            patch = image[:, y0:y1, x0:x1]
+            inside = segment_map[y0:y1, x0:x1] == id_list[b][n]
+            noise = torch.randint(0, 256, patch.shape, dtype=torch.uint8, device=device, generator=generator)
+            out[b, n] = finish_crop(torch.where(inside, patch, noise), size)
     return out
