@@ -333,7 +333,7 @@ def test_crops_cut_on_the_device_are_the_loaders_crops(records, tokenizer, subje
     for slot in range(kept):
         box, sid = batch["subject_boxes"][0, slot], int(batch["subject_ids"][0, slot])
         full = np.full(segment_map.shape, sid, dtype=np.uint8)
-        want = cropper.finish(cropper.crop(image, full, sid, box.tolist()))
+        want = cropper(image, full, sid, box.tolist())
         got = cut_on_device([image], torch.from_numpy(full)[None], box.view(1, 1, 4), torch.tensor([[sid]]),
                             torch.tensor([[True]]), subject_size, "cpu")
         assert torch.equal(got[0, 0], want)
@@ -407,7 +407,7 @@ def test_zoom_in_keeps_the_top_square_of_portrait_crops_only():
     # is padded to 6x6 (one black column each side) and resized
     cropper = SubjectCropper(4, zoom=True, seed=0)
     every = np.ones((6, 4), dtype=np.int32)
-    outcomes = [cropper(portrait, every, 1, [0, 0, 4, 6]) for _ in range(400)]
+    outcomes = [cropper(portrait, every, 1, cropper.plan(every, 1, [0, 0, 4, 6])) for _ in range(400)]
     zoomed = [torch.equal(o, portrait[:, :4, :]) for o in outcomes]
     assert 0.42 < np.mean(zoomed) < 0.58  # p = 0.5
     unzoomed = cropper.finish(portrait)
@@ -415,7 +415,8 @@ def test_zoom_in_keeps_the_top_square_of_portrait_crops_only():
     assert unzoomed[:, -1, 1:3].min() >= 4  # the whole height: its bottom holds rows 4-5, cut by the zoom
     assert (unzoomed[:, 1:, 0] < unzoomed[:, 1:, 1]).all()  # the black side padding darkens the edge
     wide = np.ones((4, 6), dtype=np.int32)
-    assert all(torch.equal(cropper(landscape, wide, 1, [0, 0, 6, 4]), cropper.finish(landscape)) for _ in range(50))
+    assert all(torch.equal(cropper(landscape, wide, 1, cropper.plan(wide, 1, [0, 0, 6, 4])), cropper.finish(landscape))
+               for _ in range(50))
 
 
 def test_recipe_sets_the_text_only_probability(tmp_path, shards, tokenizer, subject_size):

@@ -16,7 +16,7 @@ TENSOR_FIELDS = (
     "num_subjects",
 )
 # Lists: strings, and the full-size images and segment maps the training device cuts crops from
-# (their sizes differ; they stay on the host until cut_on_device moves each box's pixels).
+# (their sizes differ; they stay on the host until cut_on_device moves each example's to the device).
 LIST_FIELDS = ("condition", "key", "source_image", "source_segment_map")
 
 

@@ -152,7 +152,7 @@ class ExamplePreprocessor:
             return example
         subject_pixels = torch.zeros(n, 3, size, size, dtype=torch.uint8)
         for slot, segment in enumerate(subjects):
-            subject_pixels[slot] = self.cropper.finish(self.cropper.crop(image, segment_map, segment.id, boxes[slot].tolist()))
+            subject_pixels[slot] = self.cropper(image, segment_map, segment.id, boxes[slot].tolist())
         if self.augmenter is not None and subjects:
             subject_pixels[: len(subjects)] = self.augmenter(subject_pixels[: len(subjects)])
         example["subject_pixel_values"] = subject_pixels

@@ -79,8 +79,8 @@ class SubjectCropper:
         np.copyto(out, patch, where=inside[None])
         return torch.from_numpy(out)
 
-    def __call__(self, image: torch.Tensor, segment_map: np.ndarray, segment_id: int, bbox: list[int]) -> torch.Tensor:
-        box = self.plan(segment_map, segment_id, bbox)
+    def __call__(self, image: torch.Tensor, segment_map: np.ndarray, segment_id: int, box: list[int]) -> torch.Tensor:
+        """The crop of a box from :meth:`plan`: noise-filled, padded, resized: uint8 (3, S, S)."""
         return self.finish(self.crop(image, segment_map, segment_id, box))
 
     def finish(self, patch: torch.Tensor) -> torch.Tensor:
