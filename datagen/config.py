@@ -42,13 +42,16 @@ from typing import Any, Literal
 
 import yaml
 
+from datagen import stage_table
+
 PROFILES_DIR = Path(__file__).parent / "profiles"
 TINY_MODELS_ENV = "SUBJECT_FFHQ_TINY_MODELS"
 AUTO = "auto"
 Auto = Literal["auto"]
 DType = Literal["auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "bfloat16"]
 PAPER_SHAPES_ENV = "SUBJECT_FFHQ_PAPER_SHAPES"
-DEFAULT_OBJECT_TYPES = ("person",)  # FastComposer's subjects: people (DESIGN §6)
+PERSON_LABEL = "person"  # COCO panoptic's label for people: the segments faces are looked for in
+DEFAULT_OBJECT_TYPES = (PERSON_LABEL,)  # FastComposer's subjects: people (DESIGN §6)
 # COCO panoptic's 133 categories (panopticapi's list): the names a segment's ``coco_label`` can take
 COCO_CATEGORIES_FILE = Path(__file__).parent / "export" / "coco_panoptic_palette.json"
 
@@ -84,8 +87,8 @@ class _Section:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             hint = hints[f.name]
-            if isinstance(hint, type) and issubclass(hint, _Section):
-                if isinstance(value, Mapping):
+            if _nested(hint):
+                if isinstance(value, Mapping) and not isinstance(value, hint):
                     value = hint.from_mapping(value, f.name)
                 elif not isinstance(value, hint):
                     raise _BadValue(f.name, f"must be a mapping of settings, got {value!r}")
@@ -105,7 +108,7 @@ class _Section:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
-            nested = isinstance(hint, type) and issubclass(hint, _Section)
+            nested = _nested(hint)
             if f.name in data:
                 values[f.name] = hint.from_mapping(data[f.name], _join(path, f.name)) if nested else data[f.name]
             elif nested:
@@ -119,6 +122,9 @@ class _Section:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+Section = _Section  # the base of a plug-in stage's settings class (datagen.stage_table.registered)
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -211,19 +217,41 @@ class RayStageSettings(_Section):
     num_cpus: Auto | float = _limit(AUTO, minimum=0)
 
 
-@dataclass(frozen=True, kw_only=True)
-class RayStagesSettings(_Section):
-    captioner: RayStageSettings = field(default_factory=RayStageSettings)
-    segmenter: RayStageSettings = field(default_factory=RayStageSettings)
-    matcher: RayStageSettings = field(default_factory=RayStageSettings)
-    faces: RayStageSettings = field(default_factory=RayStageSettings)
+class StagePlacements(dict):
+    """``ray.stages``: one :class:`RayStageSettings` per stage of :mod:`datagen.stage_table` (a stage
+    left out takes the defaults); a name that is no stage is refused. Reads as a mapping or by
+    attribute (``ray.stages.captioner``)."""
+
+    item = RayStageSettings
+
+    @staticmethod
+    def known() -> tuple[str, ...]:
+        return stage_table.stage_names()
+
+    @classmethod
+    def from_mapping(cls, data: Any, path: str = "", source: str | None = None) -> StagePlacements:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ProfileError(f"{path} must be a mapping of settings, got {data!r}")
+        check_keys(cls, data, path, source)
+        return cls({
+            name: v if isinstance(v := data.get(name, {}), RayStageSettings) else RayStageSettings.from_mapping(v, _join(path, name))
+            for name in cls.known()
+        })
+
+    def __getattr__(self, name: str) -> RayStageSettings:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 @dataclass(frozen=True, kw_only=True)
 class RaySettings(_Section):
     """How the job is placed and paced; never changes the shards' bytes."""
 
-    stages: RayStagesSettings = field(default_factory=RayStagesSettings)
+    stages: StagePlacements = field(default_factory=lambda: StagePlacements.from_mapping({}, "ray.stages"))
     images_per_call: int = _limit(8, minimum=1)  # images per load task and actor call (a "chunk")
     max_shards_in_flight: Auto | int = _limit(AUTO, minimum=1)  # auto: 2 x actors
     max_chunks_in_flight: Auto | int = _limit(AUTO, minimum=1)  # auto: 3 x actors
@@ -311,6 +339,17 @@ class Profile(_Section):
     trainer: dict[str, Any] = field(default_factory=dict)
     # Read by training.evaluation (models and protocol defaults of `evaluate`); checked to be a mapping.
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # The sections of stages registered outside the product (datagen.stage_table.registered), typed by
+    # the settings class each names; set by load_profile from the profile's top-level keys.
+    stage_sections: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> Any:
+        """The typed section ``name``: a field of the profile, or a registered stage's section."""
+        if name in self.stage_sections:
+            return self.stage_sections[name]
+        if name in {f.name for f in dataclasses.fields(self)}:
+            return getattr(self, name)
+        raise KeyError(f"the profile has no section {name!r}")
 
     def __post_init__(self) -> None:
         for name in ("trainer", "evaluation"):
@@ -347,8 +386,9 @@ def load_profile(name_or_path: str | Path, *overlays: Mapping[str, Any] | str | 
             f"profile {str(name_or_path)!r} not found: not a built-in profile ({', '.join(builtin_profiles())}) "
             f"and no YAML file at {path}"
         )
+    extra = stage_table.extra_sections()  # registered stages' own sections: top-level keys too
     data = _read_yaml(path)
-    check_keys(Profile, data, "", str(path))
+    check_keys(Profile, _without(data, extra), "", str(path))
     for overlay in overlays:
         if overlay is None:
             continue
@@ -356,10 +396,16 @@ def load_profile(name_or_path: str | Path, *overlays: Mapping[str, Any] | str | 
             over, where = overlay, "the overrides"
         else:
             over, where = _read_yaml(Path(overlay)), str(overlay)
-        check_keys(Profile, over, "", where)
+        check_keys(Profile, _without(over, extra), "", where)
         data = merge(data, over)
     data.setdefault("name", path.stem)
-    return Profile.from_mapping(expand_placeholders(data))
+    data = expand_placeholders(data)
+    data["stage_sections"] = {name: cls.from_mapping(data.pop(name), name) for name, cls in extra.items() if name in data}
+    return Profile.from_mapping(data)
+
+
+def _without(data: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in names} if isinstance(data, Mapping) else data
 
 
 def check_keys(cls: type, data: Mapping[str, Any], path: str = "", source: str | None = None) -> None:
@@ -367,8 +413,12 @@ def check_keys(cls: type, data: Mapping[str, Any], path: str = "", source: str |
     naming its path and ``source`` and suggesting the nearest known key."""
     if not isinstance(data, Mapping):
         return  # the type check says what is wrong
-    hints = _hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
+    if issubclass(cls, StagePlacements):
+        known = list(cls.known())
+        hints = dict.fromkeys(known, cls.item)
+    else:
+        hints = _hints(cls)
+        known = [f.name for f in dataclasses.fields(cls)]
     for key, value in data.items():
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
@@ -376,7 +426,7 @@ def check_keys(cls: type, data: Mapping[str, Any], path: str = "", source: str |
             where = f" in {source}" if source else ""
             raise ProfileError(f"unknown setting {_join(path, str(key))!r}{where}; {hint}")
         sub = hints[key]
-        if isinstance(sub, type) and issubclass(sub, _Section):
+        if _nested(sub):
             check_keys(sub, value, _join(path, key), source)
 
 
@@ -401,19 +451,6 @@ def expand_placeholders(obj: Any) -> Any:
     return obj
 
 
-def model_ids(profile: Profile) -> dict[str, str]:
-    """The model ids a record carries, one per annotation stage."""
-    m = profile.matcher
-    return {
-        "captioner": profile.captioner.model,
-        "segmenter": profile.segmenter.model,
-        "phrases": profile.phrases.spacy_model,
-        "clip": m.clip_model + (f":{m.clip_pretrained}" if m.clip_pretrained else ""),
-        "sbert": m.sbert_model,
-        "face_detector": profile.faces.detector,
-    }
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
@@ -425,6 +462,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ checking
+def _nested(hint: Any) -> bool:
+    """A field typed by a section (or the stage placements), read from a nested mapping."""
+    return isinstance(hint, type) and issubclass(hint, _Section | StagePlacements)
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 

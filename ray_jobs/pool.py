@@ -7,13 +7,17 @@ replaces it with a fresh one so later shards still have the full pool.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import re
 from typing import Any
 
 import ray
 
+from datagen import stage_table
 from datagen.config import Profile
+from datagen.stage_table import Stage
 from ray_jobs.settings import BuildSettings, StagePlacement
 
 
@@ -36,10 +40,9 @@ class StagePool:
         self.actors = [self._remote.remote(*init_args) for _ in range(placement.replicas)]
         self._turn = itertools.cycle(range(len(self.actors)))
 
-    def call(self, method: str, *args: Any) -> ray.ObjectRef:
-        """Submit ``method(*args)`` to the next actor in turn; returns the result's ref."""
-        actor = self.actors[next(self._turn)]
-        return getattr(actor, method).remote(*args)
+    def call(self, *args: Any) -> ray.ObjectRef:
+        """Submit ``run(*args)`` to the next actor in turn; returns the result's ref."""
+        return self.actors[next(self._turn)].run.remote(*args)
 
     def wait_ready(self, timeout_s: float) -> list[dict]:
         """Block until every actor has loaded its model; raise :class:`StageStartError` if one cannot."""
@@ -71,7 +74,7 @@ class StagePool:
         return replaced
 
     def stats(self, timeout_s: float) -> list[dict]:
-        """Every live actor's :meth:`~ray_jobs.actors._StageActor.stats`."""
+        """Every live actor's :meth:`~ray_jobs.actors.StageActor.stats`."""
         refs = [a.stats.remote() for a in self.actors]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []
@@ -89,40 +92,40 @@ class StagePool:
 
 
 class StagePools:
-    """The four stage pools of a build. A build starts its own and shuts them down at its end;
-    a caller that runs several builds with the same stage settings in one Ray session (a notebook,
-    the test suite) can start them once with :meth:`start` and hand them to each build
-    (``BuildRequest.pools``), which then neither restarts nor stops them."""
+    """The stage pools of a build, one per stage of its table. A build starts the pools it lacks and
+    shuts those down at its end; a caller that runs several builds in one Ray session (a notebook, the
+    test suite) can start them once with :meth:`start` and hand them to each build
+    (``BuildRequest.pools``): a build uses every handed pool whose key fits its own settings and
+    neither restarts nor stops it."""
 
-    def __init__(self, pools: dict[str, StagePool], key: str):
+    def __init__(self, pools: dict[str, StagePool], keys: dict[str, str]):
         self.pools = pools
-        self.key = key  # what the actors were built from: placement and stage sections
+        self.keys = keys  # per stage: what its actors were built from (placement and sections)
 
     @classmethod
-    def start(cls, settings: BuildSettings, profile: Profile) -> StagePools:
-        from ray_jobs.actors import CaptionerActor, FaceCheckerActor, MatcherActor, SegmenterActor
+    def start(cls, settings: BuildSettings, profile: Profile, stages: tuple[Stage, ...] | None = None) -> StagePools:
+        """Start one pool per stage of ``stages`` (default: the profile's)."""
+        from ray_jobs.actors import StageActor
 
-        s, p = settings, profile
-        pools = {
-            "captioner": StagePool(s.stages["captioner"], CaptionerActor, (p.captioner,), s),
-            "segmenter": StagePool(s.stages["segmenter"], SegmenterActor, (p.segmenter,), s),
-            "matcher": StagePool(s.stages["matcher"], MatcherActor, (p.matcher, p.phrases, p.segmenter), s),
-            "faces": StagePool(s.stages["faces"], FaceCheckerActor, (p.faces,), s),
-        }
-        return cls(pools, pools_key(settings, profile))
+        stages = stage_table.stages_for(profile) if stages is None else stages
+        pools = {st.name: StagePool(settings.stages[st.name], StageActor, (st, profile), settings) for st in stages}
+        return cls(pools, {st.name: pool_key(st, settings, profile) for st in stages})
+
+    def fitting(self, settings: BuildSettings, profile: Profile, stages: tuple[Stage, ...]) -> dict[str, StagePool]:
+        """The pools that can serve a build with these settings, by stage name."""
+        return {st.name: self.pools[st.name] for st in stages
+                if st.name in self.pools and self.keys[st.name] == pool_key(st, settings, profile)}
 
     def shutdown(self) -> None:
         for pool in self.pools.values():
             pool.shutdown()
 
 
-def pools_key(settings: BuildSettings, profile: Profile) -> str:
-    """Pools built under one key serve any build with the same key."""
-    import dataclasses
-    import json
-
-    sections = {k: dataclasses.asdict(getattr(profile, k)) for k in ("captioner", "segmenter", "phrases", "matcher", "faces")}
-    return json.dumps({"stages": {k: vars(v) for k, v in settings.stages.items()}, **sections}, sort_keys=True, default=str)
+def pool_key(stage: Stage, settings: BuildSettings, profile: Profile) -> str:
+    """A stage's pool built under one key serves any build with the same key."""
+    sections = {name: dataclasses.asdict(profile.section(name)) for name in stage.sections}
+    return json.dumps({"stage": dataclasses.asdict(stage), "placement": vars(settings.stages[stage.name]), **sections},
+                      sort_keys=True, default=str)
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Failure|Interrupt|Exit))(?::\s?(.*))?$")

@@ -5,14 +5,15 @@ The sections, their keys and defaults are :class:`datagen.config.ShardsSettings`
 depends on the cluster: :func:`resolve_settings` turns ``auto`` values into concrete numbers,
 
 * ``ray.stages.<stage>`` ``replicas``/``num_gpus``/``num_cpus``: on a cluster with GPUs, one replica
-  of every stage per GPU, sharing it as captioner 0.5 + segmenter 0.2 + matcher 0.2 + faces 0.1; with no
-  GPU, one replica each, ``num_gpus`` 0, and CPU shares that leave room for the CPU tasks;
+  of every stage per GPU, sharing it by the stage table's shares (captioner 0.5 + segmenter 0.2 +
+  matcher 0.2 + faces 0.1); with no GPU, one replica each, ``num_gpus`` 0, and CPU shares that leave
+  room for the CPU tasks;
 * ``max_shards_in_flight`` (2 x actors) and ``max_chunks_in_flight`` (3 x actors): the bounds that
   keep memory flat whatever the source size;
 * ``task_num_cpus``: 1 per load/encode/write task, less on small machines;
 
 and it is pure, so placement can be checked without a cluster. :func:`config_digest` is the
-digest of what changes the shards' bytes (the stage sections and ``shards:``).
+digest of what changes the shards' bytes (the stages' sections and ``shards:``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ import json
 import math
 from dataclasses import dataclass
 
+from datagen import stage_table
 from datagen.config import AUTO, Profile
 
-STAGE_NAMES = ("captioner", "segmenter", "matcher", "faces")
-# GPU share per actor when stages share GPUs: one replica of each stage fills one GPU.
-GPU_SHARES = {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "faces": 0.1}
-# The profile sections whose values change the shards' bytes (digested into every shard entry).
-CONTENT_SECTIONS = ("captioner", "segmenter", "phrases", "matcher", "faces", "shards")
 # Keys of those sections that never change a shard's bytes: ``verify_pixel_md5`` only checks the
 # source; ``device`` is where a model runs outside Ray (actors use the device Ray gives them).
 NOT_CONTENT_KEYS = ("verify_pixel_md5", "device")
@@ -82,11 +79,11 @@ def resolve_settings(profile: Profile, cluster: dict[str, float]) -> BuildSettin
 
     gpu_sets = max(1, math.floor(total_gpus)) if total_gpus > 0 else 1
     placed = {}
-    for name in STAGE_NAMES:
-        cfg = getattr(ray_cfg.stages, name)
+    for stage in stage_table.stages_for(profile):
+        cfg = ray_cfg.stages[stage.name]
         replicas = int(_auto(cfg.replicas, gpu_sets))
-        num_gpus = float(_auto(cfg.num_gpus, GPU_SHARES[name] if total_gpus > 0 else 0.0))
-        placed[name] = (replicas, num_gpus, cfg.num_cpus)
+        num_gpus = float(_auto(cfg.num_gpus, stage.gpu_share if total_gpus > 0 else 0.0))
+        placed[stage.name] = (replicas, num_gpus, cfg.num_cpus)
 
     n_actors = sum(replicas for replicas, _, _ in placed.values())
     # CPU-only runs: the actors together take at most 3/4 of the CPUs, at most 1 each, so that
@@ -123,9 +120,10 @@ def resolve_settings(profile: Profile, cluster: dict[str, float]) -> BuildSettin
 
 def config_digest(profile: Profile) -> str:
     """sha256 of the content-affecting settings: shards built under another digest differ in bytes."""
+    sections = {**stage_table.content_sections(profile), "shards": profile.shards}
     content = {
-        name: {k: v for k, v in dataclasses.asdict(getattr(profile, name)).items() if k not in NOT_CONTENT_KEYS}
-        for name in CONTENT_SECTIONS
+        name: {k: v for k, v in dataclasses.asdict(section).items() if k not in NOT_CONTENT_KEYS}
+        for name, section in sections.items()
     }
     if content["segmenter"].get("pad_to") == "none":
         # the segmenter before pad_to existed: runs made then keep their digest (and resume)

@@ -5,7 +5,7 @@ A shard's non-duplicate items are cut, in plan order, into *chunks* of ``images_
 1. :func:`load_chunk` decodes, validates and downscales a chunk's images (a bad image, or one
    whose stored size is under ``MIN_SIDE``, becomes a recorded failure naming the file, never an
    exception);
-2. the stage actors caption, segment, match and face-check the chunk (``ray_jobs.actors``);
+2. the stage actors run the stage table's stages over the chunk (``ray_jobs.actors``);
 3. :func:`encode_chunk` joins the stage outputs into validated records and encodes each sample's
    members (JPEG, 16-bit PNG, JSON), so only compact bytes wait for the shard to finish (an image
    whose record cannot be built or encoded fails alone, as ``"record: <file>: <error>"``);
@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datagen.files import TMP_MARK, file_sha256
+from datagen.files import file_sha256, remove_stale_temps
 from datagen.manifests.shard_entry import DUPLICATE, FAILED, WRITTEN
 from datagen.shards.plan import ShardSpec
 from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
 from datagen.sources.images import ImageError, load_image
 from datagen.sources.readers import SourceItem
+from datagen.stage_table import Stage, outputs_by_stage
 from datagen.stages.failures import StageFailure, failure_reason, size_problem
 from ray_jobs.chunks import EncodedChunk, EncodedSample, LoadedChunk
 
@@ -64,36 +65,30 @@ def load_chunk(
 
 
 def encode_chunk(
-    chunk: LoadedChunk,
-    captions: list,
-    panoptic: list,
-    matched: list,
-    models: dict[str, str],
-    jpeg_quality: int,
-    faces: list | None = None,
+    chunk: LoadedChunk, stages: tuple[Stage, ...], models: dict[str, str], jpeg_quality: int, *outputs: list
 ) -> EncodedChunk:
-    """Records + encoded members for a chunk. ``captions[i]`` is ``(caption, flags)``,
-    ``matched[i]`` is ``(chunked, match)``, ``faces[i]`` a ``FaceCheck`` (``faces`` None: records
-    without face checks); any of them may be a :class:`StageFailure`."""
-    from datagen.record.build import build_record
+    """Records + encoded members for a chunk. ``outputs`` holds one list per stage of ``stages`` (the
+    build's stage table rows, in order; separate arguments, so that Ray hands the task their values),
+    one item per loaded image, any of which may be a :class:`StageFailure`."""
+    from datagen.record.build import record_from_outputs
 
     t = time.perf_counter()
     outcomes: dict[str, tuple[str, str | None]] = {sid: (FAILED, reason) for sid, reason in chunk.failed.items()}
     samples = []
-    faces = faces if faces is not None else [None] * len(chunk.loaded)
-    for li, cap, pan, mat, face in zip(chunk.loaded, captions, panoptic, matched, faces, strict=True):
+    by_stage = outputs_by_stage(stages, outputs)
+    for i, li in enumerate(chunk.loaded):
         sid = li.item.source_id
-        failure = next((r for r in (cap, pan, mat, face) if isinstance(r, StageFailure)), None)
+        image_outputs = {name: out[i] for name, out in by_stage.items()}
+        failure = next((r for r in image_outputs.values() if isinstance(r, StageFailure)), None)
         if failure is not None:
             outcomes[sid] = (FAILED, failure.reason)
             continue
-        (_, flags), (chunked, match) = cap, mat
         try:
-            record = build_record(li, flags, pan, chunked, match, models, face)
+            record = record_from_outputs(li, image_outputs, models, stages)
             sample = EncodedSample(
                 key=record.key,
                 jpg=encode_jpeg(li.image, jpeg_quality),
-                seg_png=encode_segment_map(pan.segment_map),
+                seg_png=encode_segment_map(image_outputs["segmenter"].segment_map),
                 json=record.to_json().encode("utf-8"),
             )
         except Exception as e:  # noqa: BLE001 -- one image's record or encoding fails that image alone
@@ -112,8 +107,7 @@ def write_shard_tar(spec: ShardSpec, tar_path: str, *chunks: EncodedChunk) -> di
     their values)."""
     t = time.perf_counter()
     path = Path(tar_path)
-    for stale in path.parent.glob(f"{path.name}{TMP_MARK}*"):  # left by an earlier, killed attempt
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(path.parent, path.name)  # left by an earlier, killed attempt
     by_id: dict[str, tuple[str, str | None]] = {}
     encoded: dict[str, EncodedSample] = {}
     for c in chunks:

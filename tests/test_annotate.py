@@ -28,7 +28,7 @@ class Annotator:
 
     @classmethod
     def from_profile(cls, profile: Profile, device: str | None = None) -> Annotator:
-        from datagen.config import model_ids
+        from datagen.stage_table import model_ids
         from datagen.stages.captioner import Captioner
         from datagen.stages.matcher import Matcher
         from datagen.stages.phrases import PhraseChunker

@@ -7,9 +7,12 @@ import pytest
 from PIL import Image
 
 from datagen.config import ProfileError, load_profile
+from datagen.stage_table import STAGES
 from datagen.stages.failures import StageFailure, in_batches, isolate_failures
 from fixtures.failure_hooks import InjectedFailure, ShardFaults, trigger
-from ray_jobs.settings import GPU_SHARES, SettingsError, config_digest, resolve_settings
+from ray_jobs.settings import SettingsError, config_digest, resolve_settings
+
+GPU_SHARES = {st.name: st.gpu_share for st in STAGES}
 
 
 @pytest.fixture
@@ -31,6 +34,7 @@ def test_cpu_only_two_cores_fits_actors_and_leaves_room_for_tasks(paper):
 
 def test_gpus_one_replica_set_per_gpu_sharing_it(paper):
     s = resolve_settings(paper, {"CPU": 32.0, "GPU": 4.0})
+    assert GPU_SHARES == {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "faces": 0.1}
     for name, p in s.stages.items():
         assert p.replicas == 4
         assert p.num_gpus == GPU_SHARES[name]

@@ -15,8 +15,8 @@ from datagen.config import (
     RaySettings,
     ShardsSettings,
     load_profile,
-    model_ids,
 )
+from datagen.stage_table import model_ids
 
 MINIMAL = """\
 captioner: {model: /m/blip2}

@@ -16,13 +16,14 @@ import pytest
 from PIL import Image
 
 from datagen.config import TINY_MODELS_ENV, load_profile
+from datagen.stage_table import stage
 from datagen.shards.plan import plan_shards
 from datagen.shards.reader import read_shard
 from datagen.sources.images import LoadedImage
 from datagen.sources.readers import open_source
 from datagen.stages.failures import StageFailure
 from ray_jobs import tasks
-from ray_jobs.actors import CaptionerActor, MatcherActor, SegmenterActor
+from ray_jobs.actors import StageActor
 from ray_jobs.chunks import LoadedChunk
 
 pytestmark = pytest.mark.slow
@@ -53,19 +54,15 @@ def stages(tiny_models_all):
     old = os.environ.get(TINY_MODELS_ENV)
     os.environ[TINY_MODELS_ENV] = str(tiny_models_all)
     try:
-        profile = load_profile("tiny")
-        actors = {
-            "captioner": CaptionerActor(profile.captioner),
-            "segmenter": SegmenterActor(profile.segmenter),
-            "matcher": MatcherActor(profile.matcher, profile.phrases, profile.segmenter),
-        }
+        # batches [a b c d e] [f]; the chosen one shares its batch with four good ones
+        five = {"batch_size": 5}
+        profile = load_profile("tiny", {"captioner": five, "segmenter": five, "matcher": five})
+        actors = {name: StageActor(stage(name), profile) for name in ("captioner", "segmenter", "matcher")}
     finally:
         if old is None:
             os.environ.pop(TINY_MODELS_ENV, None)
         else:
             os.environ[TINY_MODELS_ENV] = old
-    for actor in actors.values():
-        actor.batch_size = 5  # batches [a b c d e] [f]; the chosen one shares its batch with four good ones
     return actors
 
 
@@ -74,10 +71,11 @@ def run_shard(source, stages, tmp_path):
     (spec,) = plan_shards(open_source(source).items(), shard_size=6)
     (items,) = tasks.split_chunks(spec, images_per_call=6)
     loaded = tasks.load_chunk(0, 0, items, max_side=MAX_SIDE)
-    captions = stages["captioner"].caption(loaded)
-    panoptic = stages["segmenter"].segment(loaded)
-    matched = stages["matcher"].match(loaded, captions, panoptic)
-    encoded = tasks.encode_chunk(loaded, captions, panoptic, matched, {"captioner": "tiny"}, jpeg_quality=90)
+    captions = stages["captioner"].run(loaded)
+    panoptic = stages["segmenter"].run(loaded)
+    matched = stages["matcher"].run(loaded, captions, panoptic)
+    rows = tuple(stage(name) for name in ("captioner", "segmenter", "matcher"))
+    encoded = tasks.encode_chunk(loaded, rows, {"captioner": "tiny"}, 90, captions, panoptic, matched)
     tar = tmp_path / "subjects-00000.tar"
     written = tasks.write_shard_tar(spec, str(tar), encoded)
     keys = [s.key for s in read_shard(tar)]  # decodes and validates every written sample
@@ -128,15 +126,15 @@ def _wrap(monkeypatch, stages, stage: str) -> None:
 
         monkeypatch.setattr(tasks, "load_image", load_image)
     elif stage == "captioner":
-        monkeypatch.setattr(stages["captioner"], "captioner", RaiseOnChosen(stages["captioner"].captioner, "caption", chosen_image))
+        monkeypatch.setattr(stages["captioner"].step, "captioner", RaiseOnChosen(stages["captioner"].step.captioner, "caption", chosen_image))
     elif stage == "segmenter":
-        monkeypatch.setattr(stages["segmenter"], "segmenter", RaiseOnChosen(stages["segmenter"].segmenter, "segment", chosen_image))
+        monkeypatch.setattr(stages["segmenter"].step, "segmenter", RaiseOnChosen(stages["segmenter"].step.segmenter, "segment", chosen_image))
     elif stage == "phrases":
-        monkeypatch.setattr(stages["captioner"], "captioner", MarkChosenCaption(stages["captioner"].captioner))
-        chunker = RaiseOnChosen(stages["matcher"].chunker, "chunk", lambda caption: caption.endswith("zzchosen"))
-        monkeypatch.setattr(stages["matcher"], "chunker", chunker)
+        monkeypatch.setattr(stages["captioner"].step, "captioner", MarkChosenCaption(stages["captioner"].step.captioner))
+        chunker = RaiseOnChosen(stages["matcher"].step.chunker, "chunk", lambda caption: caption.endswith("zzchosen"))
+        monkeypatch.setattr(stages["matcher"].step, "chunker", chunker)
     elif stage == "matcher":
-        monkeypatch.setattr(stages["matcher"], "matcher", RaiseOnChosen(stages["matcher"].matcher, "match", chosen_image))
+        monkeypatch.setattr(stages["matcher"].step, "matcher", RaiseOnChosen(stages["matcher"].step.matcher, "match", chosen_image))
     elif stage == "record":
         import datagen.record.build as record_build
 
@@ -202,7 +200,7 @@ def test_the_segmenter_refusing_a_thin_image_fails_it_alone_even_alone_in_its_ba
     thin = LoadedImage(item=items[5], image=Image.new("RGB", (1, 1024), (9, 9, 9)), pixel_md5="0" * 32,
                        original_size=(1, 4000))
     chunk = LoadedChunk(0, 0, [*loaded.loaded, thin])  # batches of 5: the thin one is alone in the second
-    results = stages["segmenter"].segment(chunk)
+    results = stages["segmenter"].run(chunk)
     assert not any(isinstance(r, StageFailure) for r in results[:5])
     assert isinstance(results[5], StageFailure)
     assert results[5].reason.startswith(f"segmenter: {items[5].rel_path}: ValueError: ")

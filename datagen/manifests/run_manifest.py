@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import platform
 import socket
+import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ PACKAGES = (
 )
 RUN_MANIFEST = "run.json"
 DEFAULT_MANIFESTS_ROOT = "manifests"
+SKIPPED_KEPT = 1000  # things a source passed over, listed in run.json (the count is always there)
 
 
 class RunFolderError(ValueError):
@@ -40,6 +43,91 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def run_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a run name (one plain folder name inside the manifests folder), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "empty"
+    if name in (".", ".."):
+        return "'.' or '..'"
+    if any(c in name for c in ("/", "\\", "\0")) or Path(name).name != name:
+        return "it holds a path separator or NUL"
+    return None
+
+
+def check_run_name(name: Any) -> None:
+    """``ValueError`` unless ``name`` is a plain folder name: a run's manifests go to MANIFESTS/<run name>/."""
+    problem = run_name_problem(name)
+    if problem:
+        raise ValueError(
+            f"run name {name!r} is not a plain folder name ({problem}): "
+            "a run's manifests go to MANIFESTS/<run name>/ and nowhere else"
+        )
+
+
+@dataclass
+class RunManifest:
+    """The one builder of ``run.json`` for a build, whichever way it ends: what the run is (source,
+    output, profile, configuration, models, plan, counts) and this invocation's entry (command line,
+    times, status, and what the caller adds: timings and Ray's view for a finished run, the error
+    and its traceback for a failed one)."""
+
+    run: str
+    run_dir: Path
+    out: Path
+    shards_dir: Path
+    profile_name: str
+    config: dict[str, Any]
+    config_digest: str
+    models: dict[str, str]
+    shard_size: int
+    command_line: list[str] = field(default_factory=list)
+    fault_drill: str | None = None
+    source_path: Path | None = None
+    source_type: str | None = None
+    limit: int | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    started_wall: float = field(default_factory=time.time)
+
+    def write(self, status: str, counts: dict[str, Any], n_shards: int | None, seconds: float, shards_run: int,
+              error: str | None = None, **invocation: Any) -> Path:
+        manifest: dict[str, Any] = {
+            "run": self.run,
+            "status": status,
+            "source": {
+                "path": str(Path(self.source_path).resolve()) if self.source_path is not None else None,
+                "type": self.source_type, "limit": self.limit,
+                "skipped_count": len(self.skipped), "skipped": self.skipped[:SKIPPED_KEPT],
+            },
+            "out": str(Path(self.out).resolve()),
+            "shards_dir": str(Path(self.shards_dir).resolve()),
+            "run_dir": str(Path(self.run_dir).resolve()),
+            "profile": self.profile_name,
+            "config": self.config,
+            "config_digest": self.config_digest,
+            "models": self.models,
+            "packages": package_versions(),
+            "plan": {"shard_size": self.shard_size, "shards": n_shards},
+            "counts": counts,
+        }
+        entry: dict[str, Any] = {"command_line": list(self.command_line), "status": status}
+        if error is not None:
+            manifest["error"] = entry["error"] = error
+        entry.update({
+            "started_at": _utc(self.started_wall),
+            "finished_at": _utc(time.time()),
+            "seconds": round(seconds, 3),
+            "shards_run": shards_run,
+            **invocation,
+            "host": host_info(),
+            "fault_drill": self.fault_drill or None,
+        })
+        return write_run_manifest(self.run_dir, manifest, entry)
+
+
+def _utc(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
 
 def write_run_manifest(run_dir: Path, manifest: dict[str, Any], invocation: dict[str, Any]) -> Path:

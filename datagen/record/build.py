@@ -2,13 +2,15 @@
 
 ``build_record`` is pure bookkeeping (no model): it joins one image's caption flags, panoptic
 result, chunked caption, match and face checks into a :class:`~datagen.record.schema.Record` and
-validates it. The Ray job's encode task calls it on what the stage actors returned. The face flags
+validates it. The Ray job's encode task calls :func:`record_from_outputs` on what the stage actors
+returned, which adds the fields of stages outside the contract. The face flags
 (:data:`~datagen.record.schema.FACE_FLAG_NAMES`, defined in :mod:`datagen.record.schema`) are decided
 here, by :func:`face_flags`, because they need the matches as well as the faces.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from datagen.record.schema import (
@@ -26,6 +28,7 @@ from datagen.record.schema import (
 
 if TYPE_CHECKING:
     from datagen.sources.images import LoadedImage
+    from datagen.stage_table import Stage
     from datagen.stages.face_checker import FaceCheck
     from datagen.stages.matcher import MatchResult
     from datagen.stages.phrases import ChunkedCaption
@@ -51,18 +54,58 @@ def build_record(
             f"{item.rel_path}: segment map is {panoptic.segment_map.shape[1]}x{panoptic.segment_map.shape[0]}, "
             f"image is {width}x{height}"
         )
-    col_of = {sid: j for j, sid in enumerate(match.segment_ids)}
-    seg_of_phrase = {p: sid for p, sid in match.pairs}
-
-    segments = []
-    for s in panoptic.segments:
-        seg = Segment(
+    segments = [
+        Segment(
             id=int(s.id), coco_label=s.coco_label, category_id=int(s.category_id), is_thing=bool(s.is_thing),
             bbox=[int(v) for v in s.bbox], area=int(s.area), score=float(s.score),
         )
-        segments.append(seg)
-    seg_by_id = {s.id: s for s in segments}
+        for s in panoptic.segments
+    ]
+    phrases = matched_phrases(segments, chunked, match)
+    record = Record(
+        key=item.key,
+        caption=chunked.caption,
+        caption_raw=chunked.caption_raw,
+        width=width,
+        height=height,
+        segments=segments,
+        phrases=phrases,
+        scores=MatchScores(
+            segment_ids=[int(s) for s in match.segment_ids],
+            clip=_rows(match.clip),
+            sbert=_rows(match.sbert),
+            product=_rows(match.product),
+            min_score=float(match.min_score),
+        ),
+        provenance=provenance_of(loaded),
+        split=item.split,
+        models=dict(models),
+        unmatched_phrases=[i for i, p in enumerate(phrases) if p.segment_id is None],
+        unmatched_person_segments=[s.id for s in segments if s.coco_label == PERSON_LABEL and not s.matched],
+        caption_flags=list(caption_flags),
+        face_checks=face_checks_of(segments, faces) if faces is not None else None,
+    )
+    return record.validate()
 
+
+def record_from_outputs(loaded: LoadedImage, outputs: Mapping[str, Any], models: dict[str, str],
+                        stages: Sequence[Stage] = ()) -> Record:
+    """The record of one image from every stage's output for it (``outputs``: stage name -> output):
+    the contract stages' through :func:`build_record`, then each other stage's
+    :meth:`~datagen.stages.step.Step.record_fields` (``stages``: the build's stage table rows)."""
+    (_, flags), (chunked, match) = outputs["captioner"], outputs["matcher"]
+    record = build_record(loaded, flags, outputs["segmenter"], chunked, match, models, outputs.get("faces"))
+    for stage in stages:
+        record.extra.update(stage.step_class().record_fields(outputs[stage.name]))
+    return record.validate() if record.extra else record
+
+
+def matched_phrases(segments: list[Segment], chunked: ChunkedCaption, match: MatchResult) -> list[Phrase]:
+    """The caption's phrases, each with its matched segment; the matched segments get the phrase's
+    word, span and scores."""
+    col_of = {sid: j for j, sid in enumerate(match.segment_ids)}
+    seg_of_phrase = {p: sid for p, sid in match.pairs}
+    seg_by_id = {s.id: s for s in segments}
     phrases = []
     for i, ph in enumerate(chunked.phrases):
         sid = seg_of_phrase.get(i)
@@ -73,16 +116,13 @@ def build_record(
             seg.match_score = _round(match.product[i, j])
             seg.clip_sim = _round(match.clip[i, j])
             seg.sbert_sim = _round(match.sbert[i, j])
+    return phrases
 
-    scores = MatchScores(
-        segment_ids=[int(s) for s in match.segment_ids],
-        clip=_rows(match.clip),
-        sbert=_rows(match.sbert),
-        product=_rows(match.product),
-        min_score=float(match.min_score),
-    )
+
+def provenance_of(loaded: LoadedImage) -> Provenance:
+    item = loaded.item
     meta: dict[str, Any] = item.meta or {}
-    provenance = Provenance(
+    return Provenance(
         source=meta["source"],
         source_id=item.source_id,
         path=item.rel_path,
@@ -96,41 +136,27 @@ def build_record(
         face_rect=meta.get("face_rect"),
         duplicate_of=item.duplicate_of,
     )
-    face_checks = None
-    if faces is not None:
-        for seg in segments:
-            if seg.coco_label == PERSON_LABEL:
-                seg.faces = [SegmentFace(box=[float(v) for v in f.box], score=float(f.score), size=int(f.size),
-                                         inside=float(f.inside)) for f in faces.faces.get(seg.id, [])]
-        primary = None
-        if faces.primary is not None:
-            cover = seg_by_id.get(faces.primary.segment_id)
-            primary = PrimaryFace(
-                rect=[int(v) for v in faces.primary.rect], segment_id=faces.primary.segment_id,
-                overlap=float(faces.primary.overlap),
-                matched_person=cover is not None and cover.coco_label == PERSON_LABEL and cover.matched,
-            )
-        face_checks = FaceChecks(small_face_px=int(faces.small_face_px),
-                                 primary_min_overlap=float(faces.primary_min_overlap), primary_face=primary)
-        face_checks.flags = face_flags(segments, face_checks)
-    record = Record(
-        key=item.key,
-        caption=chunked.caption,
-        caption_raw=chunked.caption_raw,
-        width=width,
-        height=height,
-        segments=segments,
-        phrases=phrases,
-        scores=scores,
-        provenance=provenance,
-        split=item.split,
-        models=dict(models),
-        unmatched_phrases=[i for i, p in enumerate(phrases) if p.segment_id is None],
-        unmatched_person_segments=[s.id for s in segments if s.coco_label == PERSON_LABEL and not s.matched],
-        caption_flags=list(caption_flags),
-        face_checks=face_checks,
-    )
-    return record.validate()
+
+
+def face_checks_of(segments: list[Segment], faces: FaceCheck) -> FaceChecks:
+    """Put the face stage's faces on the person segments; the record's face checks with their flags."""
+    seg_by_id = {s.id: s for s in segments}
+    for seg in segments:
+        if seg.coco_label == PERSON_LABEL:
+            seg.faces = [SegmentFace(box=[float(v) for v in f.box], score=float(f.score), size=int(f.size),
+                                     inside=float(f.inside)) for f in faces.faces.get(seg.id, [])]
+    primary = None
+    if faces.primary is not None:
+        cover = seg_by_id.get(faces.primary.segment_id)
+        primary = PrimaryFace(
+            rect=[int(v) for v in faces.primary.rect], segment_id=faces.primary.segment_id,
+            overlap=float(faces.primary.overlap),
+            matched_person=cover is not None and cover.coco_label == PERSON_LABEL and cover.matched,
+        )
+    checks = FaceChecks(small_face_px=int(faces.small_face_px),
+                        primary_min_overlap=float(faces.primary_min_overlap), primary_face=primary)
+    checks.flags = face_flags(segments, checks)
+    return checks
 
 
 def face_flags(segments: list[Segment], checks: FaceChecks) -> list[str]:

@@ -42,13 +42,18 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from datagen.config import PERSON_LABEL
+
 SCHEMA_VERSION = "1.1"
 READABLE_VERSIONS = ("1.0", "1.1")  # 1.0: before the face checks
 FACE_FLAG_NAMES = (
     "merged_persons", "faceless_person", "small_face", "primary_face_unsegmented", "primary_face_unmatched",
 )
 SPLITS = ("train", "test")
-PERSON_LABEL = "person"  # the COCO panoptic label of people
+CONTRACT_FIELDS = frozenset((
+    "schema_version", "key", "caption", "caption_raw", "width", "height", "segments", "phrases", "scores",
+    "unmatched_phrases", "unmatched_person_segments", "caption_flags", "provenance", "split", "models", "face_checks",
+))  # what Record.to_dict writes; any other top-level field is a stage's (Record.extra)
 
 
 class RecordError(ValueError):
@@ -193,6 +198,8 @@ class Record:
     caption_flags: list[str] = field(default_factory=list)  # e.g. "empty", "degenerate"
     face_checks: FaceChecks | None = None  # None: not checked (a 1.0 record, or the face stage did not run)
     schema_version: str = SCHEMA_VERSION
+    # Top-level fields that stages outside the contract add (Step.record_fields); kept as read
+    extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +222,10 @@ class Record:
         }
         if self.schema_version != "1.0":  # a 1.0 record reads back as it was written
             d["face_checks"] = asdict(self.face_checks) if self.face_checks is not None else None
+        clash = sorted(set(self.extra) & CONTRACT_FIELDS)
+        if clash:
+            raise RecordError(clash[0], "is a field of the record contract; a stage cannot add it", self.key)
+        d.update(self.extra)
         return d
 
     def to_json(self) -> str:
@@ -261,6 +272,7 @@ class Record:
             caption_flags=d.get("caption_flags", []),
             face_checks=face_checks,
             schema_version=d.get("schema_version", SCHEMA_VERSION),
+            extra={k: v for k, v in d.items() if k not in CONTRACT_FIELDS},
         )
         rec.validate()
         return rec

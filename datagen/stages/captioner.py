@@ -20,7 +20,9 @@ from collections.abc import Iterable, Sequence
 from PIL import Image
 
 from datagen.config import CaptionerSettings
-from datagen.stages.model_loading import ModelNotFoundError, pick_device, pick_dtype, resolve_model
+from datagen.stages.failures import in_batches
+from datagen.stages.model_loading import load_pretrained, pick_device, resolve_model
+from datagen.stages.step import Step, labels_of, probe_image
 
 WHAT = "captioner (BLIP-2)"
 FLAG_EMPTY = "empty"
@@ -88,14 +90,9 @@ class Captioner:
         self.max_new_tokens = section.max_new_tokens
         self.num_beams = section.num_beams
         self.device = pick_device(device or section.device)
-        self.dtype = pick_dtype(self.device, section.dtype)
-        path = resolve_model(section.model, WHAT)
-        try:
-            self.processor = AutoProcessor.from_pretrained(path)
-            self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
-        except OSError as e:
-            raise ModelNotFoundError(f"{WHAT}: cannot load model {section.model!r} from {path}: {e}") from e
-        self.model.to(self.device).eval()
+        self.processor, self.model, self.dtype = load_pretrained(
+            section.model, WHAT, AutoProcessor, Blip2ForConditionalGeneration, self.device, section.dtype
+        )
         tokenizer = self.processor.tokenizer
         self._special = sorted(set(tokenizer.all_special_tokens) | {"<image>"}, key=len, reverse=True)
 
@@ -120,3 +117,28 @@ class Captioner:
             )
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         return [clean_caption(t, self._special) for t in texts]
+
+
+class CaptionStep(Step):
+    """The build's captioner stage: ``(caption, flags)`` per image (or a ``StageFailure``)."""
+
+    name = "captioner"
+
+    def __init__(self, profile, device: str):
+        super().__init__(profile, device)
+        self.captioner = Captioner(profile.captioner, device)
+
+    def process(self, loaded: list) -> list:
+        def run(images: list) -> list:
+            return [(c, list(caption_flags(c))) for c in self.captioner.caption(images)]
+
+        batch = self.profile.captioner.batch_size
+        return in_batches(self.name, run, [li.image for li in loaded], labels_of(loaded), batch, probe_image)
+
+    @classmethod
+    def model_ids(cls, profile) -> dict[str, str]:
+        return {"captioner": profile.captioner.model}
+
+    @classmethod
+    def check_models(cls, profile) -> None:
+        resolve_model(profile.captioner.model, WHAT)

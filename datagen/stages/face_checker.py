@@ -4,6 +4,8 @@ the face the source photo was chosen for.
     checker = FaceChecker(profile.faces)                      # MTCNN, see datagen.stages.faces
     checks = checker.check(images, panoptics, face_rects)     # one FaceCheck per image
 
+(:class:`FaceCheckStep` is the build's stage: after the segmenter, next to the matcher.)
+
 **Faces per person segment.** Every segment labelled ``person`` is cut from the image at its bbox,
 grown on every side by ``crop_margin`` x the box's longer side (clipped to the image), and MTCNN
 looks for faces in that crop (faces of at least ``min_face_size`` px, scoring at least
@@ -39,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from datagen.record.schema import PERSON_LABEL
+from datagen.config import PERSON_LABEL
+from datagen.stages.step import Step
 
 if TYPE_CHECKING:
     from datagen.config import FacesSettings
@@ -201,3 +204,41 @@ class FaceChecker:
             size=int(round(max(x1 - x0, y1 - y0))),
             inside=round(inside, SHARE_DIGITS),
         )
+
+
+class FaceCheckStep(Step):
+    """The build's face stage: a :class:`FaceCheck` per image (or a ``StageFailure``). The checker
+    batches person-segment crops itself (``faces.batch_size`` per MTCNN call), so a chunk is one
+    call; an image fails alone. The face rect (FFHQ-wild metadata) is scaled to the stored image."""
+
+    name = "faces"
+
+    def __init__(self, profile, device: str):
+        super().__init__(profile, device)
+        self.checker = FaceChecker(profile.faces, device)
+
+    def process(self, loaded: list, panoptic: list) -> list:
+        from datagen.stages.failures import in_batches
+        from datagen.stages.segmenter import probe_panoptic
+        from datagen.stages.step import labels_of, probe_image
+
+        inputs = [
+            (li.image, pan, stored_rect((li.item.meta or {}).get("face_rect"), li.original_size, li.image.size))
+            for li, pan in zip(loaded, panoptic, strict=True)
+        ]
+
+        def run(batch: list) -> list:
+            return self.checker.check(*(list(column) for column in zip(*batch, strict=True)))
+
+        return in_batches(self.name, run, inputs, labels_of(loaded), max(1, len(inputs)),
+                          lambda: (probe_image(), probe_panoptic(), None))
+
+    @classmethod
+    def model_ids(cls, profile) -> dict[str, str]:
+        return {"face_detector": profile.faces.detector}
+
+    @classmethod
+    def check_models(cls, profile) -> None:
+        from datagen.stages.faces import FaceDetector
+
+        FaceDetector.resolve(profile.faces.detector)  # 'mtcnn' (inside facenet-pytorch) or a folder of its three nets

@@ -37,9 +37,9 @@ by ``hf-hub:org/repo``, by ``local-dir:FOLDER`` or by a plain folder holding
 how to get it. A built-in OpenCLIP architecture without a ``clip_pretrained`` tag is refused:
 random weights are never silently used in place of real ones.
 
-The matcher relies only on attributes of its inputs (``segment_map``, ``segments[i].id`` /
-``.coco_label`` / ``.bbox``; ``phrases[i].text``), so it does not import the segmenter or phrases
-modules.
+:class:`Matcher` relies only on attributes of its inputs (``segment_map``, ``segments[i].id`` /
+``.coco_label`` / ``.bbox``; ``phrases[i].text``); the build's stage, :class:`MatchStep`, also runs
+the phrase chunker and reads the segmenter's label set.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from datagen.stages.model_loading import (
     pick_dtype,
     resolve_model,
 )
+from datagen.stages.step import Step
 
 CLIP_WHAT = "matcher image-text model (OpenCLIP)"
 SBERT_WHAT = "matcher label-text model (Sentence-Transformers)"
@@ -406,3 +407,66 @@ def _min_score(value: float | None) -> float:
     """``matcher.min_score`` from the profile. ``null`` means no threshold; it becomes -1.0, the lowest
     product two cosines can give, rather than -inf, so the value stays a finite number in records."""
     return -1.0 if value is None else float(value)
+
+
+class MatchStep(Step):
+    """The build's matcher stage: spaCy noun phrases of each caption (cheap, CPU, so they run here
+    rather than as a stage of their own) and the CLIP × SBERT greedy match; ``(chunked caption,
+    MatchResult)`` per image, or a ``StageFailure`` naming the ``phrases`` or ``matcher`` stage.
+
+    At start-up it fills the matcher's label-embedding cache with the segmenter's whole label set
+    (:meth:`Matcher.encode_label_set`), so no image pays for a label's first encoding and scores
+    never depend on which images a worker saw before: a resumed or retried shard is byte-identical
+    to an uninterrupted one."""
+
+    name = "matcher"
+
+    def __init__(self, profile, device: str):
+        super().__init__(profile, device)
+        from datagen.stages.phrases import PhraseChunker
+        from datagen.stages.segmenter import segmenter_labels
+
+        self.chunker = PhraseChunker(profile.phrases)
+        self.matcher = Matcher(profile.matcher, device)
+        self.matcher.encode_label_set(segmenter_labels(profile.segmenter))
+
+    def process(self, loaded: list, captions: list, panoptic: list) -> list:
+        from datagen.stages.failures import StageFailure, in_batches
+        from datagen.stages.segmenter import probe_panoptic
+        from datagen.stages.step import labels_of, probe_image
+
+        labels, batch = labels_of(loaded), self.profile.matcher.batch_size
+        out: list = in_batches("phrases", self.chunker.chunk, [c[0] for c in captions], labels, batch, lambda: "a person")
+        ok = [i for i, c in enumerate(out) if not isinstance(c, StageFailure)]
+
+        def match(rows: list) -> list:
+            matches = self.matcher.match([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+            return [(r[2], m) for r, m in zip(rows, matches, strict=True)]
+
+        def probe() -> tuple:
+            return (probe_image(), probe_panoptic(), self.chunker.chunk(["a person"])[0])
+
+        rows = [(loaded[i].image, panoptic[i], out[i]) for i in ok]
+        for i, m in zip(ok, in_batches(self.name, match, rows, [labels[i] for i in ok], batch, probe), strict=True):
+            out[i] = m
+        return out
+
+    @classmethod
+    def model_ids(cls, profile) -> dict[str, str]:
+        m = profile.matcher
+        return {
+            "phrases": profile.phrases.spacy_model,
+            "clip": m.clip_model + (f":{m.clip_pretrained}" if m.clip_pretrained else ""),
+            "sbert": m.sbert_model,
+        }
+
+    @classmethod
+    def check_models(cls, profile) -> None:
+        from datagen.stages.phrases import check_pipeline
+
+        check_pipeline(profile.phrases.spacy_model)
+        try:
+            resolve_open_clip(profile.matcher.clip_model, profile.matcher.clip_pretrained)
+        except ValueError as e:  # an unknown architecture or tag: as missing as a missing folder
+            raise ModelNotFoundError(str(e)) from None
+        resolve_model(profile.matcher.sbert_model, SBERT_WHAT)

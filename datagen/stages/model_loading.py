@@ -166,3 +166,18 @@ def pick_dtype(device: str, spec: str | None = "auto") -> torch.dtype:
     if spec not in _DTYPES:
         raise ValueError(f"dtype {spec!r} not understood; use auto, fp32, fp16 or bf16")
     return getattr(torch, _DTYPES[spec])
+
+
+def load_pretrained(ref: str, what: str, processor_class, model_class, device: str, dtype: str | None = "auto"):
+    """``(processor, model, dtype)`` of the transformers model ``ref`` names (a folder or hub id,
+    through :func:`resolve_model`), in eval mode on ``device`` in the dtype :func:`pick_dtype` picks;
+    a model that cannot be read raises :class:`ModelNotFoundError` naming ``what`` and where it looked."""
+    torch_dtype = pick_dtype(device, dtype)
+    path = resolve_model(ref, what)
+    try:
+        processor = processor_class.from_pretrained(path)
+        model = model_class.from_pretrained(path, dtype=torch_dtype)
+    except OSError as e:
+        raise ModelNotFoundError(f"{what}: cannot load model {ref!r} from {path}: {e}") from e
+    model.to(device).eval()
+    return processor, model, torch_dtype

