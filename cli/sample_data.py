@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datagen.sources.readers import FFHQWildSource
+from datagen.sources.ffhq_wild import FFHQWildSource
 from fixtures.bundled_photos import METADATA_FILE, SampleExistsError, build_sample
 
 
