@@ -188,10 +188,13 @@ def test_the_tiny_profile_says_it_has_random_weights():
 def test_report_command_prints_the_report_path(report, capsys):
     expected, path = report
     assert main(["report", str(expected["run_dir"])]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
     assert out[-1] == str(path)
+    assert re.fullmatch(r"subject-ffhq report: \d+\.\d\d MiB\n", captured.err), captured.err  # its size
     assert main(["report", str(expected["run_dir"] / "nowhere")]) == 1
-    assert "not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not found" in err and err.startswith("subject-ffhq report: error: ") and len(err.splitlines()) == 1
 
 
 def test_figures_per_object_type_follow_the_runs_setting_or_the_option(report, tmp_path, capsys):
