@@ -108,8 +108,8 @@ def cpu_cost(n_images: int, work: Path) -> list[tuple[str, float, bool]]:
     from datagen.files import file_sha256
     from datagen.record.build import build_record
     from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
+    from datagen.sources.image_folder import ImageFolderSource
     from datagen.sources.images import load_image, pixel_md5
-    from datagen.sources.readers import ImageFolderSource
 
     pngs = make_pngs(work / "png-2000x1500", n_images, (2000, 1500))
     # FFHQ-wild-like items: the metadata carries each image's pixel md5 (as ffhq-dataset-v2.json does).

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Ray, torch and the job only now that the settings are known to be good
     from datagen.manifests.shard_entry import ManifestError
-    from datagen.sources.readers import SourceError
+    from datagen.sources.items import SourceError
     from ray_jobs.cluster import RayConnectError, ray_address, ray_session
     from ray_jobs.job import BuildRequest, run_build
     from ray_jobs.pool import StageStartError

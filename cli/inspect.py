@@ -9,9 +9,9 @@ random weights gets a red first line saying that its captions, segments and matc
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
+from cli.errors import fail
 from datagen.files import atomic_write
 from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT, load_run_manifest, resolve_run_dir
 from datagen.manifests.tables import ensure_tables, find_sample, random_weights, random_weights_note
@@ -61,7 +61,6 @@ def run(args) -> int:
         run_dir = resolve_run_dir(args.run, args.manifests_root)
         path = inspect_sample(run_dir, args.id, args.out, args.shards)
     except (KeyError, ValueError) as e:
-        print(f"subject-ffhq inspect: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 1
+        return fail("inspect", e.args[0] if isinstance(e, KeyError) else e, code=1)
     print(path)
     return 0

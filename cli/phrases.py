@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 
+from cli.errors import fail
 from datagen.config import ProfileError, load_profile
 from datagen.stages.phrases import PhraseChunker, PhraseError
 
@@ -45,14 +46,12 @@ def run(args: argparse.Namespace) -> int:
         section = load_profile(args.profile).phrases
         section = dataclasses.replace(section, **{k: v for k, v in options.items() if v is not None})
     except ProfileError as e:
-        print(f"subject-ffhq phrases: {e}", file=sys.stderr)
-        return 2
+        return fail("phrases", e)
     try:
         chunker = PhraseChunker(section)
         results = chunker.chunk(read_captions(args.captions))
     except PhraseError as e:
-        print(f"subject-ffhq phrases: {e}", file=sys.stderr)
-        return 1
+        return fail("phrases", e, code=1)
     for r in results:
         obj = {
             "caption_raw": r.caption_raw,

@@ -8,9 +8,9 @@ the profile the run was built with); ``--object-types`` shows others.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from cli.errors import fail, note
 from datagen.config import ProfileError, parse_object_types
 from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT, RunFolderError, resolve_run_dir
 from datagen.report.page import GALLERY_BUDGET, GALLERY_MAX, THUMB_SIDE, build_report
@@ -37,8 +37,7 @@ def run(args) -> int:
     try:
         object_types = parse_object_types(args.object_types) if args.object_types is not None else None
     except ProfileError as e:
-        print(f"subject-ffhq report: {e}", file=sys.stderr)
-        return 2
+        return fail("report", e)
     try:
         run_dir = resolve_run_dir(args.run, args.manifests_root)
         path = build_report(
@@ -47,9 +46,7 @@ def run(args) -> int:
             object_types=object_types,
         )
     except (RunFolderError, ValueError) as e:
-        print(f"subject-ffhq report: {e}", file=sys.stderr)
-        return 1
-    size = path.stat().st_size
-    print(f"report: {size / 2**20:.2f} MiB", file=sys.stderr)
+        return fail("report", e, code=1)
+    note("report", f"{path.stat().st_size / 2**20:.2f} MiB")
     print(path)
     return 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datagen.sources.readers import FFHQWildSource
+from cli.errors import fail
+from datagen.sources.ffhq_wild import FFHQWildSource
 from fixtures.bundled_photos import METADATA_FILE, SampleExistsError, build_sample
 
 
@@ -23,8 +24,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         root = build_sample(args.dir)
     except SampleExistsError as e:
-        print(f"sample-data: {e}")
-        return 1
+        return fail("sample-data", e, code=1)
     items = FFHQWildSource(root).items()
     print(f"wrote {len(items)} images in FFHQ-wild layout to {root}")
     for item in items:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli.errors import fail
 from datagen.config import PAPER_SHAPES_ENV, TINY_MODELS_ENV
 
 
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.include_blip2 and not args.paper_size:
+        return fail("tiny-models", "--include-blip2 goes with --paper-size (the tiny BLIP-2 is always built)")
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
@@ -42,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
     disable_progress_bars()  # one line per model is progress enough
     hf_logging.disable_progress_bar()
     root = Path(args.dir).expanduser().resolve()
-    if args.include_blip2 and not args.paper_size:
-        raise SystemExit("--include-blip2 goes with --paper-size (the tiny BLIP-2 is always built)")
     if args.paper_size:
         from fixtures.tiny_models.paper_size import build_paper_all
 

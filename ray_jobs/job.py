@@ -39,7 +39,9 @@ from datagen.manifests.run_manifest import RunManifest, check_run_name
 from datagen.manifests.shard_entry import ManifestError, account
 from datagen.manifests.tables import SAMPLES_TABLE, write_manifest_tables
 from datagen.shards.plan import ShardSpec, plan_shards, source_order
-from datagen.sources.readers import SourceError, describe_skipped, open_source
+from datagen.sources.image_folder import describe_skipped
+from datagen.sources.items import SourceError
+from datagen.sources.readers import open_source
 from ray_jobs.hooks import JobHooks
 from ray_jobs.pool import StagePool, StagePools, StageStartError
 from ray_jobs.progress import ProgressReporter

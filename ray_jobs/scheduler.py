@@ -30,7 +30,7 @@ from typing import Any
 import ray
 
 from datagen.shards.plan import ShardSpec
-from datagen.sources.readers import SourceItem
+from datagen.sources.items import SourceItem
 from datagen.stage_table import Stage
 from ray_jobs import tasks
 from ray_jobs.pool import StagePool, root_cause

@@ -26,7 +26,7 @@ from datagen.manifests.shard_entry import DUPLICATE, FAILED, WRITTEN
 from datagen.shards.plan import ShardSpec
 from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
 from datagen.sources.images import ImageError, load_image
-from datagen.sources.readers import SourceItem
+from datagen.sources.items import SourceItem
 from datagen.stage_table import Stage, outputs_by_stage
 from datagen.stages.failures import StageFailure, failure_reason, size_problem
 from ray_jobs.chunks import EncodedChunk, EncodedSample, LoadedChunk

@@ -16,7 +16,7 @@ from datagen.manifests.shard_entry import AccountingError, account
 from datagen.shards.plan import plan_shards
 from datagen.shards.reader import read_shard
 from datagen.shards.writer import encode_jpeg, encode_segment_map
-from datagen.sources.readers import SourceItem
+from datagen.sources.items import SourceItem
 from fixtures.failure_hooks import InjectedFailure, ShardFaults
 from ray_jobs.chunks import EncodedChunk, EncodedSample
 from ray_jobs.tasks import load_chunk, split_chunks, write_shard_tar

@@ -116,7 +116,7 @@ def test_verify_pixel_md5_defaults_off_and_is_not_in_the_digest(paper):
 
 
 def test_load_chunk_passes_verify_pixel_md5_to_load_image(tmp_path):
-    from datagen.sources.readers import SourceItem
+    from datagen.sources.items import SourceItem
     from ray_jobs.tasks import load_chunk
 
     path = tmp_path / "00000.png"

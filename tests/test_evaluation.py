@@ -320,33 +320,29 @@ def test_page_without_random_models_has_no_banner():
     assert "RANDOM WEIGHTS" not in page and 'id="random-weights"' not in page
 
 
-def test_page_opens_in_chromium_without_errors_and_sorts_by_score(evaluation, tmp_path):
-    from tests.test_report import Chromium, require_chromium
+def test_page_opens_in_chromium_without_errors_and_sorts_by_score(evaluation):
+    from tests.browser import Chromium, require_chromium
 
     require_chromium()
-    browser = Chromium(tmp_path / "chromium-profile")
+    browser = Chromium()
     try:
-        session, events = browser.visit((evaluation / "evaluation.html").resolve().as_uri())
-        first_line = browser.evaluate(session, "document.body.innerText.split('\\n')[0]")
-        images = browser.call("Runtime.evaluate", {"expression": (
+        page = browser.visit((evaluation / "evaluation.html").resolve().as_uri())
+        first_line = browser.evaluate("document.body.innerText.split('\\n')[0]")
+        images = browser.evaluate(  # a returned promise is awaited
             "Promise.all(Array.from(document.images).map(i => { i.loading = 'eager';"
-            " return i.decode().then(() => i.naturalWidth, () => 0); }))"), "awaitPromise": True,
-            "returnByValue": True}, session=session)["result"]["value"]
+            " return i.decode().then(() => i.naturalWidth, () => 0); }))")
         order = "Array.from(document.querySelectorAll('.card')).map(c => parseFloat(c.dataset.{}))"
-        browser.evaluate(session, "(() => { const s = document.getElementById('sort'); s.value = 'prompt-desc';"
+        browser.evaluate("(() => { const s = document.getElementById('sort'); s.value = 'prompt-desc';"
                          " s.dispatchEvent(new Event('change')); return s.value; })()")
-        by_prompt = browser.evaluate(session, order.format("prompt"))
-        browser.evaluate(session, "(() => { const s = document.getElementById('sort'); s.value = 'identity-asc';"
+        by_prompt = browser.evaluate(order.format("prompt"))
+        browser.evaluate("(() => { const s = document.getElementById('sort'); s.value = 'identity-asc';"
                          " s.dispatchEvent(new Event('change')); return s.value; })()")
-        by_identity = browser.evaluate(session, order.format("identity"))
-        events = [e for e in browser.events if e.get("sessionId") == session]
+        by_identity = browser.evaluate(order.format("identity"))
+        console = page.console + browser.console()  # while it loaded, and while it was sorted
     finally:
         browser.close()
-    errors = [e["params"] for e in events if e.get("method") == "Runtime.exceptionThrown"]
-    errors += [e["params"] for e in events if e.get("method") == "Runtime.consoleAPICalled"
-               and e["params"]["type"] in ("error", "assert")]
-    errors += [e["params"]["entry"] for e in events if e.get("method") == "Log.entryAdded"
-               and e["params"]["entry"]["level"] == "error"]
+    # uncaught exceptions, console.error / console.assert and errors the browser logged
+    errors = [e for e in console if e["level"] == "SEVERE"]
     assert errors == []
     assert first_line.startswith("RANDOM WEIGHTS")
     assert len(images) == 4 * 3 and min(images) > 0  # per card: reference, ours, baseline

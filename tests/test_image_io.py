@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from datagen.sources.images import MAX_PIXELS, ImageError, LoadedImage, load_image, pixel_md5
-from datagen.sources.readers import SourceItem
+from datagen.sources.items import SourceItem
 
 
 def item_for(path: Path, meta_md5: str | None = None) -> SourceItem:

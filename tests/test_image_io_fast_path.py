@@ -12,7 +12,7 @@ from PIL import Image, PngImagePlugin
 
 from datagen.sources import images as image_io
 from datagen.sources.images import ImageError, load_image
-from datagen.sources.readers import SourceItem
+from datagen.sources.items import SourceItem
 
 
 def item_for(path) -> SourceItem:

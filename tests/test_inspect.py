@@ -71,9 +71,11 @@ def test_inspect_finds_samples_by_key_and_writes_into_the_run_by_default(run, ca
 def test_inspect_says_why_a_sample_has_no_picture(run, capsys):
     assert main(["inspect", str(run["run_dir"]), "4"]) == 1
     err = capsys.readouterr().err
+    assert err.startswith("subject-ffhq inspect: error: ") and len(err.splitlines()) == 1
     assert "source 4 (key 00004) was not written: failed: image: in-the-wild-images" in err
     assert main(["inspect", str(run["run_dir"]), "999"]) == 1
-    assert "no source image with id or key '999'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("subject-ffhq inspect: error: ") and "no source image with id or key '999'" in err
 
 
 def test_overlay_colours_matched_and_unmatched_segments():

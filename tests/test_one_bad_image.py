@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from datagen.config import TINY_MODELS_ENV, load_profile
-from datagen.stage_table import stage
 from datagen.shards.plan import plan_shards
 from datagen.shards.reader import read_shard
 from datagen.sources.images import LoadedImage
 from datagen.sources.readers import open_source
+from datagen.stage_table import stage
 from datagen.stages.failures import StageFailure
 from ray_jobs import tasks
 from ray_jobs.actors import StageActor

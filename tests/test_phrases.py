@@ -709,3 +709,4 @@ def test_cli_reports_a_missing_spacy_pipeline(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "no_such_pipeline" in captured.err
+    assert captured.err.startswith("subject-ffhq phrases: error: ") and len(captured.err.splitlines()) == 1

@@ -10,10 +10,10 @@ import pytest
 from datagen.record.schema import Record
 from datagen.shards.plan import plan_shards
 from datagen.sources.readers import open_source
+from datagen.stage_table import stage
 from datagen.stages.failures import StageFailure
 from datagen.stages.matcher import MatchResult
 from datagen.stages.phrases import ChunkedCaption
-from datagen.stage_table import stage
 from ray_jobs.actors import StageActor
 from ray_jobs.chunks import LoadedChunk
 from ray_jobs.tasks import encode_chunk, load_chunk, split_chunks

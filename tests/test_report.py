@@ -1,14 +1,10 @@
-"""The report: built from a finished run, parsed as HTML, and opened in real headless Chromium over
-the DevTools protocol (the page has no script of its own: everything is observed from outside)."""
+"""The report: built from a finished run, parsed as HTML, and opened in real headless Chromium through
+chromedriver (the page has no script of its own: everything is observed from outside, tests/browser.py)."""
 
-import base64
 import io
 import json
-import os
 import re
-import select
 import shutil
-import subprocess
 import time
 from html.parser import HTMLParser
 
@@ -18,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import tests.browser as browser
 import tests.run_factory as run_factory
 from cli.main import main
 from datagen.manifests.tables import (
@@ -31,20 +28,11 @@ from datagen.record.schema import Phrase
 from datagen.report.charts import NOT_NUMBERS, histogram_chart, value_counts_chart
 from datagen.report.gallery import GALLERY_MAX, select_gallery
 from datagen.report.page import build_report
+from tests.browser import Chromium, require_chromium
 from tests.run_factory import make_run
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 RANDOM_WEIGHTS_LINE = ("Made with random weights (profile tiny): captions, segments and matches are meaningless; "
                        "this run shows only the plumbing.")
-
-
-def require_chromium():
-    """Skip without Chromium, except in CI (env CI set), where a missing browser is a failure."""
-    if CHROMIUM is None:
-        why = "Debian's chromium is not installed (apt-get install chromium); the report's browser tests need it"
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}. CI must install it: refusing to skip the browser tests in CI", pytrace=False)
-        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
@@ -55,127 +43,12 @@ def report(tmp_path_factory):
     return expected, build_report(expected["run_dir"])
 
 
-class Chromium:
-    """Headless Chromium driven over ``--remote-debugging-pipe`` (fd 3 in, fd 4 out; NUL-separated JSON)."""
-
-    def __init__(self, user_data_dir, timeout=90.0):
-        self.deadline = time.monotonic() + timeout
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
-
-        def child_fds():  # move the pipe ends to fds 3 and 4 in the child, whatever their numbers were
-            a, b = os.dup(to_chrome_r), os.dup(from_chrome_w)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
-        self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-extensions", "--remote-debugging-pipe", f"--user-data-dir={user_data_dir}",
-             "about:blank"],
-            pass_fds=(3, 4), preexec_fn=child_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self._buf = b""
-        self._id = 0
-        self.events = []
-        self.last_dialog = None
-
-    def _recv(self, until=None):
-        while b"\0" not in self._buf:
-            left = min(self.deadline, until or self.deadline) - time.monotonic()
-            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
-                if until is not None and time.monotonic() < self.deadline:
-                    return None
-                raise TimeoutError("Chromium did not answer in time")
-            chunk = os.read(self._from_chrome, 1 << 20)
-            if not chunk:
-                raise RuntimeError("Chromium closed the DevTools pipe")
-            self._buf += chunk
-        msg, self._buf = self._buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def _event(self, m):
-        if m.get("method") == "Page.javascriptDialogOpening":  # alert() & co. block the page: fail at once
-            self.last_dialog = m
-            raise AssertionError(f"a script ran in the report and opened a dialog: {m['params']}")
-        self.events.append(m)
-
-    def call(self, method, params=None, session=None):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
-        while True:
-            m = self._recv()
-            if m.get("id") == self._id:
-                if "error" in m:
-                    raise RuntimeError(f"{method}: {m['error']}")
-                return m["result"]
-            self._event(m)
-
-    def settle(self, seconds):
-        """Take in events for ``seconds`` (late handlers such as ``onload`` of an element would show here)."""
-        until = time.monotonic() + seconds
-        while (m := self._recv(until)) is not None:
-            self._event(m)
-
-    def visit(self, url, width=1280, height=1600):
-        """Open ``url`` in a fresh tab; return the tab's session and every event of its loading."""
-        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Runtime.enable", "Log.enable", "Page.enable", "Network.enable", "Debugger.enable"):
-            self.call(domain, session=session)
-        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
-                                                         "mobile": False}, session=session)
-        start = len(self.events)
-        self.call("Page.navigate", {"url": url}, session=session)
-        while not any(e.get("method") == "Page.loadEventFired" and e.get("sessionId") == session
-                      for e in self.events[start:]):
-            self._event(self._recv())
-        self.settle(0.5)
-        return session, [e for e in self.events[start:] if e.get("sessionId") == session]
-
-    def evaluate(self, session, expression):
-        return self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
-                         session=session)["result"]["value"]
-
-    def close(self):
-        try:
-            self.call("Browser.close")
-        except (RuntimeError, TimeoutError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._to_chrome)
-        os.close(self._from_chrome)
-
-
 @pytest.fixture(scope="module")
-def chromium(tmp_path_factory):
+def chromium():
     require_chromium()
-    browser = Chromium(tmp_path_factory.mktemp("chromium-profile"))
+    browser = Chromium()
     yield browser
     browser.close()
-
-
-def page_errors(events):
-    errors = [e["params"] for e in events if e.get("method") == "Runtime.exceptionThrown"]
-    errors += [e["params"] for e in events if e.get("method") == "Runtime.consoleAPICalled"]
-    errors += [e["params"]["entry"] for e in events if e.get("method") == "Log.entryAdded"
-               and e["params"]["entry"]["level"] == "error"]
-    return errors
-
-
-def scripts_run(events):
-    """Scripts the page compiled while loading: inline scripts and fired event-handler attributes alike."""
-    return [e["params"] for e in events if e.get("method") == "Debugger.scriptParsed"]
 
 
 # what the page's own markup is made of; anything else (script, iframe, object, ...) came from a value
@@ -226,19 +99,18 @@ def check_markup_is_the_pages_own(text, n_cards, n_object_types=1):
 
 def test_report_opens_in_chromium_without_errors_and_every_image_loads(report, chromium):
     expected, path = report
-    session, events = chromium.visit(path.resolve().as_uri())
-    assert scripts_run(events) == []  # read before any evaluate below (those compile scripts of their own)
+    page = chromium.visit(path.resolve().as_uri())
+    assert page.scripts == []  # read before any evaluate below (those run scripts of their own)
     state = chromium.evaluate(
-        session,
         "({total: document.images.length,"
         " ok: Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length,"
         " scripts: document.scripts.length, first: document.body.innerText.split('\\n')[0],"
         " title: document.title, cards: document.querySelectorAll('.card').length})",
     )
-    shot = chromium.call("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
+    shot = chromium.screenshot()
 
-    assert page_errors(events) == []
-    requested = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
+    assert page.errors == []
+    requested = page.requests
     assert requested and all(u.startswith(("file:", "data:")) for u in requested), requested
 
     n_written = len(expected["written"])
@@ -248,7 +120,7 @@ def test_report_opens_in_chromium_without_errors_and_every_image_loads(report, c
     assert "test-run" in state["title"] and state["title"].startswith("[random weights]")
     assert state["first"] == RANDOM_WEIGHTS_LINE  # the tiny profile: the first visible line says so
 
-    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(shot))).convert("RGB"))
+    image = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
     assert image.shape[:2] == (1600, 1280)
     assert image.std() > 20 and len(np.unique(image.reshape(-1, 3), axis=0)) > 200
 
@@ -316,10 +188,13 @@ def test_the_tiny_profile_says_it_has_random_weights():
 def test_report_command_prints_the_report_path(report, capsys):
     expected, path = report
     assert main(["report", str(expected["run_dir"])]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
     assert out[-1] == str(path)
+    assert re.fullmatch(r"subject-ffhq report: \d+\.\d\d MiB\n", captured.err), captured.err  # its size
     assert main(["report", str(expected["run_dir"] / "nowhere")]) == 1
-    assert "not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not found" in err and err.startswith("subject-ffhq report: error: ") and len(err.splitlines()) == 1
 
 
 def test_figures_per_object_type_follow_the_runs_setting_or_the_option(report, tmp_path, capsys):
@@ -430,13 +305,21 @@ def test_a_run_without_written_samples_still_gets_a_report(tmp_path):
     assert "<img " not in text
 
 
-def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch):
-    monkeypatch.setattr(f"{__name__}.CHROMIUM", None)
+@pytest.mark.parametrize("missing, why", [
+    ({"CHROMIUM": None}, "Debian's chromium is not installed"),
+    ({"CHROMEDRIVER": None}, "Debian's chromium-driver is not installed"),
+    ({"CHROMIUM": None, "CHROMEDRIVER": None}, "Debian's chromium and chromium-driver are not installed"),
+    ({"SELENIUM": False}, "selenium is not installed"),
+])
+def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch, missing, why):
+    for name, value in missing.items():
+        monkeypatch.setattr(browser, name, value)
     monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="refusing to skip the browser tests in CI"):
+    with pytest.raises(pytest.fail.Exception, match="refusing to skip the browser tests in CI") as failed:
         require_chromium()
+    assert str(failed.value).startswith(why)
     monkeypatch.delenv("CI")
-    with pytest.raises(pytest.skip.Exception, match="chromium is not installed"):
+    with pytest.raises(pytest.skip.Exception, match=why):
         require_chromium()
 
 
@@ -600,10 +483,9 @@ def test_markup_in_every_value_is_shown_as_text(injected):
 
 def test_markup_in_every_value_runs_no_script_in_chromium(injected, chromium):
     expected, markup, path = injected
-    session, events = chromium.visit(path.resolve().as_uri())
-    assert scripts_run(events) == []  # no script compiled while the page loaded and settled
+    page = chromium.visit(path.resolve().as_uri())
+    assert page.scripts == []  # no script ran while the page loaded and settled
     state = chromium.evaluate(
-        session,
         "({scripts: document.scripts.length,"
         " frames: document.querySelectorAll('iframe, object, embed, a, details[open]').length,"
         " handlers: Array.from(document.querySelectorAll('*')).flatMap(e => Array.from(e.attributes))"
@@ -611,8 +493,8 @@ def test_markup_in_every_value_runs_no_script_in_chromium(injected, chromium):
         " images: Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length,"
         " text: document.body.innerText})",
     )
-    assert page_errors(events) == []
-    requested = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
+    assert page.errors == []
+    requested = page.requests
     assert all(u.startswith(("file:", "data:")) for u in requested), requested
     assert (state["scripts"], state["frames"], state["handlers"]) == (0, 0, 0)
     assert state["images"] == len(expected["written"])
@@ -626,14 +508,15 @@ def test_the_browser_check_sees_markup_that_runs(chromium, tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text("<!doctype html><title>t</title><body><p>x</p>"
                    "<img src=x onerror=\"document.title='ran'\"><svg onload=\"document.body.dataset.svg=1\"></svg>")
-    session, events = chromium.visit(bad.as_uri())
-    assert len(scripts_run(events)) >= 2
-    assert chromium.evaluate(session, "[document.title, document.body.dataset.svg]") == ["ran", "1"]
+    page = chromium.visit(bad.as_uri())
+    assert len(page.scripts) >= 2
+    assert [e["source"] for e in page.errors] == ["network"]  # the image x that is not there
+    assert chromium.evaluate("[document.title, document.body.dataset.svg]") == ["ran", "1"]
     bad.write_text("<!doctype html><body><img src=x onerror=alert(1)>")
     with pytest.raises(AssertionError, match="a script ran in the report and opened a dialog"):
         chromium.visit(bad.as_uri())
-    dialog = chromium.last_dialog
-    chromium.call("Page.handleJavaScriptDialog", {"accept": True}, session=dialog["sessionId"])
+    assert chromium.last_dialog["params"]["message"] == "1"
+    chromium.driver.switch_to.alert.accept()
 
 
 @pytest.mark.parametrize("table, column, payload, message", [

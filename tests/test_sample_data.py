@@ -179,10 +179,17 @@ def test_build_is_deterministic_and_rerunnable(sample_source, tmp_path):
         assert (sample_source / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
-def test_refuses_to_overwrite_real_metadata(tmp_path):
+def test_refuses_to_overwrite_real_metadata(tmp_path, capsys):
+    from cli.main import main
+
     (tmp_path / "ffhq-dataset-v2.json").write_text('{"0": {}}')
     with pytest.raises(SampleExistsError, match="refusing to overwrite"):
         build_sample(tmp_path)
+    assert (tmp_path / "ffhq-dataset-v2.json").read_text() == '{"0": {}}'
+    assert main(["sample-data", str(tmp_path)]) == 1  # the command: one error line on stderr
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith("subject-ffhq sample-data: error: ") and "refusing to overwrite" in captured.err
     assert (tmp_path / "ffhq-dataset-v2.json").read_text() == '{"0": {}}'
 
 

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from datagen.shards.plan import ShardSpec, plan_shards
-from datagen.sources.readers import FFHQWildSource, SourceItem
+from datagen.sources.ffhq_wild import FFHQWildSource
+from datagen.sources.items import SourceItem
 
 
 def item(index: int) -> SourceItem:

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datagen.sources.ffhq_wild import FFHQWildSource
+from datagen.sources.image_folder import ImageFolderSource
 from datagen.sources.images import ImageError, load_image
-from datagen.sources.readers import (
+from datagen.sources.items import (
     DEFAULT_TEST_SIZE,
-    FFHQWildSource,
-    ImageFolderSource,
     SourceError,
     SourceItem,
     assign_duplicates_and_split,
     choose_test_groups,
     held_out_size,
-    open_source,
 )
+from datagen.sources.readers import open_source
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +358,7 @@ def test_folder_without_images(tmp_path):
 def test_a_repeated_key_is_named_not_silently_collapsed(tmp_path, monkeypatch):
     import json
 
-    from datagen.sources import readers
+    from datagen.sources import ffhq_wild
 
     one = json.dumps(good_entry(7))
     root = with_metadata(tmp_path, "{" + f'"7": {one}, "7": {one}' + "}")  # the same key twice, as text
@@ -366,7 +366,7 @@ def test_a_repeated_key_is_named_not_silently_collapsed(tmp_path, monkeypatch):
         open_source(root).items()
 
     # a well-formed file never takes the item-by-item path
-    monkeypatch.setattr(readers, "_streamed_entries", lambda where: pytest.fail("streamed a good file"))
+    monkeypatch.setattr(ffhq_wild, "_streamed_entries", lambda where: pytest.fail("streamed a good file"))
     (tmp_path / "good").mkdir()
     good = with_metadata(tmp_path / "good", {"7": good_entry(7), "8": good_entry(8)})
     assert [it.source_id for it in open_source(good).items()] == ["7", "8"]

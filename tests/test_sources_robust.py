@@ -92,7 +92,7 @@ def test_folder_source_says_what_it_passed_over_and_why(tmp_path):
 
 def test_an_empty_folder_error_says_what_was_passed_over(tmp_path):
     (tmp_path / "anim.gif").write_bytes(b"GIF89a")
-    from datagen.sources.readers import SourceError
+    from datagen.sources.items import SourceError
 
     with pytest.raises(SourceError, match=r"no image files found .*passed over 1: anim.gif \(not a supported image type"):
         open_source(tmp_path).items()

@@ -132,6 +132,16 @@ def test_command_builds_and_prints_the_export_hint(tmp_path, capsys):
     assert "already built" in capsys.readouterr().out
 
 
+def test_command_refuses_include_blip2_without_paper_size_with_one_line(tmp_path, capsys):
+    from cli.main import main
+
+    assert main(["tiny-models", str(tmp_path / "tiny"), "--include-blip2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (tmp_path / "tiny").exists()
+    assert captured.err == ("subject-ffhq tiny-models: error: --include-blip2 goes with --paper-size "
+                            "(the tiny BLIP-2 is always built)\n")
+
+
 # ---- one loading path: the tiny folders served as hub ids from the HF cache ------------------------
 def as_cached_hub_repo(cache, repo_id: str, folder) -> None:
     """Place ``folder`` in the HF cache layout, as a download of ``repo_id`` would."""

@@ -244,47 +244,12 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
     """``object_types``: the labels of the per-type figures (default: the run's, see :func:`run_object_types`)."""
     rows = samples.to_pylist()
     written = [r for r in rows if r["status"] == "written"]
-    failed = [r for r in rows if r["status"] == "failed"]
     run = load_run_manifest(run_dir)
     object_types = tuple(object_types) if object_types else run_object_types(run)
     all_scores = [v for r in written for v in r["match_scores"]]
     weakest = [r["min_match_score"] for r in written if r["min_match_score"] is not None]
     margins = [r["min_margin"] for r in written if r["min_margin"] is not None]
 
-    failures: dict[str, dict] = {}
-    for r in failed:
-        f = failures.setdefault(r["reason_kind"], {"count": 0, "examples": []})
-        f["count"] += 1
-        if len(f["examples"]) < 5:
-            f["examples"].append({"source_id": r["source_id"], "key": r["key"], "reason": r["reason"]})
-    failures = dict(sorted(failures.items(), key=lambda kv: (-kv[1]["count"], kv[0])))
-
-    status = Counter(r["status"] for r in rows)
-    shard_status = Counter(shards.column("status").to_pylist())
-    counts = {
-        "shards": shards.num_rows,
-        "shards_failed": shard_status["failed"],
-        "sources": len(rows),
-        "written": status["written"],
-        "duplicate": status["duplicate"],
-        "failed": status["failed"],
-        "train": sum(1 for r in written if r["split"] == "train"),
-        "test": sum(1 for r in written if r["split"] == "test"),
-        "with_match": sum(1 for r in written if r["n_matched"]),
-        "with_matched_person": sum(1 for r in written if r["n_matched_person"]),
-        "segments": sum(r["n_segments"] for r in written),
-        "person_segments": sum(r["n_person_segments"] for r in written),
-        "phrases": sum(r["n_phrases"] for r in written),
-        "matches": sum(r["n_matched"] for r in written),
-        "matched_persons": sum(r["n_matched_person"] for r in written),
-        "flagged": sum(1 for r in written if any(r[f] for f in (*FLAG_NAMES, *FACE_FLAG_NAMES))),
-        **{f: sum(1 for r in written if r[f]) for f in FLAG_NAMES},
-        "faces_checked": sum(1 for r in written if r["faces_checked"]),
-        "with_face_rect": sum(1 for r in written if r["primary_face_overlap"] is not None),
-        "faces": sum(r["n_faces"] or 0 for r in written),
-        "face_flagged": sum(1 for r in written if any(r[f] for f in FACE_FLAG_NAMES)),
-        **{f: sum(1 for r in written if r[f]) for f in FACE_FLAG_NAMES},
-    }
     face_sizes = [v for r in written for v in (r["matched_face_sizes"] or [])]
     random = random_weights(run)
     return {
@@ -296,7 +261,7 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
         "run_dir": str(run_dir),
         "has_run_manifest": bool(run),
         "thresholds": {"ambiguous_margin": ambiguous_margin},
-        "counts": counts,
+        "counts": summary_counts(rows, written, shards),
         "shard_bytes": int(sum(shards.column("bytes").to_pylist())),
         "shard_seconds": float(sum(shards.column("seconds").to_pylist())),
         "histograms": {
@@ -320,7 +285,49 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
         "matched_labels": dict(Counter(lbl for r in written for lbl in r["matched_labels"]).most_common(30)),
         "object_types": list(object_types),
         "by_object_type": {t: by_object_type(written, t) for t in object_types},
-        "failures_by_reason": failures,
+        "failures_by_reason": failures_by_reason([r for r in rows if r["status"] == "failed"]),
+    }
+
+
+def failures_by_reason(failed: list[dict]) -> dict[str, dict]:
+    """The failed rows by kind of reason, the most frequent first: the count and up to 5 examples each."""
+    failures: dict[str, dict] = {}
+    for r in failed:
+        f = failures.setdefault(r["reason_kind"], {"count": 0, "examples": []})
+        f["count"] += 1
+        if len(f["examples"]) < 5:
+            f["examples"].append({"source_id": r["source_id"], "key": r["key"], "reason": r["reason"]})
+    return dict(sorted(failures.items(), key=lambda kv: (-kv[1]["count"], kv[0])))
+
+
+def summary_counts(rows: list[dict], written: list[dict], shards: pa.Table) -> dict[str, int]:
+    """The headline counts of a run: shards, samples by status and split, segments, phrases, matches,
+    flags and faces (over the written rows)."""
+    status = Counter(r["status"] for r in rows)
+    shard_status = Counter(shards.column("status").to_pylist())
+    return {
+        "shards": shards.num_rows,
+        "shards_failed": shard_status["failed"],
+        "sources": len(rows),
+        "written": status["written"],
+        "duplicate": status["duplicate"],
+        "failed": status["failed"],
+        "train": sum(1 for r in written if r["split"] == "train"),
+        "test": sum(1 for r in written if r["split"] == "test"),
+        "with_match": sum(1 for r in written if r["n_matched"]),
+        "with_matched_person": sum(1 for r in written if r["n_matched_person"]),
+        "segments": sum(r["n_segments"] for r in written),
+        "person_segments": sum(r["n_person_segments"] for r in written),
+        "phrases": sum(r["n_phrases"] for r in written),
+        "matches": sum(r["n_matched"] for r in written),
+        "matched_persons": sum(r["n_matched_person"] for r in written),
+        "flagged": sum(1 for r in written if any(r[f] for f in (*FLAG_NAMES, *FACE_FLAG_NAMES))),
+        **{f: sum(1 for r in written if r[f]) for f in FLAG_NAMES},
+        "faces_checked": sum(1 for r in written if r["faces_checked"]),
+        "with_face_rect": sum(1 for r in written if r["primary_face_overlap"] is not None),
+        "faces": sum(r["n_faces"] or 0 for r in written),
+        "face_flagged": sum(1 for r in written if any(r[f] for f in FACE_FLAG_NAMES)),
+        **{f: sum(1 for r in written if r[f]) for f in FACE_FLAG_NAMES},
     }
 
 

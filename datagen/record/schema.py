@@ -293,6 +293,18 @@ class Record:
         def fail(path: str, problem: str) -> None:
             raise RecordError(path, problem, k)
 
+        self._check_fields(fail)
+        seen_ids = self._check_segments(fail)
+        self._check_phrases(fail, seen_ids)
+        matched_by_seg = {s.id: s for s in self.segments if s.matched}
+        self._check_matches(fail, seen_ids, matched_by_seg)
+        self._check_faces(fail, matched_by_seg)
+        self._check_scores(fail, seen_ids)
+        self._check_provenance(fail)
+        return self
+
+    def _check_fields(self, fail) -> None:
+        """The record's own fields: schema version, key, captions, size, split, models."""
         if self.schema_version not in READABLE_VERSIONS:
             fail("schema_version", f"is {self.schema_version!r}, this code reads {', '.join(map(repr, READABLE_VERSIONS))}")
         if not isinstance(self.key, str) or not self.key.isdigit():
@@ -312,6 +324,8 @@ class Record:
         ):
             fail("models", "must map stage names to model ids (strings)")
 
+    def _check_segments(self, fail) -> set[int]:
+        """Each segment in turn; returns the segment ids (each one once)."""
         seen_ids: set[int] = set()
         for i, s in enumerate(self.segments):
             p = f"segments[{i}]"
@@ -320,36 +334,43 @@ class Record:
             if s.id in seen_ids:
                 fail(f"{p}.id", f"duplicates segment id {s.id}")
             seen_ids.add(s.id)
-            if not isinstance(s.coco_label, str) or not s.coco_label:
-                fail(f"{p}.coco_label", f"must be a non-empty string, got {s.coco_label!r}")
-            if not _is_int(s.category_id) or s.category_id < 0:
-                fail(f"{p}.category_id", f"must be a non-negative integer, got {s.category_id!r}")
-            if not isinstance(s.is_thing, bool):
-                fail(f"{p}.is_thing", f"must be a boolean, got {s.is_thing!r}")
-            if (
-                not isinstance(s.bbox, list | tuple)
-                or len(s.bbox) != 4
-                or not all(_is_int(v) for v in s.bbox)
-            ):
-                fail(f"{p}.bbox", f"must be four integers [x0, y0, x1, y1], got {s.bbox!r}")
-            x0, y0, x1, y1 = s.bbox
-            if not (0 <= x0 < x1 <= self.width and 0 <= y0 < y1 <= self.height):
-                fail(
-                    f"{p}.bbox",
-                    f"{list(s.bbox)} is not a non-empty box inside the {self.width}x{self.height} image",
-                )
-            if not _is_int(s.area) or not (0 < s.area <= (x1 - x0) * (y1 - y0)):
-                fail(f"{p}.area", f"must be a positive integer no larger than its bbox, got {s.area!r}")
-            if not _is_number(s.score):
-                fail(f"{p}.score", f"must be a finite number, got {s.score!r}")
-            span = (s.word, s.start, s.end)
-            if any(v is not None for v in span):
-                if not isinstance(s.word, str) or not s.word:
-                    fail(f"{p}.word", f"must be a non-empty string when matched, got {s.word!r}")
-                self._check_span(fail, p, s.start, s.end, s.word)
-                if not _is_number(s.match_score):
-                    fail(f"{p}.match_score", f"must be a finite number when matched, got {s.match_score!r}")
+            self._check_segment(fail, p, s)
+        return seen_ids
 
+    def _check_segment(self, fail, p: str, s: Segment) -> None:
+        """One segment's label, class, box, area and score, and its phrase when it is matched."""
+        if not isinstance(s.coco_label, str) or not s.coco_label:
+            fail(f"{p}.coco_label", f"must be a non-empty string, got {s.coco_label!r}")
+        if not _is_int(s.category_id) or s.category_id < 0:
+            fail(f"{p}.category_id", f"must be a non-negative integer, got {s.category_id!r}")
+        if not isinstance(s.is_thing, bool):
+            fail(f"{p}.is_thing", f"must be a boolean, got {s.is_thing!r}")
+        if (
+            not isinstance(s.bbox, list | tuple)
+            or len(s.bbox) != 4
+            or not all(_is_int(v) for v in s.bbox)
+        ):
+            fail(f"{p}.bbox", f"must be four integers [x0, y0, x1, y1], got {s.bbox!r}")
+        x0, y0, x1, y1 = s.bbox
+        if not (0 <= x0 < x1 <= self.width and 0 <= y0 < y1 <= self.height):
+            fail(
+                f"{p}.bbox",
+                f"{list(s.bbox)} is not a non-empty box inside the {self.width}x{self.height} image",
+            )
+        if not _is_int(s.area) or not (0 < s.area <= (x1 - x0) * (y1 - y0)):
+            fail(f"{p}.area", f"must be a positive integer no larger than its bbox, got {s.area!r}")
+        if not _is_number(s.score):
+            fail(f"{p}.score", f"must be a finite number, got {s.score!r}")
+        span = (s.word, s.start, s.end)
+        if any(v is not None for v in span):
+            if not isinstance(s.word, str) or not s.word:
+                fail(f"{p}.word", f"must be a non-empty string when matched, got {s.word!r}")
+            self._check_span(fail, p, s.start, s.end, s.word)
+            if not _is_number(s.match_score):
+                fail(f"{p}.match_score", f"must be a finite number when matched, got {s.match_score!r}")
+
+    def _check_phrases(self, fail, seen_ids: set[int]) -> None:
+        """Each phrase: its text, its span in the caption, the segment it names."""
         for i, ph in enumerate(self.phrases):
             p = f"phrases[{i}]"
             if not isinstance(ph.text, str) or not ph.text:
@@ -358,7 +379,8 @@ class Record:
             if ph.segment_id is not None and ph.segment_id not in seen_ids:
                 fail(f"{p}.segment_id", f"names segment {ph.segment_id}, which is not in segments")
 
-        matched_by_seg = {s.id: s for s in self.segments if s.matched}
+    def _check_matches(self, fail, seen_ids: set[int], matched_by_seg: dict[int, Segment]) -> None:
+        """Phrases and segments agree on each match; the unmatched lists hold only what is unmatched."""
         for i, ph in enumerate(self.phrases):
             if ph.segment_id is None:
                 continue
@@ -376,8 +398,8 @@ class Record:
             if sid in matched_by_seg:
                 fail("unmatched_person_segments", f"lists segment {sid}, which is matched")
 
-        self._check_faces(fail, matched_by_seg)
-
+    def _check_scores(self, fail, seen_ids: set[int]) -> None:
+        """The score matrices: phrases x segments, finite numbers, over the record's segment ids."""
         sc = self.scores
         if sc.segment_ids and sorted(sc.segment_ids) != sorted(seen_ids):
             fail("scores.segment_ids", f"{sc.segment_ids} do not match the segment ids {sorted(seen_ids)}")
@@ -390,6 +412,7 @@ class Record:
             if not all(_is_number(v) for row in m for v in row):
                 fail(f"scores.{name}", "holds a value that is not a finite number")
 
+    def _check_provenance(self, fail) -> None:
         pv = self.provenance
         if pv.source not in ("ffhq-wild", "folder"):
             fail("provenance.source", f"must be 'ffhq-wild' or 'folder', got {pv.source!r}")
@@ -397,7 +420,6 @@ class Record:
             fail("provenance.pixel_md5", f"must be a 32-character hex md5, got {pv.pixel_md5!r}")
         if not isinstance(pv.original_size, list | tuple) or len(pv.original_size) != 2:
             fail("provenance.original_size", f"must be [w, h], got {pv.original_size!r}")
-        return self
 
     def _check_faces(self, fail, matched_by_seg: dict[int, Segment]) -> None:
         """The face fields: present only from 1.1 on, on person segments only, well formed."""

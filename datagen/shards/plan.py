@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from datagen.sources.readers import SourceItem
+from datagen.sources.items import SourceItem
 
 SHARD_PREFIX = "subjects"
 

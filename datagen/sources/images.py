@@ -80,7 +80,7 @@ except ImportError:  # decoding falls back to Pillow, which gives the same pixel
     _spng = None
 
 if TYPE_CHECKING:
-    from datagen.sources.readers import SourceItem
+    from datagen.sources.items import SourceItem
 
 DEFAULT_MAX_SIDE = 1024
 # 150 megapixels (e.g. 15000 x 10000): far beyond any real FFHQ-wild photo, still below Pillow's
