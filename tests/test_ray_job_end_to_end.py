@@ -239,6 +239,71 @@ def test_interrupted_run_resumes_to_identical_bytes(reference, pools, profile, s
     assert_same_shards(tmp_path, ref_root)
 
 
+def test_a_kill_at_the_first_shard_write_then_a_resume_leaves_no_temp_file(reference, pools, profile, sample_source, tmp_path):
+    """What kill -9 leaves when it lands at the first shard write: that shard's tar renamed into
+    place but its manifest entry still a temp file, another shard's tar half-written, run.json's
+    temp. The resume clears every temp file, redoes every shard, and writes the reference's bytes."""
+    ref_root, ref = reference
+    shards_dir, entries_dir = tmp_path / "out" / "shards", tmp_path / "manifests" / "run" / "shards"
+    shards_dir.mkdir(parents=True)
+    entries_dir.mkdir(parents=True)
+    shutil.copy(ref_root / "out" / "shards" / "subjects-00000.tar", shards_dir)
+    entry = (ref.run_dir / "shards" / "subjects-00000.json").read_bytes()
+    (entries_dir / "subjects-00000.json.tmp-99999").write_bytes(entry[: len(entry) // 2])
+    (shards_dir / "subjects-00001.tar.tmp-99998").write_bytes(b"partial tar")
+    (entries_dir.parent / "run.json.tmp-99999").write_text("{")
+    resumed = build(sample_source, tmp_path, profile, pools)
+    assert resumed.status == "complete" and resumed.shards_run == 4  # no entry: every shard redone
+    assert temp_files(tmp_path / "out", tmp_path / "manifests") == []
+    assert_same_shards(tmp_path, ref_root)
+    check_run(resumed.run_dir, sample_source)
+
+
+def test_a_stage_added_through_the_table_alone_runs_in_a_real_build(reference, pools, profile, tiny_models_all,
+                                                                   sample_source, tmp_path, monkeypatch):
+    """A stage defined in tests/ (tests/plugin_stage.py), registered through the stage table, with its
+    own profile section: its actor runs beside the shared tiny actors and its field reaches every
+    record; the contract's members are the reference's, byte for byte."""
+    from datagen import stage_table
+    from datagen.config import TINY_MODELS_ENV, ProfileError
+    from tests.plugin_stage import CAPTION_WORDS
+
+    ref_root, ref = reference
+    monkeypatch.setenv(TINY_MODELS_ENV, str(tiny_models_all))
+    with pytest.raises(ProfileError, match="unknown setting 'caption_words'"):
+        load_profile("tiny", TEST_CONFIG, {"caption_words": {"min_length": 2}})  # not registered: refused
+    with stage_table.registered(CAPTION_WORDS):
+        # the shared actors' placement, so that the build reuses them and starts only the new stage's
+        placed = {name: {"num_cpus": pool.placement.num_cpus} for name, pool in pools.pools.items()}
+        overlay = {"caption_words": {"min_length": 2}, "ray": {"stages": {**placed, "caption_words": {"num_cpus": 0.05}}}}
+        plugged = load_profile("tiny", TEST_CONFIG, overlay)
+        assert plugged.section("caption_words").min_length == 2
+        assert [st.name for st in stage_table.stages_for(plugged)] == ["captioner", "segmenter", "matcher", "faces", "caption_words"]
+        summary = build(sample_source, tmp_path, plugged, pools)
+    assert "caption_words" not in stage_table.stage_names()  # the registration ended with the block
+    assert summary.status == "complete" and summary.counts == ref.counts
+    run = json.loads((summary.run_dir / "run.json").read_text())
+    assert run["models"]["caption_words"] == "whitespace split" and run["config_digest"] != json.loads(
+        (ref.run_dir / "run.json").read_text())["config_digest"]
+    assert run["invocations"][-1]["stage_rates"]["caption_words"]["images"] == 11
+    assert set(run["invocations"][-1]["ray"]["actors"]) == {"captioner", "segmenter", "matcher", "faces", "caption_words"}
+    records = 0
+    for name in sorted(tar_bytes(ref_root)):
+        ours, theirs = _members(tmp_path / "out" / "shards" / name), _members(ref_root / "out" / "shards" / name)
+        assert sorted(ours) == sorted(theirs)
+        for member, data in theirs.items():
+            if not member.endswith(".json"):
+                assert ours[member] == data, member  # image and segment map: the same bytes
+                continue
+            got, want = json.loads(ours[member]), json.loads(data)
+            words = sum(1 for w in want["caption"].split() if len(w) >= 2)
+            assert got.pop("caption_words") == words
+            assert got["models"].pop("caption_words") == "whitespace split"
+            assert got == want
+            records += 1
+    assert records == 11
+
+
 def test_corrupt_and_missing_images_are_recorded_and_named(pools, profile, sample_source, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(sample_source, source)
