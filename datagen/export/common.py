@@ -212,8 +212,11 @@ class ShardExport:
 
     @classmethod
     def headline(cls, summary: ExportSummary) -> list[str]:
-        """What the command prints before the filter counts."""
-        raise NotImplementedError
+        """What the command prints before the filter counts: by default what was exported, with the
+        subjects when the format counts them."""
+        subjects = f", {summary.subjects} subject(s)" if summary.counts.get("subjects") is not None else ""
+        return [f"exported {summary.exported} of {summary.samples_seen} samples{subjects} from {summary.shards} "
+                f"shard(s) as {summary.format} to {summary.out}"]
 
     @classmethod
     def notes(cls, summary: ExportSummary) -> list[str]:

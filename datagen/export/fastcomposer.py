@@ -21,7 +21,8 @@ kept. Upstream's loader then reads the same subjects with its ``object_types`` s
 labels or left at ``None``; ``export_summary.json`` names them (``object_types``) and counts the
 exported subjects per type (``subjects_by_type``).
 
-**Ids and safety.** Before anything is written, every member name of every shard is checked:
+**Ids and safety.** Before anything is written, every member name of every shard is checked
+(:func:`~datagen.export.common.check_shard_ids`, for every format):
 it must be ``<id>.<ext>`` with ``id`` made of ASCII decimal digits (``0``-``9`` only: ``²`` or
 Arabic-Indic digits pass ``str.isdigit()`` but are refused), and ids must be unique *as integers*
 (``1`` and ``00000001`` are the same sample to FastComposer's ``int(id)`` and are refused). Nothing
@@ -124,8 +125,7 @@ class FastComposerExport(ShardExport):
 
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
         out, key = self.out, sample.key
-        segmap = sample.segment_map()
-        sample.check_sizes(sample.image_size(), segmap, record)
+        segmap = sample.checked_segment_map(record)
         folder = out / key[:5]
         folder.mkdir(parents=True, exist_ok=True)
         if folder.is_symlink() or folder.resolve().parent != out.resolve():  # appeared since the check

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from datagen.config import COCO_CATEGORIES_FILE, DEFAULT_OBJECT_TYPES
-from datagen.export.common import ExportFilters, ExportSummary, SampleOutcome, ShardExport, Tally
+from datagen.export.common import ExportFilters, SampleOutcome, ShardExport, Tally
 from datagen.files import atomic_write
 from datagen.record.schema import Record
 from datagen.shards.reader import TarSample
@@ -74,8 +74,7 @@ class SegConditioningExport(ShardExport):
 
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
         out, key = self.out, sample.key
-        segmap = sample.segment_map()
-        sample.check_sizes(sample.image_size(), segmap, record)
+        segmap = sample.checked_segment_map(record)
         semantic, extra = semantic_map(segmap, record, self.palette)
         buf = io.BytesIO()
         Image.fromarray(semantic, mode="RGB").save(buf, format="PNG")
@@ -100,8 +99,3 @@ class SegConditioningExport(ShardExport):
         atomic_write(self.out / LEGEND, json.dumps(legend, indent=1) + "\n")
         atomic_write(self.out / METADATA, "".join(tally.lines))
         return {"subjects": None}, {"placeholder": None}
-
-    @classmethod
-    def headline(cls, summary: ExportSummary) -> list[str]:
-        return [f"exported {summary.exported} of {summary.samples_seen} samples from {summary.shards} shard(s) "
-                f"as {summary.format} to {summary.out}"]

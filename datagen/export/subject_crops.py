@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from datagen.config import DEFAULT_OBJECT_TYPES
-from datagen.export.common import ExportError, ExportFilters, ExportSummary, SampleOutcome, ShardExport, Tally
+from datagen.export.common import ExportError, ExportFilters, SampleOutcome, ShardExport, Tally
 from datagen.files import atomic_write
 from datagen.record.schema import Record
 from datagen.shards.reader import TarSample
@@ -66,8 +66,7 @@ class SubjectCropsExport(ShardExport):
         chosen = [s for s in record.segments if s.matched and s.coco_label in self.object_types]
         if not chosen:
             return SampleOutcome(key, record.split, rejection="no_subject_of_object_types")
-        image, segmap = sample.image(), sample.segment_map()
-        sample.check_sizes(image.size, segmap, record)
+        image, segmap = sample.image(), sample.checked_segment_map(record)
         entries, lines = [], []
         for s in chosen:
             name = f"subject-{s.id}.png"
@@ -87,8 +86,3 @@ class SubjectCropsExport(ShardExport):
     def finish(self, tally: Tally) -> tuple[dict[str, Any], dict[str, Any]]:
         atomic_write(self.out / METADATA, "".join(tally.lines))
         return {"subjects": tally.counts["subjects"]}, {"placeholder": self.placeholder}
-
-    @classmethod
-    def headline(cls, summary: ExportSummary) -> list[str]:
-        return [f"exported {summary.exported} of {summary.samples_seen} samples, {summary.subjects} subject(s) "
-                f"from {summary.shards} shard(s) as {summary.format} to {summary.out}"]

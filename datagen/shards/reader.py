@@ -121,6 +121,12 @@ class TarSample:
         with self._decoding(), Image.open(io.BytesIO(self.members["jpg"])) as im:
             return im.size
 
+    def checked_segment_map(self, record: Record) -> np.ndarray:
+        """The segment map, checked against the image (its header: no pixels decoded) and the record."""
+        segment_map = self.segment_map()
+        self.check_sizes(self.image_size(), segment_map, record)
+        return segment_map
+
     def check_sizes(self, image_size: tuple[int, int], segment_map: np.ndarray, record: Record | None = None) -> None:
         check_sizes(self.where, image_size, segment_map.shape, record)
 
