@@ -1,9 +1,9 @@
 """``subject-ffhq export --format FORMAT SHARDS_DIR OUT``: write the shards in another layout.
 
-Reads every ``subjects-*.tar`` in SHARDS_DIR. ``fastcomposer`` writes ``image_ids*.txt`` and
-``<id[:5]>/<id>.jpg|.json|.npy`` (see :mod:`datagen.export.fastcomposer`); ``seg-conditioning`` and
-``subject-crops`` write the views of :mod:`datagen.export.views`. Quality filters drop whole samples;
-how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
+Reads every ``subjects-*.tar`` in SHARDS_DIR and writes it in one of the layouts of
+:data:`datagen.export.registry.FORMATS` (``fastcomposer``: ``image_ids*.txt`` and
+``<id[:5]>/<id>.jpg|.json|.npy``; ``seg-conditioning``; ``subject-crops``). Quality filters drop whole
+samples; how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
 
 The object types (which matched segments are subjects: FastComposer's ``segments``, the crops, and
 what ``--require-subject`` / ``--exclude-unmatched-subject`` look at) are the profile's
@@ -13,25 +13,19 @@ read; ``--object-types`` overrides it.
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
+from cli.errors import fail
 from datagen.config import ProfileError, load_profile, parse_object_types
-from datagen.export.fastcomposer import (
-    SEGMAP_DTYPES,
-    UNREADABLE_SEGMAP_DTYPES,
-    ExportError,
-    ExportFilters,
-    export_fastcomposer,
-)
-
-FORMATS = ("fastcomposer", "seg-conditioning", "subject-crops")
+from datagen.export.common import SUMMARY, ExportError, ExportFilters
+from datagen.export.fastcomposer import SEGMAP_DTYPES, UNREADABLE_SEGMAP_DTYPES
+from datagen.export.registry import DEFAULT_FORMAT, FORMATS, export
+from datagen.export.subject_crops import DEFAULT_PLACEHOLDER
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--format", choices=FORMATS, default="fastcomposer", help="output layout (default fastcomposer)")
+    parser.add_argument("--format", choices=tuple(FORMATS), default=DEFAULT_FORMAT,
+                        help=f"output layout (default {DEFAULT_FORMAT})")
     parser.add_argument("shards_dir", metavar="SHARDS_DIR", type=Path, help="folder with subjects-NNNNN.tar shards")
     parser.add_argument("out", metavar="OUT", type=Path, help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--min-match-score", type=float, default=None,
@@ -68,8 +62,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--object-types", default=None, metavar="LABELS",
                         help="comma-separated COCO labels of the subjects, e.g. person,dog,cat "
                              "(default: the profile's subjects.object_types, person unless set)")
-    parser.add_argument("--placeholder", default="S*",
-                        help="subject-crops: the token that replaces the subject's phrase in its prompt (default S*)")
+    parser.add_argument("--placeholder", default=DEFAULT_PLACEHOLDER,
+                        help=f"subject-crops: the token that replaces the subject's phrase in its prompt "
+                             f"(default {DEFAULT_PLACEHOLDER})")
     parser.add_argument("--overwrite", action="store_true", help="export into a non-empty OUT, replacing an earlier export")
 
 
@@ -95,49 +90,15 @@ def run(args) -> int:
     try:
         object_types = object_types_from_args(args)
     except ProfileError as e:
-        print(f"subject-ffhq export: {e}", file=sys.stderr)
-        return 2
-    if args.format != "fastcomposer":
-        return _export_view(args, filters, object_types)
+        return fail("export", e, 2)
+    fmt = FORMATS[args.format]
+    options = {name: getattr(args, name) for name in fmt.options}  # the format's own flags
     try:
-        summary = export_fastcomposer(args.shards_dir, args.out, filters, overwrite=args.overwrite,
-                                      segmap_dtype=args.segmap_dtype, workers=args.workers, object_types=object_types)
+        summary = export(fmt.name, args.shards_dir, args.out, filters, overwrite=args.overwrite, workers=args.workers,
+                         object_types=object_types, **options)
     except ExportError as e:
-        print(f"subject-ffhq export: {e}", file=sys.stderr)
-        return 1
-    print(f"exported {summary.exported} of {summary.samples_seen} samples from {summary.shards} shard(s) "
-          f"(train {summary.train}, test {summary.test}) to {summary.out}")
-    print(f"subjects ({','.join(summary.object_types)}): {summary.segments_exported} "
-          f"{json.dumps(summary.subjects_by_type)}")
-    dropped = sum(summary.filtered_out.values())
-    print(f"filtered out: {dropped}" + (f" {json.dumps(summary.filtered_out)}" if dropped else ""))
-    if any(v not in (None, False, 0, ("train", "test")) for v in asdict(filters).values()):
-        print(f"filters: {json.dumps(asdict(filters))}")
-    if summary.ignored_old_ids:
-        shown = ", ".join(repr(x) for x in summary.ignored_old_ids[:5])
-        more = len(summary.ignored_old_ids) - 5
-        print(f"ignored {len(summary.ignored_old_ids)} line(s) of the old image_ids.txt that are not ids "
-              f"(never used as paths): {shown}" + (f" and {more} more" if more > 0 else ""))
-    if summary.not_removed:
-        print(f"left {len(summary.not_removed)} stale file group(s) in place (their folder is not a real folder "
-              f"inside OUT): {', '.join(summary.not_removed[:5])}")
-    print(Path(summary.out) / "export_summary.json")
-    return 0
-
-
-def _export_view(args, filters, object_types) -> int:
-    from datagen.export.views import export_view
-
-    try:
-        summary = export_view(args.format, args.shards_dir, args.out, filters, overwrite=args.overwrite,
-                              object_types=object_types, placeholder=args.placeholder)
-    except ExportError as e:
-        print(f"subject-ffhq export: {e}", file=sys.stderr)
-        return 1
-    subjects = f", {summary['subjects']} subject(s)" if summary["subjects"] is not None else ""
-    print(f"exported {summary['exported']} of {summary['samples_seen']} samples{subjects} from {summary['shards']} "
-          f"shard(s) as {args.format} to {summary['out']}")
-    dropped = sum(summary["filtered_out"].values())
-    print(f"filtered out: {dropped}" + (f" {json.dumps(summary['filtered_out'])}" if dropped else ""))
-    print(Path(summary["out"]) / "export_summary.json")
+        return fail("export", e, 1)
+    for line in fmt.describe(summary):
+        print(line)
+    print(Path(summary.out) / SUMMARY)
     return 0

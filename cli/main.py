@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("cli.build", "run the dataset job: caption, segment, chunk, match, write shards"),
     "report": ("cli.report", "write the match-quality report (report.html) of a run"),
     "inspect": ("cli.inspect", "write a PNG showing one sample of a run"),
-    "export": ("cli.export", "export shards to FastComposer's on-disk layout"),
+    "export": ("cli.export", "export shards to another on-disk layout (FastComposer's by default; --format)"),
     "train": ("cli.train", "train FastComposer on shards with Ray Train"),
     "sample": ("cli.generate", "generate an image from a checkpoint, a prompt and subject photos"),
     "evaluate": ("cli.evaluate", "score a checkpoint: identity preservation and prompt consistency"),

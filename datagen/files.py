@@ -1,7 +1,7 @@
 """Files written atomically, their digests, and the temp files a killed writer leaves.
 
-Every file the project writes goes through :func:`atomic_path` (or :func:`atomic_write` /
-:func:`write_json_atomic` on top of it): the data goes to a temp file ``<name>.tmp-<pid>`` in the
+Every file the project writes goes through :func:`atomic_path` (or :func:`atomic_file`,
+:func:`atomic_write` / :func:`write_json_atomic` on top of it): the data goes to a temp file ``<name>.tmp-<pid>`` in the
 destination folder, which is flushed, fsync'd, made world-readable and renamed over the final name;
 an error removes the temp file. A crash (kill -9) can leave a temp file, never a half-written final
 one; :func:`remove_stale_temps` clears such leftovers. Temp names always contain :data:`TMP_MARK`.
@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 TMP_MARK = ".tmp-"
 
@@ -44,6 +44,14 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """:func:`atomic_path` for writers that want an open binary file (``tarfile``): the file is
+    closed when the block ends, then renamed into place; an error discards it."""
+    with atomic_path(path, mode) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:

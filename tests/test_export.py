@@ -10,7 +10,8 @@ import torch
 from torchvision.io import ImageReadMode, read_image
 
 from cli.main import main
-from datagen.export.fastcomposer import ExportError, ExportFilters, export_fastcomposer
+from datagen.export.common import ExportError, ExportFilters
+from datagen.export.fastcomposer import export_fastcomposer
 from tests.run_factory import make_run
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from datagen.export.fastcomposer import ExportError, export_fastcomposer
+from datagen.export.common import ExportError
+from datagen.export.fastcomposer import export_fastcomposer
 from tests.run_factory import make_run
 
 

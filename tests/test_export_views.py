@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from cli.main import main
-from datagen.export.fastcomposer import ExportError, ExportFilters
-from datagen.export.views import coco_palette, export_view, placeholder_caption
+from datagen.export.common import ExportError, ExportFilters
+from datagen.export.registry import export
+from datagen.export.seg_conditioning import coco_palette
+from datagen.export.subject_crops import placeholder_caption
 from datagen.shards.reader import read_shard
 from tests.run_factory import make_run
 
@@ -41,8 +43,8 @@ def test_placeholder_replaces_exactly_the_phrase():
 
 def test_seg_conditioning_read_back(run, samples, tmp_path):
     out = tmp_path / "seg"
-    summary = export_view("seg-conditioning", run["shards_dir"], out)
-    assert summary["exported"] == len(samples) and summary["samples_seen"] == len(samples)
+    summary = export("seg-conditioning", run["shards_dir"], out)
+    assert summary.exported == len(samples) and summary.samples_seen == len(samples)
     legend = json.loads((out / "legend.json").read_text())
     assert legend["none"] == [0, 0, 0] and legend["classes"]["person"]["color"] == [220, 20, 60]
     lines = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
@@ -64,12 +66,12 @@ def test_seg_conditioning_read_back(run, samples, tmp_path):
 
 def test_subject_crops_read_back(run, samples, tmp_path):
     out = tmp_path / "crops"
-    summary = export_view("subject-crops", run["shards_dir"], out, placeholder="<sks>")
+    summary = export("subject-crops", run["shards_dir"], out, placeholder="<sks>")
     persons = {k: [s for s in x.record.segments if s.matched and s.coco_label == "person"] for k, x in samples.items()}
     with_person = {k for k, v in persons.items() if v}
-    assert summary["exported"] == len(with_person) > 0
-    assert summary["subjects"] == sum(len(v) for v in persons.values())
-    assert summary["filtered_out"] == {"no_subject_of_object_types": len(samples) - len(with_person)}
+    assert summary.exported == len(with_person) > 0
+    assert summary.subjects == sum(len(v) for v in persons.values())
+    assert summary.filtered_out == {"no_subject_of_object_types": len(samples) - len(with_person)}
     for key in with_person:
         doc = json.loads((out / key / "subjects.json").read_text())
         rec, segmap = samples[key].record, samples[key].segment_map
@@ -82,14 +84,14 @@ def test_subject_crops_read_back(run, samples, tmp_path):
             x0, y0, x1, y1 = seg.bbox
             assert crop.shape == (y1 - y0, x1 - x0, 4)
             assert ((crop[..., 3] == 255) == (segmap[y0:y1, x0:x1] == seg.id)).all()
-    assert len((out / "metadata.jsonl").read_text().splitlines()) == summary["subjects"]
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == summary.subjects
 
 
 def test_subject_crops_other_object_types_and_filters(run, samples, tmp_path):
-    summary = export_view("subject-crops", run["shards_dir"], tmp_path / "x", object_types=("person", "cat", "bench"),
+    summary = export("subject-crops", run["shards_dir"], tmp_path / "x", object_types=("person", "cat", "bench"),
                           filters=ExportFilters(splits=("test",)))
     tests_only = {k for k, s in samples.items() if s.record.split == "test"}
-    assert summary["filtered_out"].get("split_train", 0) == len(samples) - len(tests_only)
+    assert summary.filtered_out.get("split_train", 0) == len(samples) - len(tests_only)
     labels = {json.loads(line)["coco_label"] for line in (tmp_path / "x" / "metadata.jsonl").read_text().splitlines()}
     assert labels <= {"person", "cat", "bench"}
 
@@ -99,7 +101,7 @@ def test_views_refuse_a_non_empty_out_and_the_cli_prints_counts(run, tmp_path, c
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty"):
-        export_view("seg-conditioning", run["shards_dir"], out)
+        export("seg-conditioning", run["shards_dir"], out)
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     code = main(["export", "--format", "subject-crops", str(run["shards_dir"]), str(tmp_path / "cli"), "--require-person"])
     printed = capsys.readouterr().out

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cli.main import main
-from datagen.export.fastcomposer import ExportFilters, export_fastcomposer
-from datagen.export.views import export_view
+from datagen.export.common import ExportFilters
+from datagen.export.fastcomposer import export_fastcomposer
+from datagen.export.registry import export as export_as
 from datagen.manifests.tables import write_manifest_tables
 from datagen.record.schema import FACE_FLAG_NAMES
 from datagen.report.gallery import FLAG_TITLES
@@ -114,8 +115,8 @@ def test_export_face_filters_drop_and_count(run, tmp_path):
     exported = json.loads((tmp_path / "all" / "00000" / "00000.json").read_text())
     assert exported["segments"][0]["faces"][0]["size"] == 40 and exported["face_checks"]["flags"] == []
     # the other layouts take the same filters
-    view = export_view("subject-crops", run["shards_dir"], tmp_path / "crops", ExportFilters(drop_merged_persons=True))
-    assert view["filtered_out"]["merged_persons"] == 1  # (coffee and chelsea have no person to crop)
+    view = export_as("subject-crops", run["shards_dir"], tmp_path / "crops", ExportFilters(drop_merged_persons=True))
+    assert view.filtered_out["merged_persons"] == 1  # (coffee and chelsea have no person to crop)
 
 
 def test_shards_without_face_checks_cannot_pass_a_face_filter(tmp_path):

@@ -138,3 +138,43 @@ def test_segment_maps_decode_to_the_ids_written_whatever_the_decoder():
         decode_segment_map(rgb.getvalue())
     with pytest.raises((ValueError, OSError)):  # truncated: Pillow's error, as before
         decode_segment_map(data[: len(data) // 2])
+
+
+def test_one_decode_and_check_of_a_samples_members(tmp_path):
+    from datagen.shards.reader import TarSample, iter_members
+    from datagen.shards.writer import encode_jpeg, encode_segment_map
+
+    path = tmp_path / "subjects-00000.tar"
+    _write(path, keys=("00042",))
+    ((key, members),) = iter_members(path)
+    sample = TarSample.of(path.name, key, members)
+    decoded = sample.decode()
+    assert sample.record() == decoded.record and sample.image_size() == decoded.image.size == (64, 48)
+    np.testing.assert_array_equal(sample.segment_map(), decoded.segment_map)
+
+    with pytest.raises(ShardError, match=r"subjects-00000.tar: sample 00042 lacks member\(s\) \['seg.png'\]"):
+        TarSample.of(path.name, key, {k: v for k, v in members.items() if k != "seg.png"})
+    with pytest.raises(ShardError, match="subjects-00000.tar: member 00043.json holds record key '00042'"):
+        TarSample(path.name, "00043", members).record()
+    with pytest.raises(ShardError, match="subjects-00000.tar: sample 00042: record: "):
+        TarSample(path.name, key, {**members, "json": b"{}"}).record()
+    with pytest.raises(ShardError, match="subjects-00000.tar: sample 00042: cannot identify image"):
+        TarSample(path.name, key, {**members, "jpg": b"not a jpeg"}).image()
+    small = TarSample(path.name, key, {**members, "jpg": encode_jpeg(_image(32, 32))})
+    with pytest.raises(ShardError, match="sample 00042: image is 32x32 but its segment map is 64x48"):
+        small.decode()
+    seg = np.zeros((32, 32), np.uint16)
+    with pytest.raises(ShardError, match="sample 00042: record says 64x48, image is 32x32"):
+        TarSample(path.name, key, {**small.members, "seg.png": encode_segment_map(seg)}).decode()
+
+
+def test_the_shard_temp_file_is_the_atomic_writers(tmp_path):
+    from datagen.files import TMP_MARK
+
+    path = tmp_path / "subjects-00000.tar"
+    w = ShardWriter(path)
+    assert TMP_MARK in w.tmp_path.name and w.tmp_path.parent == tmp_path and w.tmp_path.exists()
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    _write(path)
+    assert (path.stat().st_mode & 0o777) == 0o644 and list(tmp_path.iterdir()) == [path]

@@ -268,6 +268,25 @@ def test_bad_sample_raises_naming_shard_and_key_or_is_skipped_with_warn(records,
     assert any("00001" in r.getMessage() and "subjects-00000.tar" in r.getMessage() for r in caplog.records)
 
 
+def test_the_loader_checks_samples_with_the_shard_readers_checks(records):
+    from datagen.shards.reader import ShardError
+    from datagen.shards.writer import encode_jpeg
+    from training.loader import decode_training_sample
+
+    image, segment_map, record = records["00001"]
+    raw = {"__url__": "s/subjects-00007.tar", "__key__": record.key, "jpg": encode_jpeg(image),
+           "seg.png": encode_segment_map(segment_map), "json": record.to_json().encode()}
+    decoded, decoded_map, decoded_record = decode_training_sample(raw)
+    assert tuple(decoded.shape) == (3, *segment_map.shape) and decoded_record == record
+    assert decoded_map.dtype == np.uint16 and np.array_equal(decoded_map, segment_map)
+    with pytest.raises(ShardError, match=f"subjects-00007.tar: member 00009.json holds record key '{record.key}'"):
+        decode_training_sample({**raw, "__key__": "00009"})
+    with pytest.raises(ShardError, match=f"subjects-00007.tar: sample {record.key}: image is .* but its segment map"):
+        decode_training_sample({**raw, "seg.png": encode_segment_map(segment_map[:-1])})
+    with pytest.raises(ShardError, match=r"lacks member\(s\) \['json'\]"):
+        decode_training_sample({k: v for k, v in raw.items() if k != "json"})
+
+
 def test_config_errors_name_the_setting(tmp_path):
     base = {"shards": ["a.tar"], "out": str(tmp_path), "pretrained": "p", "image_encoder": "e"}
     with pytest.raises(ConfigError, match="resolution"):

@@ -7,17 +7,17 @@ Per sample (WebDataset convention: members share the key, the extension names th
                     pixel value = ``segments[i].id``, 0 = no segment
 * ``<key>.json``    the :class:`~datagen.record.schema.Record`
 
-Atomicity: a shard is written to ``<name>.tar.tmp-<pid>`` in the destination folder and renamed to
-``<name>.tar`` only after every sample is in and the file is flushed and fsync'd. A crash leaves
-at most a ``.tmp-*`` file, never a finished-looking ``.tar``; :func:`datagen.files.remove_stale_temps`
-clears them.
+Atomicity: a shard is written through :func:`datagen.files.atomic_file`: to ``<name>.tar.tmp-<pid>``
+in the destination folder, renamed to ``<name>.tar`` only after every sample is in and the file is
+fsync'd. A crash leaves at most a ``.tmp-*`` file, never a finished-looking ``.tar``;
+:func:`datagen.files.remove_stale_temps` clears them.
 Member mtimes/owners are fixed, so the same samples always give byte-identical tars.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-import os
 import struct
 import tarfile
 import zlib
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datagen.files import fsync_dir, temp_path_for
+from datagen.files import atomic_file
 from datagen.record.schema import Record
-from datagen.shards.reader import ShardError
+from datagen.shards.reader import ShardError, check_sizes
 
 
 def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
@@ -70,10 +70,10 @@ class ShardWriter:
         self.path = Path(path)
         if self.path.suffix != ".tar":
             raise ShardError(f"shard path must end in .tar: {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_path = temp_path_for(self.path)
         self.jpeg_quality = jpeg_quality
-        self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._open = contextlib.ExitStack()  # the temp file stays open across write() calls
+        self._file = self._open.enter_context(atomic_file(self.path))
+        self.tmp_path = Path(self._file.name)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._keys: set[str] = set()
         self.count = 0
@@ -83,13 +83,7 @@ class ShardWriter:
         key = record.key
         if key in self._keys:
             raise ShardError(f"{self.path.name}: sample key {key!r} written twice")
-        if image.size != (segment_map.shape[1], segment_map.shape[0]):
-            raise ShardError(
-                f"{self.path.name}: sample {key}: image is {image.size[0]}x{image.size[1]} but its "
-                f"segment map is {segment_map.shape[1]}x{segment_map.shape[0]}"
-            )
-        if image.size != (record.width, record.height):
-            raise ShardError(f"{self.path.name}: sample {key}: record says {record.width}x{record.height}, image is {image.size}")
+        check_sizes(f"{self.path.name}: sample {key}", image.size, segment_map.shape, record)
         self.write_encoded(key, encode_jpeg(image, self.jpeg_quality), encode_segment_map(segment_map), record.to_json().encode())
 
     def write_encoded(self, key: str, jpg: bytes, seg_png: bytes, json_bytes: bytes) -> None:
@@ -106,20 +100,15 @@ class ShardWriter:
     def close(self) -> Path:
         """Finish the tar and move it into place. Returns the final path."""
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp_path, self.path)
-        fsync_dir(self.path.parent)
+        self._open.close()
         return self.path
 
     def abort(self) -> None:
-        try:
+        """Discard the shard: the temp file is removed, nothing is renamed."""
+        with contextlib.suppress(Exception):  # the file is discarded anyway
             self._tar.close()
-        except Exception:  # noqa: BLE001 - we are discarding the file anyway
-            pass
-        self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        discarded = ShardError(f"{self.path.name}: discarded")
+        self._open.__exit__(type(discarded), discarded, None)  # atomic_file removes its temp on an error
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -1,0 +1,146 @@
+"""The export registry: the command offers exactly the registered formats, a new format is one class
+and one entry, and every registered format reads back to what the shard reader reads."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli.main import build_parser, main
+from datagen.export.common import SUMMARY, ExportError, SampleOutcome, ShardExport
+from datagen.export.registry import FORMATS, export
+from datagen.shards.reader import iter_members, read_shard
+from tests.run_factory import make_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("registry-run"))
+
+
+@pytest.fixture(scope="module")
+def shard_data(run):
+    """key -> (decoded sample, raw JPEG bytes), as the shard reader reads them."""
+    tars = sorted(run["shards_dir"].glob("subjects-*.tar"))
+    jpgs = {key: members["jpg"] for tar in tars for key, members in iter_members(tar)}
+    return {s.key: (s, jpgs[s.key]) for tar in tars for s in read_shard(tar)}
+
+
+def _format_action(parser):
+    export_parser = parser._subparsers._group_actions[0].choices["export"]
+    return next(a for a in export_parser._actions if "--format" in a.option_strings)
+
+
+def test_the_command_offers_exactly_the_registered_formats():
+    action = _format_action(build_parser(load="export"))
+    assert tuple(action.choices) == tuple(FORMATS) == ("fastcomposer", "seg-conditioning", "subject-crops")
+    assert action.default == "fastcomposer"
+    for name, fmt in FORMATS.items():
+        assert fmt.name == name and issubclass(fmt, ShardExport)
+
+
+def test_an_unknown_format_is_refused(run, tmp_path):
+    with pytest.raises(ExportError, match="unknown export format 'nope'; one of fastcomposer, seg-conditioning"):
+        export("nope", run["shards_dir"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+class CaptionsExport(ShardExport):
+    """A format made for this test: one caption file per sample."""
+
+    name = "captions"
+    options = ("placeholder",)  # an existing flag, passed through by the command
+
+    def __init__(self, out, filters=None, object_types=("person",), placeholder="S*"):
+        super().__init__(out, filters, object_types)
+        self.placeholder = placeholder
+
+    def write_sample(self, sample, record):
+        (self.out / f"{sample.key}.txt").write_text(f"{self.placeholder} {record.caption}\n")
+        return SampleOutcome(sample.key, record.split, counts=Counter(words=len(record.caption.split())))
+
+    def finish(self, tally):
+        return {"words": tally.counts["words"]}, {"placeholder": self.placeholder}
+
+    @classmethod
+    def headline(cls, summary):
+        return [f"wrote {summary.exported} caption(s), {summary.words} word(s)"]
+
+
+def test_a_new_format_is_one_class_and_one_registry_entry(run, shard_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(FORMATS, CaptionsExport.name, CaptionsExport)
+    out = tmp_path / "captions"
+    assert main(["export", "--format", "captions", str(run["shards_dir"]), str(out), "--placeholder", "<v>",
+                 "--split", "test"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    tests = {k for k, (s, _) in shard_data.items() if s.record.split == "test"}
+    words = sum(len(shard_data[k][0].record.caption.split()) for k in tests)
+    assert printed[0] == f"wrote {len(tests)} caption(s), {words} word(s)"
+    assert printed[1] == f'filtered out: {len(shard_data) - len(tests)} {{"split_train": {len(shard_data) - len(tests)}}}'
+    for key in tests:
+        assert (out / f"{key}.txt").read_text() == f"<v> {shard_data[key][0].record.caption}\n"
+    saved = json.loads((out / SUMMARY).read_text())
+    assert list(saved)[:8] == ["format", "shards_dir", "out", "shards", "samples_seen", "exported", "words", "filtered_out"]
+    assert saved["format"] == "captions" and saved["words"] == words and list(saved)[-1] == "placeholder"
+
+
+def _read_fastcomposer(out, samples):
+    ids = (out / "image_ids.txt").read_text().split()
+    for key in ids:
+        sample, jpg = samples[key]
+        assert (out / key[:5] / f"{key}.jpg").read_bytes() == jpg
+        np.testing.assert_array_equal(np.load(out / key[:5] / f"{key}.npy"), sample.segment_map)
+        info = json.loads((out / key[:5] / f"{key}.json").read_text())
+        assert info["caption"] == sample.record.caption
+        all_ids = [s["id"] for part in ("segments", "other_segments", "unmatched_segments") for s in info[part]]
+        assert sorted(all_ids) == sorted(s.id for s in sample.record.segments)
+    return set(ids)
+
+
+def _read_seg_conditioning(out, samples):
+    lines = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    for line in lines:
+        sample, jpg = samples[line["key"]]
+        assert (out / line["image"]).read_bytes() == jpg
+        assert line["caption"] == sample.record.caption and line["split"] == sample.record.split
+        semantic = np.asarray(Image.open(out / line["semantic"]))
+        assert ((semantic != 0).any(axis=-1) == (sample.segment_map != 0)).all()
+    return {line["key"] for line in lines}
+
+
+def _read_subject_crops(out, samples):
+    keys = set()
+    for line in (out / "metadata.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        sample, _ = samples[entry["key"]]
+        segment = next(s for s in sample.record.segments if f"subject-{s.id}.png" == entry["file"].split("/")[1])
+        x0, y0, x1, y1 = segment.bbox
+        crop = np.asarray(Image.open(out / entry["file"]))
+        np.testing.assert_array_equal(crop[..., :3], np.asarray(sample.image)[y0:y1, x0:x1])
+        assert ((crop[..., 3] == 255) == (sample.segment_map[y0:y1, x0:x1] == segment.id)).all()
+        keys.add(entry["key"])
+    return keys
+
+
+READ_BACK = {"fastcomposer": _read_fastcomposer, "seg-conditioning": _read_seg_conditioning,
+             "subject-crops": _read_subject_crops}
+
+
+def test_every_registered_format_has_a_read_back_check():
+    assert set(READ_BACK) == set(FORMATS)  # a new format: add how to read it back above
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_registered_format_reads_back_to_the_shards(run, shard_data, tmp_path, fmt):
+    out = tmp_path / fmt
+    summary = export(fmt, run["shards_dir"], out)
+    assert summary.format == fmt and summary.samples_seen == len(shard_data)
+    assert summary.exported + sum(summary.filtered_out.values()) == summary.samples_seen
+    assert json.loads((out / SUMMARY).read_text()) == json.loads(json.dumps(summary.to_dict()))
+    assert len(READ_BACK[fmt](out, shard_data)) == summary.exported > 0
+    with pytest.raises(AttributeError, match="has no field 'nope'"):
+        _ = summary.nope
