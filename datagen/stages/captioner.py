@@ -20,9 +20,8 @@ from collections.abc import Iterable, Sequence
 from PIL import Image
 
 from datagen.config import CaptionerSettings
-from datagen.stages.failures import in_batches
-from datagen.stages.model_loading import load_pretrained, pick_device, resolve_model
-from datagen.stages.step import Step, labels_of, probe_image
+from datagen.stages.model_loading import load_pretrained, pick_device
+from datagen.stages.step import ImageModelStep
 
 WHAT = "captioner (BLIP-2)"
 FLAG_EMPTY = "empty"
@@ -119,26 +118,14 @@ class Captioner:
         return [clean_caption(t, self._special) for t in texts]
 
 
-class CaptionStep(Step):
+class CaptionStep(ImageModelStep):
     """The build's captioner stage: ``(caption, flags)`` per image (or a ``StageFailure``)."""
 
-    name = "captioner"
+    name, what = "captioner", WHAT
 
     def __init__(self, profile, device: str):
         super().__init__(profile, device)
         self.captioner = Captioner(profile.captioner, device)
 
-    def process(self, loaded: list) -> list:
-        def run(images: list) -> list:
-            return [(c, list(caption_flags(c))) for c in self.captioner.caption(images)]
-
-        batch = self.profile.captioner.batch_size
-        return in_batches(self.name, run, [li.image for li in loaded], labels_of(loaded), batch, probe_image)
-
-    @classmethod
-    def model_ids(cls, profile) -> dict[str, str]:
-        return {"captioner": profile.captioner.model}
-
-    @classmethod
-    def check_models(cls, profile) -> None:
-        resolve_model(profile.captioner.model, WHAT)
+    def run_model(self, images: list) -> list:
+        return [(c, list(caption_flags(c))) for c in self.captioner.caption(images)]

@@ -66,9 +66,8 @@ import numpy as np
 from PIL import Image
 
 from datagen.config import SegmenterSettings
-from datagen.stages.failures import in_batches
 from datagen.stages.model_loading import load_pretrained, pick_device, resolve_model
-from datagen.stages.step import Step, labels_of, probe_image
+from datagen.stages.step import ImageModelStep
 
 WHAT = "segmenter (Mask2Former, COCO panoptic)"
 COCO_PANOPTIC_NUM_CLASSES = 133
@@ -297,26 +296,17 @@ def probe_panoptic() -> PanopticResult:
     )
 
 
-class SegmentStep(Step):
+class SegmentStep(ImageModelStep):
     """The build's segmenter stage: a :class:`PanopticResult` per image (or a ``StageFailure``)."""
 
-    name = "segmenter"
+    name, what = "segmenter", WHAT
 
     def __init__(self, profile, device: str):
         super().__init__(profile, device)
         self.segmenter = PanopticSegmenter(profile.segmenter, device)
 
-    def process(self, loaded: list) -> list:
-        return in_batches(self.name, self.segmenter.segment, [li.image for li in loaded], labels_of(loaded),
-                          self.profile.segmenter.batch_size, probe_image)
-
-    @classmethod
-    def model_ids(cls, profile) -> dict[str, str]:
-        return {"segmenter": profile.segmenter.model}
-
-    @classmethod
-    def check_models(cls, profile) -> None:
-        resolve_model(profile.segmenter.model, WHAT)
+    def run_model(self, images: list) -> list:
+        return self.segmenter.segment(images)
 
 
 def segmenter_labels(segmenter: SegmenterSettings) -> list[str]:

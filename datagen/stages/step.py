@@ -81,6 +81,37 @@ class Step:
         return {}
 
 
+class ImageModelStep(Step):
+    """A stage whose one model takes the images alone (captioner, segmenter): its section (named like
+    the stage) names the model (``model``) and the images per model call (``batch_size``);
+    :attr:`what` names the model in messages. Subclasses implement :meth:`run_model`."""
+
+    what = ""
+
+    @property
+    def section(self) -> Any:
+        return self.profile.section(self.name)
+
+    def run_model(self, images: list) -> list:
+        raise NotImplementedError
+
+    def process(self, loaded: list) -> list:
+        from datagen.stages.failures import in_batches
+
+        images = [li.image for li in loaded]
+        return in_batches(self.name, self.run_model, images, labels_of(loaded), self.section.batch_size, probe_image)
+
+    @classmethod
+    def model_ids(cls, profile: Profile) -> dict[str, str]:
+        return {cls.name: profile.section(cls.name).model}
+
+    @classmethod
+    def check_models(cls, profile: Profile) -> None:
+        from datagen.stages.model_loading import resolve_model
+
+        resolve_model(profile.section(cls.name).model, cls.what)
+
+
 def labels_of(loaded: Sequence[LoadedImage]) -> list[str]:
     """What a failure names each image by: its path inside the source."""
     return [li.item.rel_path for li in loaded]
