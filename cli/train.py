@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
     from ray_jobs.cluster import RayConnectError, forwarded_env, ray_session
-    from training.ray_train import run_training
+    from ray_jobs.train import run_training
 
     try:
         # with the dashboard: without it Ray Train v2's clean-up actor warns every second
