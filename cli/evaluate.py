@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from cli.errors import fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
             from ray_jobs.evaluation import run_on_ray
         summary = evaluate(request, run_on_ray=run_on_ray)
     except (RayConnectError, ValueError, ProfileError, CheckpointError, SamplerError, ModelNotFoundError, FaceError) as e:
-        print(f"subject-ffhq evaluate: error: {e}", file=sys.stderr)
-        return 2
+        return fail("evaluate", e)
     if summary["random_weights"]:
         print(summary["notice"])
     for method in (OURS, BASELINE):

@@ -21,8 +21,11 @@ arguments or setup; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from cli.errors import fail, note
+
+COMMAND = "train"
 
 
 def config_options():
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         check_models(cfg)
     except (ConfigError, ProfileError, ModelNotFoundError, ValueError) as e:
-        return _fail(str(e))
+        return fail(COMMAND, e)
 
     from ray_jobs.cluster import RayConnectError, forwarded_env, ray_session
     from ray_jobs.train import run_training
@@ -105,18 +108,12 @@ def run(args: argparse.Namespace) -> int:
         with ray_session(include_dashboard=True):
             run_training(cfg, worker_env=forwarded_env())
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        note(COMMAND, "interrupted; run the same command again to resume from the last checkpoint")
         return 130
     except (ConfigError, RayConnectError) as e:
-        return _fail(str(e))
+        return fail(COMMAND, e)
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report them and exit 1
         if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
-        print(f"training failed: {e}", file=sys.stderr)
-        return 1
+        return fail(COMMAND, f"training failed: {e}", 1)
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
