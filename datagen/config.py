@@ -6,9 +6,9 @@ keys onto it (nested mappings are merged, later files win). :func:`load_profile`
 into a frozen :class:`Profile`: one section per stage (:class:`CaptionerSettings`,
 :class:`SegmenterSettings`, :class:`PhrasesSettings`, :class:`MatcherSettings`,
 :class:`FacesSettings`), the output (:class:`ShardsSettings`), the job's placement and pacing
-(:class:`RaySettings`), which segments count as subjects (:class:`SubjectsSettings`), the trainer
-(:class:`TrainerSettings`, which ``training.config.TrainConfig`` extends with a run's inputs) and the
-evaluation (:class:`EvaluationSettings`). A stage takes its own section. Nothing reads the YAML again.
+(:class:`RaySettings`), which segments count as subjects (:class:`SubjectsSettings`) and the
+trainer's and the evaluation's sections (:class:`TrainerSettings`, :class:`EvaluationSettings`). A stage takes
+its own section. Nothing reads the YAML again.
 
 Refused with :class:`ProfileError`, before anything runs:
 
