@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from cli.errors import fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,19 +31,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, help="prompt file, one prompt per line, {} = a subject "
                         "(default: the built-in list of the protocol)")
     parser.add_argument("--multi", action="store_true", help="multi-subject protocol: every combination of subjects")
-    parser.add_argument("--images-per-prompt", type=int, help="images per (subjects, prompt), seeds SEED..SEED+N-1 (default 4)")
-    parser.add_argument("--alpha", type=float, help="fraction of steps with subject conditioning (default 0.7)")
+    parser.add_argument("--images-per-prompt", type=int, help="images per (subjects, prompt), seeds SEED..SEED+N-1 "
+                        "(default: the profile's evaluation.images_per_prompt)")
+    parser.add_argument("--alpha", type=float, help="fraction of steps with subject conditioning "
+                        "(default: the profile's evaluation.alpha)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--profile", default="paper", help="model profile for the face and CLIP models: paper, tiny, or a YAML file")
     parser.add_argument("--config", type=Path, help="YAML merged over the profile (e.g. evaluation: {leak_threshold: 0.5})")
-    parser.add_argument("--steps", type=int, help="denoising steps (default 50)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 5)")
-    parser.add_argument("--seed", type=int, help="first seed (default 0)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the profile's evaluation.steps)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale "
+                        "(default: the profile's evaluation.guidance_scale)")
+    parser.add_argument("--seed", type=int, help="first seed (default: the profile's evaluation.seed)")
     parser.add_argument("--resolution", type=int, help="image size (default: the checkpoint's training resolution)")
     parser.add_argument("--subject-word", default=None, help="class word of subjects without word.txt (default person)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the text-only Stable Diffusion baseline")
     parser.add_argument("--shards", nargs="+", metavar="GLOB", help="training shards for the leak check")
-    parser.add_argument("--leak-threshold", type=float, help="FaceNet cosine at which a training face counts as the subject")
+    parser.add_argument("--leak-threshold", type=float, help="FaceNet cosine at which a training face counts as the "
+                        "subject (default: the profile's evaluation.leak_threshold)")
     parser.add_argument("--device", help="cuda or cpu for the local run (default: cuda if available)")
     parser.add_argument("--pretrained", help="override the base Stable Diffusion folder/id stored in the checkpoint")
     parser.add_argument("--image-encoder", help="override the CLIP vision folder/id stored in the checkpoint")
@@ -52,30 +57,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads per process")
 
 
+# option (its argparse dest) -> the evaluation setting it overrides
+OVERRIDES = {"images_per_prompt": "images_per_prompt", "alpha": "alpha", "steps": "steps", "guidance": "guidance_scale",
+             "seed": "seed", "leak_threshold": "leak_threshold"}
+
+
+def evaluation_settings(args: argparse.Namespace):
+    """The profile's evaluation section (profile + --config) with the options given applied; a bad
+    option value is refused naming the option."""
+    import dataclasses
+
+    from datagen.config import BadValue, load_profile
+
+    if args.config is not None and not args.config.is_file():
+        raise ValueError(f"--config {args.config}: file not found")
+    section = load_profile(args.profile, args.config).evaluation
+    given = {setting: getattr(args, dest) for dest, setting in OVERRIDES.items() if getattr(args, dest) is not None}
+    try:
+        return dataclasses.replace(section, **given)
+    except BadValue as e:
+        dest = next(d for d, setting in OVERRIDES.items() if setting == e.key)
+        raise ValueError(f"--{dest.replace('_', '-')} {e.problem}") from None
+
+
 def request_from_args(args: argparse.Namespace):
-    from datagen.config import load_profile
     from training.config import expand_shards
     from training.evaluation.protocol import DEFAULT_WORD
     from training.evaluation.runner import EvaluationRequest
 
-    if args.config is not None and not args.config.is_file():
-        raise ValueError(f"--config {args.config}: file not found")
-    profile = load_profile(args.profile, args.config)
-    section = dict(profile.evaluation)
-    if not section:
-        raise ValueError(f"profile {args.profile!r} has no evaluation section (face and CLIP models)")
-
-    def pick(value, key, default):
-        return value if value is not None else section.get(key, default)
-
     return EvaluationRequest(
         checkpoint=str(args.checkpoint), subjects=str(args.subjects), out=str(args.out),
-        prompts=str(args.prompts) if args.prompts else None, multi=args.multi,
-        images_per_prompt=pick(args.images_per_prompt, "images_per_prompt", 4), alpha=pick(args.alpha, "alpha", 0.7),
-        steps=pick(args.steps, "steps", 50), guidance_scale=pick(args.guidance, "guidance_scale", 5.0),
-        seed=pick(args.seed, "seed", 0), resolution=args.resolution, baseline=not args.no_baseline,
-        subject_word=args.subject_word or DEFAULT_WORD, evaluation=section,
-        shards=expand_shards(args.shards) if args.shards else [], leak_threshold=args.leak_threshold,
+        prompts=str(args.prompts) if args.prompts else None, multi=args.multi, resolution=args.resolution,
+        baseline=not args.no_baseline, subject_word=args.subject_word or DEFAULT_WORD,
+        evaluation=evaluation_settings(args), shards=expand_shards(args.shards) if args.shards else [],
         device=args.device, pretrained=args.pretrained, image_encoder=args.image_encoder,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None, workers=args.workers,
         threads=args.threads,
@@ -99,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
             from ray_jobs.evaluation import run_on_ray
         summary = evaluate(request, run_on_ray=run_on_ray)
     except (RayConnectError, ValueError, ProfileError, CheckpointError, SamplerError, ModelNotFoundError, FaceError) as e:
-        print(f"subject-ffhq evaluate: error: {e}", file=sys.stderr)
-        return 2
+        return fail("evaluate", e)
     if summary["random_weights"]:
         print(summary["notice"])
     for method in (OURS, BASELINE):

@@ -13,9 +13,9 @@ PNG (atomically). Exit status: 0 written; 2 bad arguments or setup.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from cli.errors import fail
 from datagen.files import atomic_path
 
 
@@ -72,11 +72,8 @@ def run(args: argparse.Namespace) -> int:
                                  alpha=args.alpha, seed=args.seed, resolution=args.resolution,
                                  scheduler=args.scheduler)
     except (ValueError, SamplerError, CheckpointError, ModelNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail("sample", e)
     with atomic_path(args.out) as tmp:
         image.save(tmp, format="PNG")
     print(f"wrote {args.out} ({image.width}x{image.height})")
     return 0
-
-

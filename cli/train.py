@@ -10,9 +10,9 @@ missing model fails at once with a message saying which, where it was looked for
 it. Checkpoints and ``train_log.jsonl`` go to OUT; running again with the same OUT resumes from
 the latest checkpoint there (and says so).
 
-Every option after ``--out`` is a :class:`~training.config.TrainConfig` setting, generated from the
-fields marked for the command line (their help text and default); a setting not given comes from
-the profile / ``--config`` or the field's default.
+Every option after ``--out`` is a trainer setting, generated from
+:data:`training.config.TRAIN_OPTIONS` (help text) and :class:`datagen.config.TrainerSettings` (type,
+choices, default); a setting not given comes from the profile / ``--config`` or that default.
 
 Exit status: 0 trained to --steps; 1 training failed (after --max-failures restarts); 2 bad
 arguments or setup; 130 interrupted.
@@ -21,19 +21,25 @@ arguments or setup; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import sys
+import typing
 from pathlib import Path
+
+from cli.errors import fail, note
+
+COMMAND = "train"
 
 
 def config_options():
-    """(option name, field) for every TrainConfig field marked ``cli`` (see ``training.config.setting``)."""
+    """(option name, field, help text, type) of every setting in ``training.config.TRAIN_OPTIONS``."""
     import dataclasses
+    import typing
 
-    from training.config import TrainConfig
+    from training.config import TRAIN_OPTIONS, TrainConfig
 
-    for f in dataclasses.fields(TrainConfig):
-        if f.metadata.get("cli"):
-            yield f.metadata.get("option") or f.name.replace("_", "-"), f
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    for name, (option, help_text) in TRAIN_OPTIONS.items():
+        yield option or name.replace("_", "-"), fields[name], help_text, hints[name]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,14 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML merged over the profile (e.g. trainer: {resolution: 256})")
     parser.add_argument("--out", required=True, type=Path, help="run folder: checkpoints and logs (re-use it to resume)")
     # The TrainConfig settings marked for the command line; not given = the profile's or the default.
-    for option, f in config_options():
-        help_text = f.metadata["help"].replace("%", "%%")
-        if f.type in ("bool", bool):  # a switch that turns the setting on
+    for option, f, help_text, hint in config_options():
+        help_text = help_text.replace("%", "%%")
+        if hint is bool:  # a switch that turns the setting on
             parser.add_argument(f"--{option}", dest=f.name, action="store_true", default=None, help=help_text)
             continue
-        kind = {"int": int, "float": float, "str": str, "tuple[str, ...]": comma_list}[str(f.type)]
-        parser.add_argument(f"--{option}", dest=f.name, type=kind, choices=f.metadata.get("choices"),
-                            metavar=None if f.metadata.get("choices") else option.upper().replace("-", "_"),
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        kind = comma_list if typing.get_origin(hint) is tuple else str if choices else hint
+        parser.add_argument(f"--{option}", dest=f.name, type=kind, choices=choices,
+                            metavar=None if choices else option.upper().replace("-", "_"),
                             help=f"{help_text} (default {','.join(f.default) if isinstance(f.default, tuple) else f.default})")
 
 
@@ -67,8 +74,8 @@ def config_from_args(args: argparse.Namespace):
     if args.config is not None and not args.config.is_file():
         raise ValueError(f"--config {args.config}: file not found")
     profile = load_profile(args.profile, args.config)
-    overrides = {f.name: getattr(args, f.name) for _, f in config_options()}
-    return TrainConfig.from_profile(profile.to_dict(), shards=expand_shards(args.shards), out=str(args.out.resolve()), **overrides)
+    overrides = {f.name: getattr(args, f.name) for _, f, _, _ in config_options()}
+    return TrainConfig.from_profile(profile, shards=expand_shards(args.shards), out=str(args.out.resolve()), **overrides)
 
 
 def check_models(cfg) -> None:
@@ -95,28 +102,22 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         check_models(cfg)
     except (ConfigError, ProfileError, ModelNotFoundError, ValueError) as e:
-        return _fail(str(e))
+        return fail(COMMAND, e)
 
     from ray_jobs.cluster import RayConnectError, forwarded_env, ray_session
-    from training.ray_train import run_training
+    from ray_jobs.train import run_training
 
     try:
         # with the dashboard: without it Ray Train v2's clean-up actor warns every second
         with ray_session(include_dashboard=True):
             run_training(cfg, worker_env=forwarded_env())
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        note(COMMAND, "interrupted; run the same command again to resume from the last checkpoint")
         return 130
     except (ConfigError, RayConnectError) as e:
-        return _fail(str(e))
+        return fail(COMMAND, e)
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; report them and exit 1
         if type(e).__name__ not in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
             raise
-        print(f"training failed: {e}", file=sys.stderr)
-        return 1
+        return fail(COMMAND, f"training failed: {e}", 1)
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2

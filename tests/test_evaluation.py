@@ -348,3 +348,38 @@ def test_page_opens_in_chromium_without_errors_and_sorts_by_score(evaluation):
     assert len(images) == 4 * 3 and min(images) > 0  # per card: reference, ours, baseline
     assert len(by_prompt) == 4 and by_prompt == sorted(by_prompt, reverse=True)
     assert by_identity == sorted(by_identity)
+
+
+# ------------------------------------------------------------------------------------ settings
+def test_the_scoring_models_are_built_in_one_place():
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    sources = [*sorted((repo / "training").rglob("*.py")), *sorted((repo / "ray_jobs").rglob("*.py"))]
+    builders = sorted(str(p.relative_to(repo)) for p in sources
+                      if re.search(r"\b(FaceDetector|FaceEmbedder|PromptScorer)\(", p.read_text()))
+    assert builders == ["training/evaluation/scoring.py"]  # EvaluationModels.load, for the driver and each actor
+
+
+def test_evaluate_options_override_the_profile_and_a_bad_one_is_named(tmp_path):
+    from cli.evaluate import evaluation_settings
+    from cli.main import build_parser
+
+    def settings(*options):
+        return evaluation_settings(build_parser(load="evaluate").parse_args(
+            ["evaluate", "--checkpoint", "c", "--subjects", "s", "--out", "o", "--profile", "tiny", *options]))
+
+    tiny = settings()
+    assert (tiny.images_per_prompt, tiny.steps, tiny.alpha, tiny.leak_threshold) == (1, 10, 0.7, 0.95)  # the profile's
+    given = settings("--steps", "3", "--guidance", "2.5", "--seed", "4", "--leak-threshold", "0.5")
+    assert (given.steps, given.guidance_scale, given.seed, given.leak_threshold, given.images_per_prompt) == (3, 2.5, 4, 0.5, 1)
+    with pytest.raises(ValueError, match=r"^--alpha must be in 0\.0\.\.1\.0, got 1\.5$"):
+        settings("--alpha", "1.5")
+    with pytest.raises(ValueError, match=r"^--images-per-prompt must be >= 1, got 0$"):
+        settings("--images-per-prompt", "0")
+    over = tmp_path / "over.yaml"
+    over.write_text("evaluation: {steps: 7, alpah: 0.5}\n")
+    from datagen.config import ProfileError
+
+    with pytest.raises(ProfileError, match=r"unknown setting 'evaluation.alpah' in .*over\.yaml; did you mean 'evaluation.alpha'\?"):
+        settings("--config", str(over))

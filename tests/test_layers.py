@@ -52,13 +52,25 @@ def test_the_rules_see_the_whole_product():
     assert "ray" in IMPORTS["ray_jobs.job"]  # the parser sees imports
 
 
-def test_ray_is_imported_only_by_the_ray_driver_and_the_ray_train_entry_point():
+def test_ray_is_imported_only_under_ray_jobs():
     offenders = {
         m for m, names in IMPORTS.items()
-        if any(n == "ray" or n.startswith("ray.") for n in names)
-        and not (m.startswith("ray_jobs.") or m.startswith("training.ray_train"))
+        if any(n == "ray" or n.startswith("ray.") for n in names) and top(m) != "ray_jobs"
     }
-    assert not offenders, f"import ray outside ray_jobs/ and training/ray_train*: {sorted(offenders)}"
+    assert not offenders, f"import ray outside ray_jobs/: {sorted(offenders)}"
+
+
+def test_the_ray_train_launcher_is_importable_from_ray_jobs_only():
+    import importlib
+    import importlib.util
+
+    launcher = importlib.import_module("ray_jobs.train")
+    assert callable(launcher.run_training) and callable(launcher.train_worker)
+    assert "ray.train" in IMPORTS["ray_jobs.train"]
+    assert importlib.util.find_spec("training.ray_train") is None  # its old home is gone
+    others = sorted(m for m, path in MODULES.items() if m != "ray_jobs.train" and "def run_training(" in path.read_text())
+    assert not others, f"a second Ray Train launcher: {others}"
+    assert "ray_jobs.train" in IMPORTS["cli.train"]  # the train command launches through it
 
 
 @pytest.mark.parametrize(
@@ -78,14 +90,15 @@ def test_imports_run_downward(package, forbidden):
     assert not bad, bad
 
 
-def test_only_the_evaluation_driver_of_ray_jobs_imports_training():
-    bad = sorted(f"{m} imports {n}" for m, names in IMPORTS.items() if top(m) == "ray_jobs" and m != "ray_jobs.evaluation"
+def test_only_the_ray_train_launcher_and_the_evaluation_pool_of_ray_jobs_import_training():
+    bad = sorted(f"{m} imports {n}" for m, names in IMPORTS.items()
+                 if top(m) == "ray_jobs" and m not in ("ray_jobs.train", "ray_jobs.evaluation")
                  for n in names if top(n) == "training")
     assert not bad, bad
 
 
 def test_training_imports_of_ray_jobs_are_none():
-    # the trainer's Ray Train entry point gets a connected Ray from the CLI; it needs nothing of the dataset driver
+    # training/ is Ray-free: the Ray Train launcher (ray_jobs/train.py) imports training, never the reverse
     bad = sorted(m for m, names in IMPORTS.items() if top(m) == "training" and any(top(n) == "ray_jobs" for n in names))
     assert not bad, bad
 

@@ -29,7 +29,7 @@ def test_every_model_the_tiny_profile_names_has_a_builder(tmp_path, monkeypatch)
     monkeypatch.setenv(TINY_MODELS_ENV, str(tmp_path))
     profile = load_profile("tiny")
     named = [profile.captioner.model, profile.segmenter.model, profile.matcher.clip_model, profile.matcher.sbert_model,
-             profile.trainer["pretrained"], profile.trainer["image_encoder"], profile.evaluation["face_embedder"]]
+             profile.trainer.pretrained, profile.trainer.image_encoder, profile.evaluation.face_embedder]
     folders = {str(v).removeprefix("local-dir:").removeprefix(str(tmp_path) + "/") for v in named}
     assert folders <= set(BUILDERS), f"tiny profile names models no builder makes: {folders - set(BUILDERS)}"
     assert ALL_NAMES <= set(BUILDERS)

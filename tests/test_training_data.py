@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from datagen.config import load_profile
 from datagen.shards.writer import ShardWriter, encode_segment_map
 from fixtures.training_shards import BLOCK_COLOURS, build_training_shards, training_records
 from training.config import ConfigError, TrainConfig, expand_shards
@@ -296,7 +297,8 @@ def test_config_errors_name_the_setting(tmp_path):
     with pytest.raises(ConfigError, match="unknown trainer setting"):
         TrainConfig.from_dict({**base, "learning_rate": 1e-4})
     with pytest.raises(ConfigError, match="lacks 'image_encoder'"):
-        TrainConfig.from_profile({"name": "x", "trainer": {"pretrained": "p"}}, shards=["a.tar"], out="o")
+        TrainConfig.from_profile(load_profile("paper", {"name": "x", "trainer": {"image_encoder": None}}),
+                                 shards=["a.tar"], out="o")
     with pytest.raises(ConfigError, match="no shard file matches"):
         expand_shards([str(tmp_path / "nothing-*.tar")])
     assert TrainConfig.from_dict(TrainConfig(**base).to_dict()) == TrainConfig(**base)

@@ -17,7 +17,7 @@ from training.config import TrainConfig
 @pytest.mark.slow
 @pytest.mark.scale
 def test_two_cpu_workers_train_checkpoint_and_resume(ray_local, sample_source, tiny_model, tmp_path, capsys):
-    from training.ray_train import run_training
+    from ray_jobs.train import run_training
 
     shards = [str(p) for p in build_training_shards(sample_source, tmp_path / "shards")]
     out = tmp_path / "train"

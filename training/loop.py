@@ -1,6 +1,6 @@
 """The per-worker training loop, written top to bottom as diffusers' training examples are.
 
-Each worker (a Ray Train worker, see :mod:`training.ray_train`, or one local process with
+Each worker (a Ray Train worker, see :mod:`ray_jobs.train`, or one local process with
 :class:`LocalContext`) runs :func:`train_loop`:
 
 1. load the models (:class:`~training.model.FastComposerModel`), move them to the worker's device;

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from datagen.config import DEFAULT_LOCALIZATION_LAYERS
 from training.attention_capture import SubjectAttentionStore, install_subject_attention_capture
-from training.config import DEFAULT_LOCALIZATION_LAYERS
 from training.fusion import SubjectFusionMLP, fuse_subjects
 from training.image_encoder import SubjectImageEncoder, processor_geometry
 from training.losses import denoising_loss, localization_loss, subject_region

@@ -170,13 +170,6 @@ class FaceDetector:
                 + f".\nHow to get it: use 'mtcnn' and {INSTALL_HINT}.")
         return folder
 
-    @classmethod
-    def from_section(cls, section: dict[str, Any], device: str | None = None, crop_size: int = 160) -> FaceDetector:
-        return cls(section.get("face_detector", "mtcnn"), device, crop_size=crop_size,
-                   min_face_size=section.get("min_face_size", 20),
-                   thresholds=section.get("face_thresholds", (0.6, 0.7, 0.7)),
-                   min_score=section.get("min_face_score", 0.0))
-
     @_no_grad
     def detect(self, images: Sequence[Any], crops: bool = True) -> list[list[Face]]:
         """Faces of each image. Images of the same size go through MTCNN as one batch.

@@ -21,13 +21,16 @@ embedding of the prompt (ViT-L/14, OpenAI weights, in the ``paper`` profile), bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from datagen.stages.greedy import greedy_match
+
+if TYPE_CHECKING:
+    from datagen.config import EvaluationSettings
 
 
 @dataclass
@@ -113,3 +116,23 @@ class IdentityScorer:
                 "identity": result.score,
             })
         return out
+
+
+@dataclass
+class EvaluationModels:
+    """The evaluation's face detector (MTCNN), face embedder (FaceNet) and prompt scorer (CLIP), built
+    in one place, :meth:`load`, from the profile's evaluation section: once by the driver (reference
+    faces, leak check, in-process generation) and once by each Ray actor."""
+
+    detector: Any  # datagen.stages.faces.FaceDetector
+    embedder: Any  # datagen.stages.faces.FaceEmbedder
+    prompt: PromptScorer
+
+    @classmethod
+    def load(cls, settings: EvaluationSettings, device: str) -> EvaluationModels:
+        from datagen.stages.faces import FaceDetector, FaceEmbedder
+
+        embedder = FaceEmbedder(settings.face_embedder, device, settings.batch_size)
+        detector = FaceDetector(settings.face_detector, device, crop_size=embedder.image_size,
+                                min_face_size=settings.min_face_size, min_score=settings.min_face_score)
+        return cls(detector, embedder, PromptScorer(settings.clip_model, settings.clip_pretrained, device))

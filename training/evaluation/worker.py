@@ -13,12 +13,16 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from datagen.config import EvaluationSettings
 from training.evaluation.protocol import BASELINE, Unit
+
+if TYPE_CHECKING:
+    from training.evaluation.scoring import EvaluationModels
 
 
 @dataclass
@@ -29,12 +33,10 @@ class WorkerSettings:
     photos: dict[str, bytes]  # subject -> the conditioning photo, encoded
     references: dict[str, list[float]]  # subject -> reference face embedding
     multi: bool
-    steps: int
-    guidance_scale: float
-    alpha: float
     resolution: int | None
     baseline: bool
-    evaluation: dict[str, Any] = field(default_factory=dict)  # the profile's evaluation section
+    # the profile's evaluation section, the command's options applied: the models and steps, guidance, alpha
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     device: str | None = None
     threads: int | None = None
 
@@ -55,32 +57,27 @@ def load_baseline_sampler(checkpoint: str, pretrained: str | None, image_encoder
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, detector=None, embedder=None, prompt_scorer=None):
+    """``models``: the driver's scoring models, when it runs the worker in-process; else built here."""
+
+    def __init__(self, settings: WorkerSettings, models: EvaluationModels | None = None):
         import torch
 
-        from datagen.stages.faces import FaceDetector, FaceEmbedder
         from datagen.stages.model_loading import pick_device
-        from training.evaluation.scoring import IdentityScorer, PromptScorer
+        from training.evaluation.scoring import EvaluationModels, IdentityScorer
         from training.sampler import FastComposerSampler, Subject
 
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
         device = pick_device(settings.device)
-        section = settings.evaluation
         self.sampler = FastComposerSampler.from_checkpoint(settings.checkpoint, device, settings.pretrained,
                                                            settings.image_encoder)
         self.baseline = (load_baseline_sampler(settings.checkpoint, settings.pretrained, settings.image_encoder, device)
                          if settings.baseline else None)
-        if embedder is None:
-            embedder = FaceEmbedder(section["face_embedder"], device, section.get("batch_size", 64))
-        if detector is None:
-            detector = FaceDetector.from_section(section, device, crop_size=embedder.image_size)
-        if prompt_scorer is None:
-            prompt_scorer = PromptScorer(section["clip_model"], section.get("clip_pretrained"), device)
+        models = models or EvaluationModels.load(settings.evaluation, device)
         references = {k: np.asarray(v, dtype=np.float32) for k, v in settings.references.items()}
-        self.identity = IdentityScorer(detector, embedder, references)
-        self.prompt = prompt_scorer
+        self.identity = IdentityScorer(models.detector, models.embedder, references)
+        self.prompt = models.prompt
         self.subjects = {}
         for name, data in settings.photos.items():
             with Image.open(io.BytesIO(data)) as im:
@@ -88,9 +85,9 @@ class Worker:
         self._subject = Subject
 
     def generate(self, unit: Unit) -> Image.Image:
-        s = self.settings
-        kwargs = {"steps": s.steps, "guidance_scale": s.guidance_scale, "alpha": s.alpha, "seed": unit.seed,
-                  "resolution": s.resolution}
+        s, protocol = self.settings, self.settings.evaluation
+        kwargs = {"steps": protocol.steps, "guidance_scale": protocol.guidance_scale, "alpha": protocol.alpha,
+                  "seed": unit.seed, "resolution": s.resolution}
         if unit.method == BASELINE:
             return self.baseline.generate(unit.text, [], **kwargs)
         subjects = [self._subject(word, self.subjects[name]) for name, word in zip(unit.subjects, unit.words, strict=True)]

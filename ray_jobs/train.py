@@ -1,4 +1,6 @@
-"""Ray Train entry point: run :func:`training.loop.train_loop` on N workers with torch DDP.
+"""The Ray Train launcher: run :func:`training.loop.train_loop` on N workers with torch DDP.
+
+It sits in ``ray_jobs/`` because it is Ray's side of training: ``training/`` imports no Ray.
 
 * ``ScalingConfig(num_workers, use_gpu)``; the torch process group uses NCCL on GPUs, gloo on CPUs.
 * ``RunConfig(name=run_name, storage_path=OUT)``: checkpoints go to ``OUT/<run_name>/checkpoint-<step>``
@@ -10,8 +12,9 @@
   the run's snapshot in ``OUT/<run_name>`` — and this module says so on the console before
   starting.
 
-The caller connects Ray first (the ``train`` command: :func:`ray_jobs.cluster.connect_ray`); for a
-multi-node cluster ``OUT`` must be on storage every node can reach.
+The caller connects Ray first, through :mod:`ray_jobs.cluster` (the one way Ray is started or joined:
+the ``train`` command uses :func:`ray_jobs.cluster.ray_session`); for a multi-node cluster ``OUT``
+must be on storage every node can reach.
 """
 
 from __future__ import annotations
