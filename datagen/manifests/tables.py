@@ -405,6 +405,12 @@ def write_manifest_tables(
     return out
 
 
+def read_table(path) -> pa.Table:
+    """One of the run's Parquet tables, from a path or a URL."""
+    with storage.path(path).open("rb") as f:
+        return pq.read_table(f)
+
+
 def tables_are_current(run_dir: Path) -> bool:
     """True when the tables exist, were written by this version, and are newer than every shard
     entry and ``run.json``."""
