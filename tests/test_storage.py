@@ -18,7 +18,7 @@ import pytest
 
 from datagen import storage
 from datagen.files import atomic_write, file_sha256, remove_stale_temps
-from tests.local_s3 import clear_fs_cache, local_s3  # noqa: F401 -- the fixture
+from tests.local_s3 import clear_fs_cache
 
 ROOT = Path(__file__).parent.parent
 

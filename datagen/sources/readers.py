@@ -26,4 +26,7 @@ def open_source(root: str | os.PathLike, test_size: int | None = None) -> FFHQWi
         raise SourceError(f"{root}: source is not a folder")
     if (root / METADATA_FILE).is_file():
         return FFHQWildSource(root, test_size=test_size)
+    if storage.is_url(root):
+        raise SourceError(f"{storage.public(root)}: no {METADATA_FILE} there; on a bucket only FFHQ-wild "
+                          "sources are read so far (copy an image folder to a local disk)")
     return ImageFolderSource(root, test_size=test_size)
