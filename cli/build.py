@@ -1,15 +1,17 @@
 """``subject-ffhq build``: turn a source (FFHQ-wild download or image folder) into shards + manifests.
 
-    subject-ffhq build --source DIR --out DIR --profile paper|tiny [--shard-size N] [--limit N]
+    subject-ffhq build --source DIR|URL --out DIR|URL --profile paper|tiny [--shard-size N] [--limit N]
                        [--config FILE ...] [--ray-address ADDR] [--run-name NAME] [--manifests DIR]
 
 Shards go to ``OUT/shards/subjects-NNNNN.tar``; the run's manifests to ``MANIFESTS/RUN/`` (default
-``manifests/<name of OUT>/``). Ray runs locally unless ``--ray-address`` or ``RAY_ADDRESS`` names a
+``manifests/<name of OUT>/``). Each of SOURCE, OUT and MANIFESTS may be a URL (``s3://bucket/prefix``,
+``gs://``, ...: :mod:`datagen.storage`); credentials come from the standard places, never the URL. Ray runs locally unless ``--ray-address`` or ``RAY_ADDRESS`` names a
 cluster to join. Re-running the same command resumes: finished shards are skipped.
 
 Before Ray starts and before anything is written, the command checks, in this order: the
 settings (profile + every ``--config``, typed by :mod:`datagen.config`), the output and manifest
-folders (folders or creatable, writable; ``--run-name`` one plain folder name), and that every
+folders (folders or creatable, writable; a URL's bucket there, credentials accepted, the endpoint
+answering; ``--run-name`` one plain folder name), and that every
 model the profile names is there. Then it connects to Ray, giving up after
 ``ray.connect_timeout_s`` if nothing answers at the address.
 
@@ -29,8 +31,8 @@ from cli.errors import fail, note
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", required=True, type=Path, help="FFHQ-wild root (with ffhq-dataset-v2.json) or an image folder")
-    parser.add_argument("--out", required=True, type=Path, help="output folder; shards go to OUT/shards/")
+    parser.add_argument("--source", required=True, help="FFHQ-wild root (with ffhq-dataset-v2.json) or an image folder; a path or URL")
+    parser.add_argument("--out", required=True, help="output folder or URL; shards go to OUT/shards/")
     parser.add_argument("--profile", default="paper", help="model profile: paper, tiny, or a YAML file (default: paper)")
     parser.add_argument(
         "--config", type=Path, action="append", default=[],
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, help="source images per shard (default: shards.size, 1000)")
     parser.add_argument("--limit", type=int, help="only the first N source images (in source order)")
     parser.add_argument("--run-name", help="run name, a plain folder name (default: the name of the --out folder)")
-    parser.add_argument("--manifests", type=Path, default=Path("manifests"), help="where run folders go (default: manifests)")
+    parser.add_argument("--manifests", default="manifests", help="where run folders go, a path or URL (default: manifests)")
     parser.add_argument(
         "--ray-address", default=None,
         help="Ray cluster to join (default: $RAY_ADDRESS if set, else a private local Ray started for this run)",
@@ -53,11 +55,12 @@ class SetupError(ValueError):
 def run(args: argparse.Namespace) -> int:
     from datagen.config import ProfileError
     from datagen.stages.model_loading import ModelNotFoundError
+    from datagen.storage import StorageError
 
     try:
         profile, run_name = check_setup(args)
         check_models(profile)
-    except (SetupError, ProfileError, ModelNotFoundError) as e:
+    except (SetupError, ProfileError, ModelNotFoundError, StorageError) as e:
         return fail("build", e)
 
     # Ray, torch and the job only now that the settings are known to be good
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         # run_build handles Ctrl-C itself once shards stream; this is Ctrl-C while connecting or starting
         note("build", "interrupted while starting; re-run the same command to resume")
         return 130
-    except (SourceError, SettingsError, ManifestError, StageStartError, ValueError) as e:
+    except (SourceError, SettingsError, ManifestError, StageStartError, ValueError, OSError) as e:
         return fail("build", e)
     return summary.exit_code
 
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
 def check_setup(args: argparse.Namespace):
     """The typed profile and the run name, or :class:`SetupError`/``ProfileError`` for the first
     argument or setting that is wrong. Reads only; creates nothing."""
+    from datagen import storage
     from datagen.config import load_profile
     from datagen.manifests.run_manifest import run_name_problem
 
@@ -104,15 +108,19 @@ def check_setup(args: argparse.Namespace):
             raise SetupError(f"--config {config}: file not found" if not config.exists() else f"--config {config}: not a file")
     overrides = {"shards": {"size": args.shard_size}} if args.shard_size is not None else None
     profile = load_profile(args.profile, *args.config, overrides)
-    run_name = args.run_name if args.run_name is not None else Path(args.out).resolve().name
+    run_name = args.run_name if args.run_name is not None else storage.text(storage.path(args.out)).rstrip("/").rsplit("/", 1)[-1]
     problem = run_name_problem(run_name)
     if problem:
         what = f"--run-name {run_name!r}" if args.run_name is not None else f"the run name taken from --out ({run_name!r})"
         raise SetupError(f"{what} must be one plain folder name ({problem}), so the run stays under --manifests")
-    run_dir = Path(args.manifests) / run_name
-    for option, path in (("--out", Path(args.out)), ("--out", Path(args.out) / "shards"),
-                         ("--manifests", Path(args.manifests)), ("--manifests", run_dir), ("--manifests", run_dir / "shards")):
-        check_folder(option, path)
+    storage.probe(args.source, "--source", must_exist=True)
+    for option, where in (("--out", args.out), ("--manifests", args.manifests)):
+        if storage.is_url(where):
+            storage.probe(where, option)
+            continue
+        folder = Path(where) if option == "--out" else Path(where) / run_name
+        for path in (Path(where), folder, folder / "shards"):
+            check_folder(option, path)
     return profile, run_name
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cli.errors import fail
+from datagen import storage
 from datagen.config import ProfileError, load_profile, parse_object_types
 from datagen.export.common import SUMMARY, ExportError, ExportFilters
 from datagen.export.fastcomposer import SEGMAP_DTYPES, UNREADABLE_SEGMAP_DTYPES
@@ -26,8 +27,8 @@ from datagen.export.subject_crops import DEFAULT_PLACEHOLDER
 def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=tuple(FORMATS), default=DEFAULT_FORMAT,
                         help=f"output layout (default {DEFAULT_FORMAT})")
-    parser.add_argument("shards_dir", metavar="SHARDS_DIR", type=Path, help="folder with subjects-NNNNN.tar shards")
-    parser.add_argument("out", metavar="OUT", type=Path, help="output folder (created; must be empty unless --overwrite)")
+    parser.add_argument("shards_dir", metavar="SHARDS_DIR", help="folder or URL with subjects-NNNNN.tar shards")
+    parser.add_argument("out", metavar="OUT", help="output folder or URL (created; must be empty unless --overwrite)")
     parser.add_argument("--min-match-score", type=float, default=None,
                         help="keep only samples whose weakest match scores at least X (samples without matches pass)")
     parser.add_argument("--min-margin", type=float, default=None,
@@ -89,7 +90,9 @@ def run(args) -> int:
     )
     try:
         object_types = object_types_from_args(args)
-    except ProfileError as e:
+        storage.probe(args.shards_dir, "SHARDS_DIR", must_exist=True)
+        storage.probe(args.out, "OUT")
+    except (ProfileError, storage.StorageError) as e:
         return fail("export", e, 2)
     fmt = FORMATS[args.format]
     options = {name: getattr(args, name) for name in fmt.options}  # the format's own flags
@@ -100,5 +103,5 @@ def run(args) -> int:
         return fail("export", e, 1)
     for line in fmt.describe(summary):
         print(line)
-    print(Path(summary.out) / SUMMARY)
+    print(storage.path(summary.out) / SUMMARY)
     return 0

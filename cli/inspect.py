@@ -21,9 +21,9 @@ from datagen.shards.reader import read_samples
 def add_arguments(parser) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder, or a run name under --manifests-root")
     parser.add_argument("id", metavar="ID", help="source id (e.g. FFHQ index 42) or sample key (e.g. 00042)")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN/inspect/<key>.png)")
+    parser.add_argument("--out", default=None, help="PNG to write, a path or URL (default: RUN/inspect/<key>.png)")
     parser.add_argument("--manifests-root", default=DEFAULT_MANIFESTS_ROOT, help="where run names are looked up")
-    parser.add_argument("--shards", type=Path, default=None,
+    parser.add_argument("--shards", default=None,
                         help="folder holding the run's tars, if they moved since the run (default: the paths in its manifests)")
 
 
@@ -33,16 +33,17 @@ def inspect_sample(run_dir: Path, sample_id: str, out: Path | None = None, shard
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pyarrow.parquet as pq
 
+    from datagen import storage
+    from datagen.manifests.tables import read_table
     from datagen.report.record_figure import sample_figure
 
     tables = ensure_tables(run_dir, shards_dir)
-    row = find_sample(pq.read_table(tables.samples), sample_id)
+    row = find_sample(read_table(tables.samples), sample_id)
     if row["status"] != "written":
         raise ValueError(f"source {row['source_id']} (key {row['key']}) was not written: {row['status']}: {row['reason']}")
-    shards = pq.read_table(tables.shards).to_pylist()
-    tar = next(Path(s["tar"]) for s in shards if s["shard"] == row["shard"])
+    shards = read_table(tables.shards).to_pylist()
+    tar = next(storage.path(s["tar"]) for s in shards if s["shard"] == row["shard"])
     sample = read_samples(tar, [row["key"]])[row["key"]]
     title = (f"run {run_dir.name} · source {row['source_id']} · key {row['key']} · {row['shard_name']} · "
              f"{row['split']} · {sample.image.width}×{sample.image.height}")

@@ -8,8 +8,6 @@ the profile the run was built with); ``--object-types`` shows others.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cli.errors import fail, note
 from datagen.config import ProfileError, parse_object_types
 from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT, RunFolderError, resolve_run_dir
@@ -19,7 +17,7 @@ from datagen.report.page import GALLERY_BUDGET, GALLERY_MAX, THUMB_SIDE, build_r
 def add_arguments(parser) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder, or a run name under --manifests-root")
     parser.add_argument("--manifests-root", default=DEFAULT_MANIFESTS_ROOT, help="where run names are looked up")
-    parser.add_argument("--shards", type=Path, default=None,
+    parser.add_argument("--shards", default=None,
                         help="folder holding the run's tars, if they moved since the run (default: the paths in its manifests)")
     parser.add_argument("--gallery-max", type=int, default=GALLERY_MAX,
                         help=f"most samples in the gallery (default {GALLERY_MAX})")

@@ -5,6 +5,10 @@ Every file the project writes goes through :func:`atomic_path` (or :func:`atomic
 destination folder, which is flushed, fsync'd, made world-readable and renamed over the final name;
 an error removes the temp file. A crash (kill -9) can leave a temp file, never a half-written final
 one; :func:`remove_stale_temps` clears such leftovers. Temp names always contain :data:`TMP_MARK`.
+
+A URL (:mod:`datagen.storage`) is written the same way, the rename replaced by the upload: the temp
+file is local, and the object appears whole (one PUT or a completed multipart upload) or not at
+all; :func:`remove_stale_temps` aborts the unfinished uploads a killed writer left under the prefix.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from datagen import storage
 
 TMP_MARK = ".tmp-"
 
@@ -31,6 +37,10 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temp path to write ``path``'s content to; on success it replaces ``path``.
 
     For writers that want a path (``safetensors.save_file``, ``PIL.Image.save``)."""
+    if storage.is_url(path):
+        with _uploaded_path(storage.path(path)) as tmp:
+            yield tmp
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
@@ -47,6 +57,17 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def _uploaded_path(dest) -> Iterator[Path]:
+    """A local temp file whose content becomes the object ``dest`` (a URL) once the block ends."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="subject-ffhq-upload-") as folder:
+        tmp = Path(folder) / f"{dest.name}{TMP_MARK}{os.getpid()}"
+        yield tmp
+        storage.upload(tmp, dest)
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     """:func:`atomic_path` for writers that want an open binary file (``tarfile``): the file is
     closed when the block ends, then renamed into place; an error discards it."""
@@ -56,7 +77,7 @@ def atomic_file(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` (str as UTF-8) to ``path`` atomically; returns ``path``."""
-    path = Path(path)
+    path = storage.path(path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return path
@@ -73,7 +94,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, read in 1 MiB blocks (what shard manifests record)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -82,6 +103,9 @@ def file_sha256(path: str | Path) -> str:
 def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
     """Delete the temp files that killed writers of ``folder/<name>`` left; return what was removed."""
     removed = []
+    if storage.is_url(folder):
+        prefix = "" if name == "*" else name
+        return [storage.path(u) for u in storage.abort_uploads(storage.path(folder), prefix)]
     folder = Path(folder)
     if not folder.is_dir():
         return removed

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 import ray
 
-from datagen import stage_table
+from datagen import stage_table, storage
 from datagen.config import Profile
 from datagen.files import remove_stale_temps
 from datagen.manifests import shard_entry
@@ -77,11 +77,11 @@ class BuildRequest:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.manifests_root) / self.run_name
+        return storage.path(self.manifests_root) / self.run_name
 
     @property
     def shards_dir(self) -> Path:
-        return Path(self.out) / "shards"
+        return storage.path(self.out) / "shards"
 
 
 @dataclass
@@ -236,7 +236,8 @@ class BuildJob:
         return [p for folder in (req.shards_dir, req.run_dir / "shards", req.run_dir) for p in remove_stale_temps(folder)]
 
     def tar_path(self, spec: ShardSpec) -> Path:
-        return (self.request.shards_dir / f"{spec.name}.tar").resolve()
+        tar = self.request.shards_dir / f"{spec.name}.tar"
+        return tar.resolve() if isinstance(tar, Path) else tar
 
     # ------------------------------------------------------------------------------- actors
     def start_pools(self) -> None:

@@ -18,9 +18,9 @@ Everything here is deterministic: the same items give the same bytes.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
+from datagen import storage
 from datagen.files import file_sha256, remove_stale_temps
 from datagen.manifests.shard_entry import DUPLICATE, FAILED, WRITTEN
 from datagen.shards.plan import ShardSpec
@@ -106,7 +106,7 @@ def write_shard_tar(spec: ShardSpec, tar_path: str, *chunks: EncodedChunk) -> di
     ``chunks`` are the shard's encoded chunks (separate arguments, so that Ray hands the task
     their values)."""
     t = time.perf_counter()
-    path = Path(tar_path)
+    path = storage.path(tar_path)
     remove_stale_temps(path.parent, path.name)  # left by an earlier, killed attempt
     by_id: dict[str, tuple[str, str | None]] = {}
     encoded: dict[str, EncodedSample] = {}

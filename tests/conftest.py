@@ -16,6 +16,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.local_s3 import local_s3  # noqa: E402, F401 -- the local S3 server fixture, for every test module
+
 
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory) -> Path:

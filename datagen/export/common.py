@@ -33,6 +33,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, ClassVar
 
+from datagen import storage
 from datagen.config import DEFAULT_OBJECT_TYPES, object_types_problem
 from datagen.files import atomic_write
 from datagen.record.face_quality import face_quality
@@ -193,7 +194,7 @@ class ShardExport:
 
     def __init__(self, out: str | Path, filters: ExportFilters | None = None,
                  object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES):
-        self.out = Path(out)
+        self.out = storage.path(out)
         self.filters = filters or ExportFilters()
         self.object_types = check_object_types(object_types)
 
@@ -233,12 +234,13 @@ class ShardExport:
 
 def run_export(export: ShardExport, shards_dir: str | Path, overwrite: bool = False, workers: int = 1) -> ExportSummary:
     """Export every ``subjects-*.tar`` of ``shards_dir`` with ``export``; return (and write) the summary."""
-    shards_dir = Path(shards_dir)
-    tars = sorted(shards_dir.glob("subjects-*.tar"))
+    shards_dir = storage.path(shards_dir)
+    tars = sorted(shards_dir.glob("subjects-*.tar"), key=lambda p: p.name)
     if not tars:
         raise ExportError(f"no shards (subjects-*.tar) in {shards_dir}")
     export.prepare(check_shard_ids(tars), overwrite)  # before anything is written
-    export.out.mkdir(parents=True, exist_ok=True)
+    if isinstance(export.out, Path):  # a bucket has no folders to make
+        export.out.mkdir(parents=True, exist_ok=True)
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(export_shard, repeat(export), tars))
@@ -250,7 +252,7 @@ def run_export(export: ShardExport, shards_dir: str | Path, overwrite: bool = Fa
             tally.add(tar.name, outcome)
     counts, details = export.finish(tally)
     summary = ExportSummary(
-        format=export.name, shards_dir=str(shards_dir.resolve()), out=str(export.out.resolve()), shards=len(tars),
+        format=export.name, shards_dir=storage.text(shards_dir), out=storage.text(export.out), shards=len(tars),
         samples_seen=tally.seen, exported=len(tally.kept), counts=counts,
         filtered_out=dict(sorted(tally.rejected.items())), filters=asdict(export.filters),
         object_types=list(export.object_types), details=details,
@@ -295,7 +297,7 @@ def check_shard_ids(tars: list[Path]) -> list[str]:
     for tar_path in tars:
         seen_here: set[str] = set()
         try:
-            with tarfile.open(tar_path, mode="r:") as tar:
+            with tar_path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for member in tar:
                     m = _MEMBER_RE.fullmatch(member.name)
                     if m is None:

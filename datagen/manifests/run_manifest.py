@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from datagen import storage
 from datagen.files import write_json_atomic
 
 PACKAGES = (
@@ -96,13 +97,13 @@ class RunManifest:
             "run": self.run,
             "status": status,
             "source": {
-                "path": str(Path(self.source_path).resolve()) if self.source_path is not None else None,
+                "path": storage.text(storage.path(self.source_path)) if self.source_path is not None else None,
                 "type": self.source_type, "limit": self.limit,
                 "skipped_count": len(self.skipped), "skipped": self.skipped[:SKIPPED_KEPT],
             },
-            "out": str(Path(self.out).resolve()),
-            "shards_dir": str(Path(self.shards_dir).resolve()),
-            "run_dir": str(Path(self.run_dir).resolve()),
+            "out": storage.text(storage.path(self.out)),
+            "shards_dir": storage.text(storage.path(self.shards_dir)),
+            "run_dir": storage.text(storage.path(self.run_dir)),
             "profile": self.profile_name,
             "config": self.config,
             "config_digest": self.config_digest,
@@ -132,7 +133,7 @@ def _utc(wall: float) -> str:
 
 def write_run_manifest(run_dir: Path, manifest: dict[str, Any], invocation: dict[str, Any]) -> Path:
     """Write ``run.json``: ``manifest`` plus every invocation so far (earlier ones are kept)."""
-    path = Path(run_dir) / RUN_MANIFEST
+    path = storage.path(run_dir) / RUN_MANIFEST
     previous: list = []
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -148,12 +149,12 @@ def host_info() -> dict[str, str]:
 
 def resolve_run_dir(run: str | Path, manifests_root: str | Path = DEFAULT_MANIFESTS_ROOT) -> Path:
     """``run`` is a run folder path, or a run name under ``manifests_root``."""
-    candidates = [Path(run)]
-    if not Path(run).is_absolute():
-        candidates.append(Path(manifests_root) / str(run))
+    candidates = [storage.path(run)]
+    if not storage.is_url(run) and not Path(run).is_absolute():
+        candidates.append(storage.path(manifests_root) / str(run))
     for c in candidates:
         if c.is_dir() and ((c / "run.json").is_file() or (c / "shards").is_dir()):
-            return c.resolve()
+            return c.resolve() if isinstance(c, Path) else c
     looked = ", ".join(str(c) for c in candidates)
     raise RunFolderError(
         f"run {str(run)!r} not found: looked for a folder with run.json or shards/ at {looked}"
@@ -162,7 +163,7 @@ def resolve_run_dir(run: str | Path, manifests_root: str | Path = DEFAULT_MANIFE
 
 def load_run_manifest(run_dir: Path) -> dict:
     """``run.json`` as a dict, or ``{}`` when the run has not written one."""
-    path = Path(run_dir) / "run.json"
+    path = storage.path(run_dir) / "run.json"
     return read_json_object(path) if path.is_file() else {}
 
 

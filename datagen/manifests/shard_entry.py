@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datagen import storage
 from datagen.files import file_sha256, write_json_atomic
 from datagen.manifests.run_manifest import RunFolderError, read_json_object
 from datagen.shards.plan import ShardSpec
@@ -50,7 +51,7 @@ class ManifestError(ValueError):
 
 
 def entry_path(run_dir: Path, spec: ShardSpec) -> Path:
-    return Path(run_dir) / "shards" / f"{spec.name}.json"
+    return storage.path(run_dir) / "shards" / f"{spec.name}.json"
 
 
 def done_entry(
@@ -82,7 +83,7 @@ def _entry(spec, status, tar_path, sha256, nbytes, seconds, samples, attempts, e
         "shard": spec.index,
         "name": spec.name,
         "status": status,
-        "tar": str(Path(tar_path).resolve()),
+        "tar": storage.text(storage.path(tar_path)),
         "sha256": sha256,
         "bytes": int(nbytes),
         "seconds": round(float(seconds), 3),
@@ -171,7 +172,7 @@ def load_shard_entries(run_dir: Path, shards_dir: str | Path | None = None) -> l
     ``shards_dir``: look for the tars there (by file name) instead of at the paths the entries
     record, e.g. when the shards were moved after the run.
     """
-    folder = Path(run_dir) / "shards"
+    folder = storage.path(run_dir) / "shards"
     entries = []
     for path in sorted(folder.glob("subjects-*.json")):
         d = read_json_object(path)
@@ -197,9 +198,9 @@ def load_shard_entries(run_dir: Path, shards_dir: str | Path | None = None) -> l
             raise RunFolderError(f"{path}: status is {status!r}, expected {SHARD_DONE!r} or {SHARD_FAILED!r}")
         if status == SHARD_FAILED and counts["written"]:
             raise RunFolderError(f"{path}: a failed shard cannot list written samples ({counts['written']} listed)")
-        tar = Path(d["tar"])
+        tar = storage.path(d["tar"])
         if shards_dir is not None:
-            tar = Path(shards_dir) / tar.name
+            tar = storage.path(shards_dir) / tar.name
         entries.append(
             ShardEntry(
                 path=path, shard=int(d["shard"]), name=str(d["name"]), status=status, error=d.get("error"),

@@ -43,6 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datagen import storage
 from datagen.config import DEFAULT_OBJECT_TYPES
 from datagen.files import atomic_write
 from datagen.manifests.run_manifest import RunFolderError, load_run_manifest
@@ -254,10 +255,10 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
     random = random_weights(run)
     return {
         "note": random_weights_note(run) if random else
-        f"Counts and distributions of run {Path(run_dir).name}, from its manifests and the records in its shards.",
+        f"Counts and distributions of run {storage.path(run_dir).name}, from its manifests and the records in its shards.",
         "random_weights": random,
         "tables_version": TABLES_VERSION,
-        "run": Path(run_dir).name,
+        "run": storage.path(run_dir).name,
         "run_dir": str(run_dir),
         "has_run_manifest": bool(run),
         "thresholds": {"ambiguous_margin": ambiguous_margin},
@@ -392,7 +393,7 @@ def write_manifest_tables(
     ambiguous_margin: float = AMBIGUOUS_MARGIN,
 ) -> ManifestTables:
     """Build and write ``shards.parquet``, ``samples.parquet`` and ``summary.json`` into the run folder."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     if not run_dir.is_dir():
         raise RunFolderError(f"run folder {run_dir} does not exist")
     shards, samples = build_tables(run_dir, shards_dir, verify_sha256, ambiguous_margin)
@@ -404,10 +405,16 @@ def write_manifest_tables(
     return out
 
 
+def read_table(path) -> pa.Table:
+    """One of the run's Parquet tables, from a path or a URL."""
+    with storage.path(path).open("rb") as f:
+        return pq.read_table(f)
+
+
 def tables_are_current(run_dir: Path) -> bool:
     """True when the tables exist, were written by this version, and are newer than every shard
     entry and ``run.json``."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     outs = [run_dir / n for n in (SHARDS_TABLE, SAMPLES_TABLE, SUMMARY)]
     if not all(p.is_file() for p in outs):
         return False
@@ -430,7 +437,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def ensure_tables(run_dir: Path, shards_dir: str | Path | None = None, rebuild: bool = False) -> ManifestTables:
     """The run's tables, (re)built first when missing, older than the run's manifests, or asked to
     (``rebuild``, or a ``shards_dir`` override, whose tar paths the tables then record)."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     if rebuild or shards_dir is not None or not tables_are_current(run_dir):
         return write_manifest_tables(run_dir, shards_dir)
     return ManifestTables(run_dir / SHARDS_TABLE, run_dir / SAMPLES_TABLE, run_dir / SUMMARY)

@@ -13,8 +13,8 @@ import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from datagen import storage
 from datagen.manifests.run_manifest import RunFolderError
 from datagen.record.quality import FLAG_NAMES
 from datagen.record.schema import FACE_FLAG_NAMES
@@ -150,7 +150,7 @@ def draw_cards(
     picks: list[GalleryPick], shards: list[dict], thumb_side: int, budget: int, run_name: str
 ) -> tuple[list[Card], int]:
     """The picks' cards in gallery order, and how many were left out because the budget was spent."""
-    tar_of = {s["shard"]: Path(s["tar"]) for s in shards if isinstance(s["tar"], str) and s["tar"]}
+    tar_of = {s["shard"]: storage.path(s["tar"]) for s in shards if isinstance(s["tar"], str) and s["tar"]}
     by_shard: dict[object, list[str]] = defaultdict(list)
     for p in picks:
         shard = p.row["shard"]

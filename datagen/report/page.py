@@ -34,11 +34,17 @@ import json
 from pathlib import Path
 
 import jinja2
-import pyarrow.parquet as pq
 
+from datagen import storage
 from datagen.files import atomic_write
 from datagen.manifests.run_manifest import load_run_manifest
-from datagen.manifests.tables import build_summary, ensure_tables, random_weights, random_weights_note
+from datagen.manifests.tables import (
+    build_summary,
+    ensure_tables,
+    random_weights,
+    random_weights_note,
+    read_table,
+)
 from datagen.record.quality import AMBIGUOUS_MARGIN, FLAG_NAMES
 from datagen.record.schema import FACE_FLAG_NAMES
 from datagen.report.charts import Chart, histogram_chart, value_counts_chart
@@ -79,10 +85,10 @@ def build_report(
 ) -> Path:
     """Write ``report.html`` into the run folder (atomically) and return its path. ``object_types``:
     the labels of the per-type figures (default: the run's ``subjects.object_types``)."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     tables = ensure_tables(run_dir, shards_dir, rebuild=rebuild_tables)
     summary = json.loads(tables.summary.read_text(encoding="utf-8"))
-    samples_table, shards_table = pq.read_table(tables.samples), pq.read_table(tables.shards)
+    samples_table, shards_table = read_table(tables.samples), read_table(tables.shards)
     if object_types and as_dict(summary).get("object_types") != list(object_types):
         # other object types than the run's: the same tables, summed up for them (summary.json stays the run's)
         margin = as_number(as_dict(as_dict(summary).get("thresholds")).get("ambiguous_margin"))

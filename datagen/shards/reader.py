@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datagen import storage
 from datagen.record.schema import Record
 
 MEMBERS = ("jpg", "seg.png", "json")
@@ -151,13 +152,13 @@ def iter_members(
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` per sample of the shard, in written order, with the members named
     by ``exts`` (all of them required); only the samples in ``keys`` when given (each must exist)."""
-    tar_path = Path(tar_path)
+    tar_path = storage.path(tar_path)
     exts = tuple(exts)
     wanted = None if keys is None else set(keys)
     current: str | None = None
     members: dict[str, bytes] = {}
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
+        with tar_path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if key != current:
@@ -182,14 +183,14 @@ def iter_members(
 
 def read_shard(path: str | Path) -> Iterator[Sample]:
     """Yield the samples of one shard, decoded and validated, in written order."""
-    path = Path(path)
+    path = storage.path(path)
     for key, members in iter_members(path):
         yield TarSample(path.name, key, members).decode()
 
 
 def iter_samples(tar_path: str | Path, keys: Iterable[str]) -> Iterator[tuple[str, Sample]]:
     """Yield ``(key, sample)`` for the given keys in shard order, decoding one sample at a time."""
-    tar_path = Path(tar_path)
+    tar_path = storage.path(tar_path)
     for key, members in iter_members(tar_path, keys):
         yield key, TarSample(tar_path.name, key, members).decode()
 
@@ -201,6 +202,6 @@ def read_samples(tar_path: str | Path, keys: Iterable[str]) -> dict[str, Sample]
 
 def iter_shard_records(tar_path: str | Path) -> Iterator[Record]:
     """The records of one shard (its ``.json`` members only), validated, in written order."""
-    tar_path = Path(tar_path)
+    tar_path = storage.path(tar_path)
     for key, members in iter_members(tar_path, exts=("json",)):
         yield TarSample(tar_path.name, key, members).record()

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datagen import storage
 from datagen.files import atomic_file
 from datagen.record.schema import Record
 from datagen.shards.reader import ShardError, check_sizes
@@ -67,7 +68,7 @@ class ShardWriter:
     """Write one shard tar atomically. Use as a context manager; an exception discards the shard."""
 
     def __init__(self, path: str | Path, jpeg_quality: int = 95):
-        self.path = Path(path)
+        self.path = storage.path(path)
         if self.path.suffix != ".tar":
             raise ShardError(f"shard path must end in .tar: {self.path}")
         self.jpeg_quality = jpeg_quality

@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from datagen import storage
 from datagen.sources.items import SourceError, SourceItem, assign_duplicates_and_split
 from datagen.sources.names import escape_path
 
@@ -38,10 +39,13 @@ class FFHQWildSource:
     name = "ffhq-wild"
 
     def __init__(self, root: str | os.PathLike, test_size: int | None = None):
-        self.root = Path(root).resolve()
+        self.root = storage.path(root)
+        self.root = self.root.resolve() if isinstance(self.root, Path) else self.root
         self.metadata_path = self.root / METADATA_FILE
         self.test_size = test_size
-        self._root_str = str(self.root)
+        # a URL's root is its path on the bucket ("bucket/prefix"): items get the scheme back
+        self._scheme = "" if isinstance(self.root, Path) else f"{self.root.protocol}://"
+        self._root_str = str(self.root) if isinstance(self.root, Path) else self.root.path.rstrip("/")
         self._root_prefix = os.path.join(self._root_str, "")  # with the trailing separator
         if not self.metadata_path.is_file():
             raise SourceError(f"{self.metadata_path}: FFHQ metadata file not found")
@@ -132,7 +136,7 @@ class FFHQWildSource:
         item = SourceItem(
             source_id=source_id,
             key=f"{index:05d}",
-            path=resolved,
+            path=self._scheme + resolved,
             rel_path=escape_path(resolved[len(self._root_prefix):].replace(os.sep, "/")),
             group=group,
             split="train",
@@ -194,7 +198,7 @@ def _streamed_entries(where: Path):
     import ijson
 
     try:
-        handle = open(where, "rb")
+        handle = where.open("rb")
     except OSError as e:
         raise SourceError(f"{where}: cannot read FFHQ metadata ({e})") from e
     with handle:

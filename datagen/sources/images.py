@@ -74,6 +74,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from datagen import storage
+
 try:
     import pyspng as _spng
 except ImportError:  # decoding falls back to Pillow, which gives the same pixels
@@ -170,14 +172,14 @@ def load_image(
 
 def _check_file(path: str) -> None:
     try:
-        st = os.stat(path)
+        size = storage.size_of(path)
     except FileNotFoundError as e:
         raise ImageError(path, "file is missing") from e
     except OSError as e:
         raise ImageError(path, f"cannot access file ({e.strerror or e})") from e
-    if not os.path.isfile(path):
+    if not storage.is_file(path):
         raise ImageError(path, "not a regular file")
-    if st.st_size == 0:
+    if size == 0:
         raise ImageError(path, "empty file (0 bytes)")
 
 
@@ -222,7 +224,7 @@ def _decode(
 ) -> tuple[Image.Image | np.ndarray, tuple[int, int], tuple[str, ...]]:
     notes: list[str] = []
     try:
-        handle = open(path, "rb")
+        handle = storage.open_input(path)
     except OSError as e:
         raise ImageError(path, f"cannot read file ({e.strerror or e})") from e
     with handle:

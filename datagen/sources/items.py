@@ -29,10 +29,11 @@ on the machine — and duplicates can never straddle train and test.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from datagen import storage
 
 DEFAULT_TEST_SIZE = 1000
 TEST_FRACTION_DIVISOR = 10  # small sources hold out n // 10 images
@@ -105,13 +106,13 @@ def assign_duplicates_and_split(items: list[SourceItem], test_size: int | None =
     # recorded for a file that is not there, and the first copy that exists stands for the group.
     first_of_group: dict[str, str] = {}
     for item in items:
-        if item.group not in first_of_group and (group_sizes[item.group] == 1 or os.path.isfile(item.path)):
+        if item.group not in first_of_group and (group_sizes[item.group] == 1 or storage.is_file(item.path)):
             first_of_group[item.group] = item.source_id
     test_groups = choose_test_groups(dict(group_sizes), held_out_size(len(items), test_size))
     out = []
     for item in items:
         first = first_of_group.get(item.group, item.source_id)
-        if first != item.source_id and not os.path.isfile(item.path):
+        if first != item.source_id and not storage.is_file(item.path):
             first = item.source_id  # missing: loaded, so it fails with its own reason
         out.append(
             replace(

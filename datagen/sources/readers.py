@@ -10,8 +10,8 @@ What a source lists, its duplicates and its held-out split: :mod:`datagen.source
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from datagen import storage
 from datagen.sources.ffhq_wild import METADATA_FILE, FFHQWildSource
 from datagen.sources.image_folder import ImageFolderSource
 from datagen.sources.items import SourceError
@@ -19,11 +19,14 @@ from datagen.sources.items import SourceError
 
 def open_source(root: str | os.PathLike, test_size: int | None = None) -> FFHQWildSource | ImageFolderSource:
     """An FFHQ-wild source if ``root/ffhq-dataset-v2.json`` exists, else an image folder."""
-    root = Path(root)
+    root = storage.path(root)
     if not root.exists():
         raise SourceError(f"{root}: source folder not found")
     if not root.is_dir():
         raise SourceError(f"{root}: source is not a folder")
     if (root / METADATA_FILE).is_file():
         return FFHQWildSource(root, test_size=test_size)
+    if storage.is_url(root):
+        raise SourceError(f"{storage.public(root)}: no {METADATA_FILE} there; on a bucket only FFHQ-wild "
+                          "sources are read so far (copy an image folder to a local disk)")
     return ImageFolderSource(root, test_size=test_size)
