@@ -94,6 +94,7 @@ class Segment:
     clip_sim: float | None = None
     sbert_sim: float | None = None
     faces: list[SegmentFace] | None = None  # person segments of a face-checked record; None: not looked at
+    label_vocab: str | None = None  # grounding sam3: "coco" or "open" (datagen.labels); None: COCO panoptic
 
     @property
     def matched(self) -> bool:
@@ -104,8 +105,9 @@ class Segment:
         if not self.matched:
             for k in ("word", "start", "end", "match_score", "clip_sim", "sbert_sim"):
                 d.pop(k)
-        if self.faces is None:
-            d.pop("faces")
+        for k in ("faces", "label_vocab"):  # absent, not null, where they do not apply
+            if d[k] is None:
+                d.pop(k)
         return d
 
     @classmethod
@@ -341,8 +343,10 @@ class Record:
         """One segment's label, class, box, area and score, and its phrase when it is matched."""
         if not isinstance(s.coco_label, str) or not s.coco_label:
             fail(f"{p}.coco_label", f"must be a non-empty string, got {s.coco_label!r}")
-        if not _is_int(s.category_id) or s.category_id < 0:
-            fail(f"{p}.category_id", f"must be a non-negative integer, got {s.category_id!r}")
+        if s.label_vocab not in (None, "coco", "open"):
+            fail(f"{p}.label_vocab", f"must be 'coco' or 'open' when given, got {s.label_vocab!r}")
+        if (not _is_int(s.category_id) or s.category_id < 0) and not (s.category_id is None and s.label_vocab == "open"):
+            fail(f"{p}.category_id", f"must be a non-negative integer (null only for an open label), got {s.category_id!r}")
         if not isinstance(s.is_thing, bool):
             fail(f"{p}.is_thing", f"must be a boolean, got {s.is_thing!r}")
         if (
