@@ -15,8 +15,9 @@ an image, the image's vision embeddings computed once and reused for all of them
    concept has no instance at or above the threshold stays unmatched (``unmatched_phrases``).
 2. **The segment map** (:func:`paint_instances`): instances may overlap (one concept's instance
    inside another's: a hat on a man), but a pixel has one id. Unassigned instances are painted
-   first, then the assigned ones, each group largest first, so a smaller mask stays on top of a
-   larger one and a subject keeps its pixels over an instance no phrase took. An instance left
+   first, then the assigned ones, each group largest first (equal areas: the better score last), so
+   a smaller mask stays on top of a larger one and a subject keeps its pixels over an instance no
+   phrase took. An instance left
    with no pixel is dropped (an assigned one that is: its phrase becomes unmatched). Ids are 1..N:
    the assigned instances in phrase order, then the others by concept and score.
 3. **Labels** (:func:`datagen.labels.label_of`): ``person`` for people nouns, the COCO class for a
@@ -104,7 +105,7 @@ def paint_instances(instances: Sequence[Instance], assigned: set[int], shape: tu
     def area(j: int) -> int:
         return int(instances[j].mask.sum())
 
-    order = sorted(range(len(instances)), key=lambda j: (j in assigned, -area(j), j))
+    order = sorted(range(len(instances)), key=lambda j: (j in assigned, -area(j), instances[j].score, j))
     seg_map = np.zeros(shape, dtype=np.uint16)
     for j in order:
         seg_map[instances[j].mask] = j + 1
