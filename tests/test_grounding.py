@@ -12,9 +12,9 @@ from datagen.config import ProfileError, load_profile, object_types_problem
 from datagen.labels import head_concept, label_of, mapping_table
 from datagen.record.build import build_record
 from datagen.record.schema import Record
-from datagen.stages.grounding import GroundStep, Instance, assign_instances, ground_image
 from datagen.sources.images import LoadedImage
 from datagen.sources.items import SourceItem
+from datagen.stages.grounding import GroundStep, Instance, assign_instances, ground_image
 from datagen.stages.phrases import ChunkedCaption, NounPhrase
 
 # phrase -> (head concept, coco_label, label_vocab): the docs' table (docs/grounding.md)

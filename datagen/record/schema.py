@@ -29,6 +29,9 @@ person; ``null`` for a source without a face rect) and ``flags``, in :data:`FACE
   most of it is not a person, or covers less than ``primary_min_overlap`` of it, or there is none);
 * ``primary_face_unmatched``: it is covered by a person segment that no phrase matched.
 
+**Phrase grounding** (``grounding: sam3``, docs/grounding.md): a segment may carry ``label_vocab``
+(``coco`` or ``open``: which vocabulary its ``coco_label`` is from; ``category_id`` null for open).
+
 **Versions.** This code writes :data:`SCHEMA_VERSION` and reads every version in
 :data:`READABLE_VERSIONS`. A ``1.0`` record (written before the face checks) has no ``faces`` and no
 ``face_checks`` and reads back as it was (``face_checks`` is ``None``: not checked). In a ``1.1``
