@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from typing import Any, Literal
 import yaml
 
 from datagen import stage_table
+from datagen.labels import COCO_CATEGORIES_FILE, coco_panoptic_labels, open_label_problem  # noqa: F401 -- re-exported
 from datagen.sections import (
     AUTO,
     BadValue,
@@ -58,8 +57,6 @@ DType = Literal["auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "b
 PAPER_SHAPES_ENV = "SUBJECT_FFHQ_PAPER_SHAPES"
 PERSON_LABEL = "person"  # COCO panoptic's label for people: the segments faces are looked for in
 DEFAULT_OBJECT_TYPES = (PERSON_LABEL,)  # FastComposer's subjects: people (DESIGN §6)
-# COCO panoptic's 133 categories (panopticapi's list): the names a segment's ``coco_label`` can take
-COCO_CATEGORIES_FILE = Path(__file__).parent / "export" / "coco_panoptic_palette.json"
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -215,19 +212,11 @@ class SubjectsSettings(Section):
             raise BadValue("object_types", problem)
 
 
-@functools.cache
-def coco_panoptic_labels() -> tuple[str, ...]:
-    """The 133 COCO panoptic class names, in category order (``person`` first)."""
-    return tuple(c["name"] for c in json.loads(COCO_CATEGORIES_FILE.read_text(encoding="utf-8"))["categories"])
-
-
 def object_types_problem(object_types: Any, open_vocabulary: bool = False, known: Any = None) -> str | None:
     """What is wrong with a list of object types (None when nothing is): empty, a duplicate, or a
     name that is not a label of ``known`` (default: COCO panoptic's; with ``open_vocabulary``, any
     well-formed open-vocabulary label, :func:`datagen.labels.open_label_problem`), with the nearest
     known label if one is close."""
-    from datagen.labels import open_label_problem
-
     types = list(object_types) if isinstance(object_types, list | tuple) else None
     if not types:
         return f"must name at least one COCO panoptic label (e.g. [person, dog]), got {object_types!r}"

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 COCO, OPEN = "coco", "open"
 VOCABULARIES = (COCO, OPEN)
@@ -57,17 +59,21 @@ _OPEN_LABEL = re.compile(r"^[a-z][a-z0-9'-]*( [a-z0-9'-]+)*$")
 TYPO_CUTOFF = 0.85  # an open label this close to a COCO label (and not one) is taken for a typo of it
 
 
-def _coco() -> tuple[str, ...]:
-    from datagen.config import coco_panoptic_labels
+# COCO panoptic's 133 categories (panopticapi's list): the names a segment's ``coco_label`` can take
+COCO_CATEGORIES_FILE = Path(__file__).parent / "export" / "coco_panoptic_palette.json"
 
-    return coco_panoptic_labels()
+
+@functools.cache
+def coco_panoptic_labels() -> tuple[str, ...]:
+    """The 133 COCO panoptic class names, in category order (``person`` first)."""
+    return tuple(c["name"] for c in json.loads(COCO_CATEGORIES_FILE.read_text(encoding="utf-8"))["categories"])
 
 
 @functools.cache
 def coco_aliases() -> dict[str, str]:
     """``{word: COCO label}`` for every COCO label, plus the first word of each merged/stuff class
     (``wall`` -> ``wall-other-merged``, ``tree`` -> ``tree-merged``, ``door`` -> ``door-stuff``)."""
-    labels = _coco()
+    labels = coco_panoptic_labels()
     out = {label: label for label in labels}
     for label in labels:
         base = label.split("-")[0]
@@ -115,7 +121,7 @@ def open_label_problem(name: object, coco: Sequence[str] | None = None) -> str |
     if not isinstance(name, str) or not _OPEN_LABEL.match(name):
         return (f"names {name!r}, which is no label: an open-vocabulary label is a head noun in lower case "
                 f"(e.g. guitar, violin, golden retriever)")
-    coco = tuple(coco) if coco is not None else _coco()
+    coco = tuple(coco) if coco is not None else coco_panoptic_labels()
     close = difflib.get_close_matches(name, coco, n=1, cutoff=TYPO_CUTOFF)
     if close and close[0] != name:
         return f"names {name!r}, which is neither a COCO panoptic label nor a distinct open label; did you mean {close[0]!r}?"

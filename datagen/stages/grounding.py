@@ -38,17 +38,9 @@ import numpy as np
 
 from datagen.labels import COCO, head_concept, label_of
 from datagen.stages.greedy import greedy_match
+from datagen.stages.sam3 import Instance
 from datagen.stages.segmenter import PanopticResult, SegmentInfo, _tight_boxes
 from datagen.stages.step import Step
-
-
-@dataclass
-class Instance:
-    """One SAM 3 instance of a concept: its mask at the stored image's size and its score."""
-
-    concept: str
-    score: float
-    mask: np.ndarray  # bool, H x W
 
 
 @dataclass

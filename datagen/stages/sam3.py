@@ -25,14 +25,23 @@ on which other images share its batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from datagen.config import Sam3Settings
-from datagen.stages.grounding import Instance
 from datagen.stages.model_loading import load_pretrained, pick_device
 
 WHAT = "grounding model (SAM 3)"
+
+
+@dataclass
+class Instance:
+    """One SAM 3 instance of a concept: its mask at the stored image's size and its score."""
+
+    concept: str
+    score: float
+    mask: np.ndarray  # bool, H x W
 
 
 class Sam3Grounder:
