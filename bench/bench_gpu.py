@@ -265,8 +265,7 @@ def prepare_models(gpu: bool, models: Path | None, log=print) -> tuple[dict, str
                 log(f"building paper-size {name} in {root} ...")
                 build_paper_one(name, root)
         os.environ[PAPER_SHAPES_ENV] = str(root)
-        sam3 = {"sam3": {**vars(load_profile("open-vocab").sam3), "model": str(root / "sam3")}}
-        return (load_profile("paper-shapes", sam3),
+        return (load_profile("paper-shapes"),
                 "paper size (BLIP-2 OPT-6.7B, Mask2Former Swin-L, ViT-H-14 + mpnet, SAM 3)")
     from fixtures.tiny_models import build_one
 
