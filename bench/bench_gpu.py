@@ -18,6 +18,9 @@ measured shared rate and the measured non-model CPU cost per image.
   :data:`PHRASES_PER_CAPTION` phrases per image) instead of the random models' outputs.
 * The segmenter's random Mask2Former has confident queries (see the paper-size spec), so its
   post-processing keeps more candidate masks than a real photo gives: an upper bound on that cost.
+* ``sam3``: the ``grounding: sam3`` path (SAM 3 prompted by each phrase's head, the ``open-vocab``
+  profile's settings) on the same images and :data:`PHRASES_PER_CAPTION` phrases per image, one row
+  of its own: it replaces the segmenter and matcher rows, not the shared run.
 * Not measured here: the phrase stage (spaCy, CPU; ``bench/bench_phrases.py``), which the job runs
   inside the matcher actor, and the face stage (MTCNN on person segments, GPU share 0.1; its CPU cost
   per image is in ``docs/throughput.md``).
@@ -59,7 +62,7 @@ N_IMAGES_70K = 70_000
 SEGMENTS_PER_IMAGE = 10
 PHRASES_PER_CAPTION = 4
 # the stage table's GPU shares of the three model stages timed here (faces: the other 0.1)
-GPU_SHARES = {st.name: st.gpu_share for st in STAGES if st.name != "faces"}
+GPU_SHARES = {st.name: st.gpu_share for st in STAGES if st.name not in ("faces", "sam3")}
 from datagen.config import RaySettings  # noqa: E402
 
 IMAGES_PER_CALL = RaySettings.__dataclass_fields__["images_per_call"].default  # the job's chunk size
@@ -129,6 +132,10 @@ def load_stage(name: str, profile, device: str):
         return stage
     if name == "segmenter":
         return PanopticSegmenter(profile.segmenter, device)
+    if name == "sam3":
+        from datagen.stages.sam3 import Sam3Grounder
+
+        return Sam3Grounder(profile.sam3, device)
     return Matcher(profile.matcher, device)
 
 
@@ -137,6 +144,10 @@ def run_stage(name: str, stage, images, panoptic, chunked):
         return stage.caption(images)
     if name == "segmenter":
         return stage.segment(images)
+    if name == "sam3":  # grounding: sam3 in place of segmenter + matcher: one prompt per phrase head
+        from datagen.labels import head_concept
+
+        return stage.instances(images, [[head_concept(p.text) for p in c.phrases] for c in chunked])
     return stage.match(images, panoptic, chunked)
 
 
@@ -169,7 +180,7 @@ def reset_peak(device: str) -> None:
 def bench_stages(profile, device: str, images, repeats: int) -> dict:
     panoptic, chunked = match_inputs(images)
     rows = {}
-    for name in ("captioner", "segmenter", "matcher"):
+    for name in ("captioner", "segmenter", "matcher", "sam3"):
         reset_peak(device)
         t0 = time.perf_counter()
         stage = load_stage(name, profile, device)
@@ -192,7 +203,7 @@ def bench_stages(profile, device: str, images, repeats: int) -> dict:
                 run_stage(name, stage, images[sl], panoptic[sl], chunked[sl])
 
     rows["shared"] = {"rate": timed_rate(shared, len(images), device, repeats), "peak_mb": peak_mb(device),
-                      "load_s": 0.0, "extra": "", "params": sum(r["params"] for r in rows.values())}
+                      "load_s": 0.0, "extra": "", "params": sum(rows[n]["params"] for n in stages)}
     stages.clear()
     reset_peak(device)
     return rows
@@ -249,19 +260,21 @@ def prepare_models(gpu: bool, models: Path | None, log=print) -> tuple[dict, str
         from fixtures.tiny_models.paper_size import build_paper_one, paper_shapes_dir
 
         root = Path(models or paper_shapes_dir())
-        for name in ("blip2", "mask2former", "open_clip", "sbert"):
+        for name in ("blip2", "mask2former", "open_clip", "sbert", "sam3"):
             if not (root / name / ".complete").exists():
                 log(f"building paper-size {name} in {root} ...")
                 build_paper_one(name, root)
         os.environ[PAPER_SHAPES_ENV] = str(root)
-        return load_profile("paper-shapes"), "paper size (BLIP-2 OPT-6.7B, Mask2Former Swin-L, ViT-H-14 + mpnet)"
+        return (load_profile("paper-shapes"),
+                "paper size (BLIP-2 OPT-6.7B, Mask2Former Swin-L, ViT-H-14 + mpnet, SAM 3)")
     from fixtures.tiny_models import build_one
 
     root = Path(models or tempfile.mkdtemp(prefix="tiny-models-"))
-    for name in ("blip2", "mask2former", "open_clip", "sbert"):
+    for name in ("blip2", "mask2former", "open_clip", "sbert", "sam3"):
         build_one(name, root)
     os.environ[TINY_MODELS_ENV] = str(root)
-    return load_profile("tiny"), "tiny models, tiny profile settings (scaled-down shape)"
+    return (load_profile("tiny", {"sam3": vars(load_profile("tiny-open-vocab").sam3)}),
+            "tiny models, tiny profile settings (scaled-down shape)")
 
 
 def main() -> None:
@@ -297,18 +310,20 @@ def print_table(rows: dict, profile, gpu: bool, cpu_s: float, cpu_how: str) -> N
         "segmenter": f"batch {seg.batch_size}, short side {seg.resolution}, square canvas",
         "matcher": f"batch {mat.batch_size}, {SEGMENTS_PER_IMAGE} crops + {PHRASES_PER_CAPTION} phrases/img",
         "shared": "all 3 loaded, in turn per chunk of 8 (0.5/0.2/0.2)",
+        "sam3": f"grounding: sam3 (instead of segmenter + matcher): batch {profile.sam3.batch_size} prompts, "
+                f"{PHRASES_PER_CAPTION} phrases/img",
     }
     where = "GPU" if gpu else "CPU (tiny)"
     print(f"\n| stage | params | settings | {where} images/s | peak GPU MiB | note |")
     print("|---|---:|---|---:|---:|---|")
-    for name in ("captioner", "segmenter", "matcher", "shared"):
+    for name in ("captioner", "segmenter", "matcher", "shared", "sam3"):
         r = rows[name]
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a (CPU)"
         note = r["extra"] or (f"load {r['load_s']:.1f} s" if r["load_s"] else "")
         print(f"| {name} | {r['params'] / 1e6:.1f}M | {settings[name]} | {r['rate']:.2f} | {peak} | {note} |")
     if not gpu:
         for name in ("captioner (BLIP-2 OPT-6.7B)", "segmenter (Mask2Former Swin-L)", "matcher (ViT-H-14 + mpnet)",
-                     "shared (one GPU)"):
+                     "shared (one GPU)", "sam3 (SAM 3)"):
             print(f"| {name}, paper size | | | open (no GPU) | open (no GPU) | |")
     rate = rows["shared"]["rate"]
     print(f"\nnon-model CPU work per image: {cpu_s * 1000:.0f} ms ({cpu_how})")

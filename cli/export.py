@@ -61,7 +61,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", type=Path, action="append", default=[], metavar="FILE",
                         help="YAML merged over the profile, e.g. 'subjects: {object_types: [person, dog, cat]}' (may be repeated)")
     parser.add_argument("--object-types", default=None, metavar="LABELS",
-                        help="comma-separated COCO labels of the subjects, e.g. person,dog,cat "
+                        help="comma-separated labels of the subjects, e.g. person,dog,cat (COCO panoptic labels; with a "
+                             "grounding: sam3 profile also open-vocabulary ones, e.g. guitar) "
                              "(default: the profile's subjects.object_types, person unless set)")
     parser.add_argument("--placeholder", default=DEFAULT_PLACEHOLDER,
                         help=f"subject-crops: the token that replaces the subject's phrase in its prompt "
@@ -71,12 +72,13 @@ def add_arguments(parser) -> None:
 
 def object_types_from_args(args) -> tuple[str, ...]:
     """``--object-types`` if given, else the profile's (``--profile`` + ``--config``) subjects.object_types."""
-    if args.object_types is not None:
-        return parse_object_types(args.object_types)
     for config in args.config:
         if not config.is_file():
             raise ProfileError(f"--config {config}: file not found")
-    return load_profile(args.profile, *args.config).subjects.object_types
+    profile = load_profile(args.profile, *args.config)
+    if args.object_types is not None:  # open-vocabulary labels where the profile's grounding makes them
+        return parse_object_types(args.object_types, open_vocabulary=profile.grounding != "panoptic")
+    return profile.subjects.object_types
 
 
 def run(args) -> int:

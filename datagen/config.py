@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from typing import Any, Literal
 import yaml
 
 from datagen import stage_table
+from datagen.labels import COCO_CATEGORIES_FILE, coco_panoptic_labels, open_label_problem  # noqa: F401 -- re-exported
 from datagen.sections import (
     AUTO,
     BadValue,
@@ -58,8 +57,6 @@ DType = Literal["auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "b
 PAPER_SHAPES_ENV = "SUBJECT_FFHQ_PAPER_SHAPES"
 PERSON_LABEL = "person"  # COCO panoptic's label for people: the segments faces are looked for in
 DEFAULT_OBJECT_TYPES = (PERSON_LABEL,)  # FastComposer's subjects: people (DESIGN §6)
-# COCO panoptic's 133 categories (panopticapi's list): the names a segment's ``coco_label`` can take
-COCO_CATEGORIES_FILE = Path(__file__).parent / "export" / "coco_panoptic_palette.json"
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -110,6 +107,19 @@ class MatcherSettings(Section):
     sbert_model: str
     batch_size: int = bounded(64, minimum=1)
     min_score: float | None = 0.0  # null: no threshold, match every pair greedily
+    dtype: DType = "auto"
+    device: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sam3Settings(Section):
+    """Phrase-prompted grounding with SAM 3, ``grounding: sam3`` (see :mod:`datagen.stages.grounding`)."""
+
+    model: str  # hub id (facebook/sam3) or folder
+    batch_size: int = bounded(8, minimum=1)  # (image, concept) prompts per forward; results do not depend on it
+    threshold: float = bounded(0.5, minimum=0.0, maximum=1.0)  # an instance scoring less is dropped, never matched
+    mask_threshold: float = bounded(0.5, minimum=0.0, maximum=1.0)  # binarisation of the mask probability
+    max_instances: int = bounded(10, minimum=1)  # best-scoring instances kept per concept and image
     dtype: DType = "auto"
     device: str | None = None
 
@@ -197,40 +207,42 @@ class SubjectsSettings(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        problem = object_types_problem(self.object_types)
+        problem = object_types_problem(self.object_types, open_vocabulary=True)  # the profile checks the vocabulary
         if problem:
             raise BadValue("object_types", problem)
 
 
-@functools.cache
-def coco_panoptic_labels() -> tuple[str, ...]:
-    """The 133 COCO panoptic class names, in category order (``person`` first)."""
-    return tuple(c["name"] for c in json.loads(COCO_CATEGORIES_FILE.read_text(encoding="utf-8"))["categories"])
-
-
-def object_types_problem(object_types: Any) -> str | None:
+def object_types_problem(object_types: Any, open_vocabulary: bool = False, known: Any = None) -> str | None:
     """What is wrong with a list of object types (None when nothing is): empty, a duplicate, or a
-    name that is not a COCO panoptic label (with the nearest label, if one is close)."""
+    name that is not a label of ``known`` (default: COCO panoptic's; with ``open_vocabulary``, any
+    well-formed open-vocabulary label, :func:`datagen.labels.open_label_problem`), with the nearest
+    known label if one is close."""
     types = list(object_types) if isinstance(object_types, list | tuple) else None
     if not types:
         return f"must name at least one COCO panoptic label (e.g. [person, dog]), got {object_types!r}"
-    known = coco_panoptic_labels()
+    what = "a COCO panoptic label" if known is None else "a label of this run's segments"
+    known = tuple(known) if known is not None else coco_panoptic_labels()
     for name in types:
+        if open_vocabulary and isinstance(name, str) and name not in known:
+            problem = open_label_problem(name, known)
+            if problem:
+                return problem
+            continue
         if not isinstance(name, str) or name not in known:
             close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else "COCO panoptic labels are e.g. person, dog, cat, horse, teddy bear"
-            return f"names {name!r}, which is not a COCO panoptic label; {hint}"
+            hint = f"did you mean {close[0]!r}?" if close else f"labels are e.g. {', '.join(known[:5])}"
+            return f"names {name!r}, which is not {what}; {hint}"
     duplicate = next((t for i, t in enumerate(types) if t in types[:i]), None)
     if duplicate is not None:
         return f"names {duplicate!r} twice"
     return None
 
 
-def parse_object_types(text: str) -> tuple[str, ...]:
+def parse_object_types(text: str, open_vocabulary: bool = False) -> tuple[str, ...]:
     """Object types as a command line spells them (``"person,dog"``), checked as the profile's are;
     raises :class:`ProfileError` saying what is wrong."""
     types = tuple(t.strip() for t in str(text).split(",") if t.strip())
-    problem = object_types_problem(types)
+    problem = object_types_problem(types, open_vocabulary)
     if problem:
         raise ProfileError(f"object types {text!r} {problem}")
     return types
@@ -364,9 +376,12 @@ class Profile(Section):
 
     name: str
     captioner: CaptionerSettings
-    segmenter: SegmenterSettings
+    # panoptic: Mask2Former + CLIP x SBERT matching (the paper's); sam3: SAM 3 prompted by each phrase
+    grounding: Literal["panoptic", "sam3"] = "panoptic"
+    segmenter: SegmenterSettings | None = None  # grounding panoptic needs it and the matcher
     phrases: PhrasesSettings
-    matcher: MatcherSettings
+    matcher: MatcherSettings | None = None
+    sam3: Sam3Settings | None = None  # grounding sam3 needs it
     faces: FacesSettings = field(default_factory=FacesSettings)
     shards: ShardsSettings
     ray: RaySettings
@@ -378,6 +393,16 @@ class Profile(Section):
     # The sections of stages registered outside the product (datagen.stage_table.registered), typed by
     # the settings class each names; set by load_profile from the profile's top-level keys.
     stage_sections: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        needs = ("segmenter", "matcher") if self.grounding == "panoptic" else ("sam3",)
+        missing = [n for n in needs if getattr(self, n) is None]
+        if missing:
+            raise BadValue(missing[0], f"is required with grounding: {self.grounding}")
+        problem = object_types_problem(self.subjects.object_types, open_vocabulary=self.grounding != "panoptic")
+        if problem:
+            raise BadValue("subjects.object_types", problem)
 
     def section(self, name: str) -> Any:
         """The typed section ``name``: a field of the profile, or a registered stage's section."""

@@ -55,8 +55,10 @@ class Section:
         hints = field_types(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            hint = hints[f.name]
-            if _nested(hint):
+            hint, optional = _section_hint(hints[f.name])
+            if value is None and optional:
+                pass  # an optional section left out
+            elif _nested(hint):
                 if isinstance(value, Mapping) and not isinstance(value, hint):
                     value = hint.from_mapping(value, f.name)
                 elif not isinstance(value, hint):
@@ -76,11 +78,11 @@ class Section:
         hints = field_types(cls)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            hint = hints[f.name]
+            hint, optional = _section_hint(hints[f.name])
             nested = _nested(hint)
             if f.name in data:
                 values[f.name] = hint.from_mapping(data[f.name], join_key(path, f.name)) if nested else data[f.name]
-            elif nested:
+            elif nested and not optional:
                 values[f.name] = hint.from_mapping({}, join_key(path, f.name))
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProfileError(f"{join_key(path, f.name)} is required but not set")
@@ -140,7 +142,7 @@ def check_keys(cls: type, data: Mapping[str, Any], path: str = "", source: str |
             hint = f"did you mean {join_key(path, close[0])!r}?" if close else f"known keys here: {', '.join(known)}"
             where = f" in {source}" if source else ""
             raise ProfileError(f"unknown setting {join_key(path, str(key))!r}{where}; {hint}")
-        sub = hints[key]
+        sub = _section_hint(hints[key])[0]
         if _nested(sub):
             check_keys(sub, value, join_key(path, key), source)
 
@@ -156,6 +158,16 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ checking
+def _section_hint(hint: Any) -> tuple[Any, bool]:
+    """``(hint, False)``, or ``(Section class, True)`` for an optional section (``XSettings | None``:
+    left out of a profile, it is ``None``)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+    sections = [o for o in options if _nested(o)]
+    if len(sections) == 1 and type(None) in options and len(options) == 2:
+        return sections[0], True
+    return hint, False
+
+
 def _nested(hint: Any) -> bool:
     """A field typed by a section (or a map of sections), read from a nested mapping."""
     return isinstance(hint, type) and issubclass(hint, Section | SectionMap)

@@ -6,12 +6,19 @@ Read top to bottom, :data:`STAGES` is the build (DESIGN §1)::
                  └──► segmenter ──┴─► matcher (captions, segments) ──► records
                              └──────► faces (segments) ────────────┘
 
+    grounding: sam3 (the rows of the other grounding instead of segmenter + matcher):
+    loaded images ──► captioner ──► sam3 (phrases, SAM 3 instances) ──► records
+                                      └──► faces (segments) ────────┘
+
 Each row says the stage's name (its outputs, its ``ray.stages.<name>`` placement, its actor), its
 step class (:class:`datagen.stages.step.Step`, imported only where it runs), the profile sections
 whose values change what it writes (digested into every shard entry), its actor's GPU share when one
 replica of every stage shares a GPU, and which earlier stages' outputs it takes. Everything that
 walks the stages (placement, actor pools, the scheduler, the model check, the record's model ids,
-the config digest) iterates over this table; nothing else spells the list out.
+the config digest) iterates over this table; nothing else spells the list out. A row of one
+``grounding`` runs only in builds of that grounding (``profile.grounding``); a row that
+``provides`` other stages hands its output to the rows taking them, and, through
+:func:`outputs_by_stage`, to the record under their names.
 
 A stage from outside the product (a plug-in, a test) is added with :func:`registered`, which also
 names the settings class of its own profile section (built-in stages' sections are
@@ -22,6 +29,7 @@ names the settings class of its own profile section (built-in stages' sections a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -40,6 +48,8 @@ class Stage:
     gpu_share: float = 0.0  # one replica of every stage fills one GPU: the shares add up to 1
     takes: tuple[str, ...] = ()  # earlier stages whose outputs it gets, after the loaded images
     settings: type | None = None  # its section's settings class, when the section is no Profile field
+    grounding: str | None = None  # the profile's grounding this row belongs to (None: every build)
+    provides: tuple[str, ...] = ()  # stages of another grounding whose outputs it stands in for
 
     @property
     def section(self) -> str:
@@ -53,9 +63,11 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("captioner", "datagen.stages.captioner:CaptionStep", ("captioner",), gpu_share=0.5),
-    Stage("segmenter", "datagen.stages.segmenter:SegmentStep", ("segmenter",), gpu_share=0.2),
+    Stage("segmenter", "datagen.stages.segmenter:SegmentStep", ("segmenter",), gpu_share=0.2, grounding="panoptic"),
     Stage("matcher", "datagen.stages.matcher:MatchStep", ("matcher", "phrases", "segmenter"), gpu_share=0.2,
-          takes=("captioner", "segmenter")),
+          takes=("captioner", "segmenter"), grounding="panoptic"),
+    Stage("sam3", "datagen.stages.grounding:GroundStep", ("sam3", "phrases"), gpu_share=0.4, takes=("captioner",),
+          grounding="sam3", provides=("segmenter", "matcher")),
     Stage("faces", "datagen.stages.face_checker:FaceCheckStep", ("faces",), gpu_share=0.1, takes=("segmenter",)),
 )
 
@@ -68,9 +80,13 @@ def stages() -> tuple[Stage, ...]:
 
 
 def stages_for(profile: Profile) -> tuple[Stage, ...]:
-    """The stages a build of ``profile`` runs: every built-in one, and each registered stage whose
-    section the profile sets."""
-    return tuple(s for s in stages() if s.settings is None or s.section in profile.stage_sections)
+    """The stages a build of ``profile`` runs: every built-in one of its grounding, and each registered
+    stage whose section the profile sets. A row that takes a stage another row ``provides`` takes
+    that row instead (with ``grounding: sam3`` the face stage takes the ``sam3`` row's segments)."""
+    rows = [s for s in stages() if (s.settings is None or s.section in profile.stage_sections)
+            and s.grounding in (None, profile.grounding)]
+    instead = {name: s.name for s in rows for name in s.provides}
+    return tuple(dataclasses.replace(s, takes=tuple(instead.get(t, t) for t in s.takes)) for s in rows)
 
 
 def stage(name: str) -> Stage:
@@ -133,4 +149,8 @@ def outputs_by_stage(stage_list: tuple[Stage, ...], outputs: tuple[Any, ...]) ->
     """Name the outputs the scheduler hands over positionally (one per stage, in table order)."""
     if len(stage_list) != len(outputs):
         raise ValueError(f"{len(outputs)} stage outputs for {len(stage_list)} stages")
-    return dict(zip((s.name for s in stage_list), outputs, strict=True))
+    named = dict(zip((s.name for s in stage_list), outputs, strict=True))
+    for s in stage_list:  # what a row provides, under the provided stage's name (its step says how)
+        for name in s.provides:
+            named[name] = s.step_class().provided(named[s.name], name)
+    return named

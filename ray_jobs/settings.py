@@ -125,7 +125,7 @@ def config_digest(profile: Profile) -> str:
         name: {k: v for k, v in dataclasses.asdict(section).items() if k not in NOT_CONTENT_KEYS}
         for name, section in sections.items()
     }
-    if content["segmenter"].get("pad_to") == "none":
+    if content.get("segmenter", {}).get("pad_to") == "none":
         # the segmenter before pad_to existed: runs made then keep their digest (and resume)
         del content["segmenter"]["pad_to"]
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()

@@ -34,13 +34,14 @@ def test_cpu_only_two_cores_fits_actors_and_leaves_room_for_tasks(paper):
 
 def test_gpus_one_replica_set_per_gpu_sharing_it(paper):
     s = resolve_settings(paper, {"CPU": 32.0, "GPU": 4.0})
-    assert GPU_SHARES == {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "faces": 0.1}
+    # panoptic rows; sam3 (grounding: sam3) stands in for segmenter + matcher
+    assert GPU_SHARES == {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "sam3": 0.4, "faces": 0.1}
     for name, p in s.stages.items():
         assert p.replicas == 4
         assert p.num_gpus == GPU_SHARES[name]
         assert p.num_cpus == 1.0
-    # one replica of every stage fills exactly one GPU
-    assert sum(GPU_SHARES.values()) == pytest.approx(1.0)
+    # one replica of every stage a build runs fills exactly one GPU
+    assert sum(p.num_gpus for p in s.stages.values()) == pytest.approx(1.0)
     assert s.task_num_cpus == 1.0
     assert s.total_actors == 16 and s.max_shards_in_flight == 32
 

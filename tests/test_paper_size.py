@@ -99,7 +99,7 @@ def test_paper_shapes_profile_points_at_the_paper_size_folders_with_the_paper_se
     assert shapes.matcher.clip_model == f"local-dir:{tmp_path}/open_clip"
     folders = {shapes.captioner.model, shapes.segmenter.model, shapes.matcher.sbert_model,
                shapes.matcher.clip_model.removeprefix("local-dir:"), shapes.trainer.pretrained,
-               shapes.trainer.image_encoder}
+               shapes.trainer.image_encoder, shapes.sam3.model}
     assert {f.removeprefix(f"{tmp_path}/") for f in folders} == set(ps.PAPER_BUILDERS)
     for stage in ("captioner", "segmenter"):
         ours, theirs = dataclasses.asdict(getattr(shapes, stage)), dataclasses.asdict(getattr(paper, stage))

@@ -71,6 +71,7 @@ class TrainConfig(TrainerSettings):
     pretrained: str  # a run needs both models
     image_encoder: str
     object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES  # the profile's subjects.object_types
+    open_vocabulary: bool = False  # the profile's grounding labels phrases openly (sam3): any well-formed label
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, list | tuple):
@@ -79,7 +80,7 @@ class TrainConfig(TrainerSettings):
             super().__post_init__()
             for name, value in self.recipe_values().items():
                 object.__setattr__(self, name, value)
-            problem = object_types_problem(self.object_types)
+            problem = object_types_problem(self.object_types, self.open_vocabulary)
             if problem:
                 raise BadValue("object_types", problem)
             if not self.shards:
@@ -118,7 +119,8 @@ class TrainConfig(TrainerSettings):
                 raise ConfigError(
                     f"profile {profile.name!r}: section 'trainer' lacks '{required}' (a model folder or hub id)"
                 )
-        values = {**dataclasses.asdict(profile.trainer), "object_types": profile.subjects.object_types}
+        values = {**dataclasses.asdict(profile.trainer), "object_types": profile.subjects.object_types,
+                  "open_vocabulary": profile.grounding != "panoptic"}
         return cls.from_dict({**values, **{k: v for k, v in overrides.items() if v is not None}})
 
 

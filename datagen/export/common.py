@@ -107,8 +107,9 @@ class ExportFilters:
 
 
 def check_object_types(object_types: tuple[str, ...]) -> tuple[str, ...]:
-    """``object_types`` as a tuple, or :class:`ExportError` saying what is wrong with them."""
-    problem = object_types_problem(object_types)
+    """``object_types`` as a tuple, or :class:`ExportError` saying what is wrong with them (COCO or
+    open-vocabulary labels: the profile or the command line checked them against the run's grounding)."""
+    problem = object_types_problem(object_types, open_vocabulary=True)
     if problem:
         raise ExportError(f"object types {problem}")
     return tuple(object_types)

@@ -287,7 +287,29 @@ def build_summary(run_dir: Path, shards: pa.Table, samples: pa.Table, ambiguous_
         "object_types": list(object_types),
         "by_object_type": {t: by_object_type(written, t) for t in object_types},
         "failures_by_reason": failures_by_reason([r for r in rows if r["status"] == "failed"]),
+        "grounding": grounding_summary(run, written),
     }
+
+
+GROUNDING_SCORES = {"panoptic": "CLIP × SBERT score", "sam3": "SAM 3 score"}  # what a match score is
+
+
+def grounding_summary(run: dict, written: list[dict]) -> dict:
+    """Which grounding the run used (``run.json``'s ``config.grounding``; panoptic for runs made before
+    the setting) and, per matched label, its vocabulary (COCO panoptic or open) and the quantiles of
+    its subjects' match scores (the grounding's own score), the most frequent labels first."""
+    from datagen.config import coco_panoptic_labels
+
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    method = config.get("grounding") or "panoptic"
+    scores: dict[str, list[float]] = {}
+    for r in written:
+        for v, lbl in zip(r["match_scores"], r["matched_labels"], strict=True):
+            scores.setdefault(lbl, []).append(v)
+    coco = set(coco_panoptic_labels())
+    by_label = {lbl: {"vocabulary": "coco" if lbl in coco else "open", "subjects": len(v), "quantiles": quantiles(v)}
+                for lbl, v in sorted(scores.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:30]}
+    return {"method": method, "score": GROUNDING_SCORES.get(method, "match score"), "by_label": by_label}
 
 
 def failures_by_reason(failed: list[dict]) -> dict[str, dict]:

@@ -56,8 +56,10 @@ def build_record(
         )
     segments = [
         Segment(
-            id=int(s.id), coco_label=s.coco_label, category_id=int(s.category_id), is_thing=bool(s.is_thing),
+            id=int(s.id), coco_label=s.coco_label, is_thing=bool(s.is_thing),
+            category_id=int(s.category_id) if s.category_id is not None else None,  # None: an open label
             bbox=[int(v) for v in s.bbox], area=int(s.area), score=float(s.score),
+            label_vocab=getattr(s, "label_vocab", None),  # phrase-grounded segments say which vocabulary
         )
         for s in panoptic.segments
     ]
@@ -113,9 +115,8 @@ def matched_phrases(segments: list[Segment], chunked: ChunkedCaption, match: Mat
         if sid is not None:
             seg, j = seg_by_id[sid], col_of[sid]
             seg.word, seg.start, seg.end = ph.text, int(ph.start), int(ph.end)
-            seg.match_score = _round(match.product[i, j])
-            seg.clip_sim = _round(match.clip[i, j])
-            seg.sbert_sim = _round(match.sbert[i, j])
+            for name, value in match.segment_scores(i, j).items():  # the grounding's own scores
+                setattr(seg, name, _round(value))
     return phrases
 
 

@@ -29,6 +29,9 @@ person; ``null`` for a source without a face rect) and ``flags``, in :data:`FACE
   most of it is not a person, or covers less than ``primary_min_overlap`` of it, or there is none);
 * ``primary_face_unmatched``: it is covered by a person segment that no phrase matched.
 
+**Phrase grounding** (``grounding: sam3``, docs/grounding.md): a segment may carry ``label_vocab``
+(``coco`` or ``open``: which vocabulary its ``coco_label`` is from; ``category_id`` null for open).
+
 **Versions.** This code writes :data:`SCHEMA_VERSION` and reads every version in
 :data:`READABLE_VERSIONS`. A ``1.0`` record (written before the face checks) has no ``faces`` and no
 ``face_checks`` and reads back as it was (``face_checks`` is ``None``: not checked). In a ``1.1``
@@ -94,6 +97,7 @@ class Segment:
     clip_sim: float | None = None
     sbert_sim: float | None = None
     faces: list[SegmentFace] | None = None  # person segments of a face-checked record; None: not looked at
+    label_vocab: str | None = None  # grounding sam3: "coco" or "open" (datagen.labels); None: COCO panoptic
 
     @property
     def matched(self) -> bool:
@@ -104,8 +108,9 @@ class Segment:
         if not self.matched:
             for k in ("word", "start", "end", "match_score", "clip_sim", "sbert_sim"):
                 d.pop(k)
-        if self.faces is None:
-            d.pop("faces")
+        for k in ("faces", "label_vocab"):  # absent, not null, where they do not apply
+            if d[k] is None:
+                d.pop(k)
         return d
 
     @classmethod
@@ -341,8 +346,10 @@ class Record:
         """One segment's label, class, box, area and score, and its phrase when it is matched."""
         if not isinstance(s.coco_label, str) or not s.coco_label:
             fail(f"{p}.coco_label", f"must be a non-empty string, got {s.coco_label!r}")
-        if not _is_int(s.category_id) or s.category_id < 0:
-            fail(f"{p}.category_id", f"must be a non-negative integer, got {s.category_id!r}")
+        if s.label_vocab not in (None, "coco", "open"):
+            fail(f"{p}.label_vocab", f"must be 'coco' or 'open' when given, got {s.label_vocab!r}")
+        if (not _is_int(s.category_id) or s.category_id < 0) and not (s.category_id is None and s.label_vocab == "open"):
+            fail(f"{p}.category_id", f"must be a non-negative integer (null only for an open label), got {s.category_id!r}")
         if not isinstance(s.is_thing, bool):
             fail(f"{p}.is_thing", f"must be a boolean, got {s.is_thing!r}")
         if (

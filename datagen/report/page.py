@@ -143,6 +143,7 @@ def render_page(run_dir: Path, run: dict, summary: dict, shards: list[dict], car
         ],
         charts=_charts(summary, thresholds),
         object_types=_object_type_rows(summary),
+        grounding=_grounding(summary),
         object_type_charts=_object_type_charts(summary),
         flags=[(FLAG_TITLES[f], show(c.get(f)), percent_of(c.get(f), written)) for f in FLAG_NAMES],
         face_flags=[(FLAG_TITLES[f], show(c.get(f)), percent_of(c.get(f), c.get("faces_checked"))) for f in FACE_FLAG_NAMES],
@@ -193,6 +194,18 @@ def _object_type_rows(summary: dict) -> list[list[str]]:
              show(v.get("subjects")), show(v.get("images_with_segment")), show(v.get("unmatched_segments")),
              fixed(as_dict(v.get("match_score_quantiles")).get("median"))]
             for label, v in _by_type(summary)]
+
+
+def _grounding(summary: dict) -> dict:
+    """The run's grounding and, per matched label, its vocabulary and score quantiles."""
+    g = as_dict(summary.get("grounding"))
+    rows = []
+    for label, v in as_dict(g.get("by_label")).items():
+        v, q = as_dict(v), as_dict(as_dict(v).get("quantiles"))
+        rows.append([label, show(v.get("vocabulary")), show(v.get("subjects")),
+                     *(fixed(q.get(k)) for k in ("min", "p25", "median", "p75", "max"))])
+    return {"method": show(g.get("method") or "panoptic"), "score": show(g.get("score") or "CLIP × SBERT score"),
+            "rows": rows}
 
 
 def _object_type_charts(summary: dict) -> list[Chart]:

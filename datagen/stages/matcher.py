@@ -85,6 +85,11 @@ class MatchResult:
     pairs: list[tuple[int, int]]  # (phrase index, segment id), in greedy pick order
     min_score: float
 
+    def segment_scores(self, phrase: int, column: int) -> dict[str, float]:
+        """The scores a matched segment keeps (record fields), for phrase row and segment column."""
+        return {"match_score": self.product[phrase, column], "clip_sim": self.clip[phrase, column],
+                "sbert_sim": self.sbert[phrase, column]}
+
 
 def score_image(
     phrase_clip: np.ndarray,

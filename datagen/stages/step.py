@@ -75,6 +75,12 @@ class Step:
         """Raise ``ModelNotFoundError`` naming a model of this stage that is not there; loads nothing."""
 
     @classmethod
+    def provided(cls, outputs: list, name: str) -> list:
+        """This stage's outputs (one per image) as those of stage ``name``, which its table row
+        ``provides`` (a stage standing in for others); failures pass through. Default: unchanged."""
+        return outputs
+
+    @classmethod
     def record_fields(cls, output: Any) -> dict[str, Any]:
         """Top-level record fields this stage adds from its output for one image (``{}``: none).
         The contract stages fill the record themselves (:mod:`datagen.record.build`)."""
