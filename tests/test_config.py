@@ -316,7 +316,7 @@ def test_trainer_defaults_live_in_the_trainer_settings_and_the_run_applies_the_r
 
 def test_evaluation_defaults_live_in_the_evaluation_settings():
     paper, tiny = load_profile("paper").evaluation, load_profile("tiny").evaluation
-    assert (paper.face_embedder, paper.clip_model, paper.clip_pretrained) == ("vggface2", "ViT-L-14", "openai")
+    assert (paper.face_embedder, paper.clip_model, paper.clip_pretrained) == ("vggface2", "ViT-L-14-quickgelu", "openai")
     assert (paper.images_per_prompt, paper.alpha, paper.steps, paper.guidance_scale, paper.seed) == (4, 0.7, 50, 5.0, 0)
     assert (tiny.images_per_prompt, tiny.steps, tiny.leak_threshold, tiny.clip_pretrained) == (1, 10, 0.95, None)
     bare = EvaluationSettings()
