@@ -63,6 +63,8 @@ class FastComposerModel(nn.Module):
         self.noise_scheduler = noise_scheduler
         self.localization_weight = float(localization_weight)
         self.object_region_prob = float(object_region_prob)
+        # the object-region coin (one per batch): its own generator, seeded by the loop (seed_coin)
+        self.coin = random.Random(0)
         blocks = image_encoder.blocks()
         if not 0 <= trainable_vision_blocks <= len(blocks):
             raise ValueError(f"trainable_vision_blocks={trainable_vision_blocks}, the vision encoder has {len(blocks)} blocks")
@@ -154,6 +156,10 @@ class FastComposerModel(nn.Module):
             block.train(mode)
         return self
 
+    def seed_coin(self, seed: int) -> None:
+        """Seed the object-region coin, so that a run with the same seed flips the same coins."""
+        self.coin.seed(seed)
+
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Store the frozen components in ``dtype`` (bf16 on GPU saves memory); trainable ones stay fp32."""
         self.vae.to(dtype)
@@ -220,7 +226,7 @@ class FastComposerModel(nn.Module):
         pred = self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
 
         if object_region is None:
-            object_region = random.random() < self.object_region_prob
+            object_region = self.coin.random() < self.object_region_prob
         region = subject_region(batch["subject_masks"], tuple(pred.shape[-2:])) if object_region else None
         denoise = denoising_loss(pred, target, region)
         if self.hooked_layers:

@@ -259,7 +259,7 @@ def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | No
         if cfg.get("hf_hub"):
             repo_id = cfg["hf_hub"].rstrip("/")
             repo_id = repo_id if repo_id.count("/") == 1 else os.path.dirname(repo_id)
-            resolve_model(repo_id, f"{CLIP_WHAT} {name} {pretrained}")
+            resolve_model(repo_id, f"{CLIP_WHAT} {name} {pretrained}", weights_only=True)  # open_clip reads weights only
         elif cfg.get("url"):
             cached = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
             if not cached.is_file():
