@@ -78,13 +78,11 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_profile(profile, shards=expand_shards(args.shards), out=str(args.out.resolve()), **overrides)
 
 
-SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # what the trainer loads of a SD pipeline
-
-
 def check_models(cfg) -> None:
     """Check now, before Ray starts, that both models load: a folder or a cached snapshot must hold what
     the loader reads (configs, whole weights, the SD parts); one error line names what is missing."""
     from datagen.stages.model_loading import ModelNotFoundError, loadable_problem, resolve_model
+    from training.config import SD_PARTS
 
     for ref, what, parts in ((cfg.pretrained, "trainer base (Stable Diffusion)", SD_PARTS),
                              (cfg.image_encoder, "trainer image encoder (CLIP vision with projection)", ())):

@@ -100,7 +100,7 @@ def test_sharded_weights_need_every_shard_their_index_names(tiny_model, offline_
 
 
 def test_a_pipeline_needs_only_the_parts_its_loader_reads(tiny_model, offline_cache, capsys, tmp_path):
-    from cli.train import SD_PARTS
+    from training.config import SD_PARTS
 
     # the trainer reads five parts of SD1.5; the repo's safety checker and feature extractor are never fetched
     snapshot = cache_like_from_pretrained(tiny_model("stable-diffusion"), offline_cache, "tiny-org/sd",

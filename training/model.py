@@ -21,6 +21,7 @@ from torch import nn
 
 from datagen.config import DEFAULT_LOCALIZATION_LAYERS
 from training.attention_capture import SubjectAttentionStore, install_subject_attention_capture
+from training.config import SD_PARTS
 from training.fusion import SubjectFusionMLP, fuse_subjects
 from training.image_encoder import SubjectImageEncoder, processor_geometry
 from training.losses import denoising_loss, localization_loss, subject_region
@@ -33,10 +34,10 @@ class LoadedComponents:
     subject_size: int  # the image processor's crop size: subject crops are made at this size
 
 
-def resolve(ref: str, what: str) -> str:
+def resolve(ref: str, what: str, parts: tuple[str, ...] = ()) -> str:
     from datagen.stages.model_loading import resolve_model
 
-    return resolve_model(ref, what)
+    return resolve_model(ref, what, parts=parts)
 
 
 class FastComposerModel(nn.Module):
@@ -103,7 +104,7 @@ class FastComposerModel(nn.Module):
             CLIPVisionModelWithProjection,
         )
 
-        sd = resolve(pretrained, "trainer base (Stable Diffusion: unet, vae, text_encoder, tokenizer, scheduler)")
+        sd = resolve(pretrained, "trainer base (Stable Diffusion: unet, vae, text_encoder, tokenizer, scheduler)", SD_PARTS)
         enc = resolve(image_encoder, "trainer image encoder (CLIP vision with projection)")
         fp32 = torch.float32
         unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=fp32)
