@@ -41,7 +41,7 @@ TINY := out/tiny-models
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SUBJECT_FFHQ_TINY_MODELS=$(CURDIR)/$(TINY)
 QUIET := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test test-scale demo dataset train evaluate report lint bench clean export-fc
+.PHONY: install test test-scale demo dataset train evaluate report lint bench clean export-fc gpu-carry gpu-check
 
 install: $(STAMP)
 
@@ -107,6 +107,18 @@ lint: install
 
 bench: install
 	$(OFFLINE) $(QUIET) bash -c 'for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done'
+
+# The GPU check (bench/gpu_check.sh) on a machine with only torch, transformers, sentence-transformers, timm,
+# safetensors, pillow and pyarrow: gpu-carry copies the small pure-Python packages it also needs into
+# out/gpu-carry (carry that folder); gpu-check runs it (on the GPU machine: bash bench/gpu_check.sh).
+GPU_CARRY := open_clip diffusers webdataset braceexpand ftfy wcwidth
+gpu-carry: install
+	rm -rf out/gpu-carry && mkdir -p out/gpu-carry
+	SITE=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	for p in $(GPU_CARRY); do cp -r "$$SITE/$$p" out/gpu-carry/; done; find out/gpu-carry -name __pycache__ -prune -exec rm -rf {} +; du -sh out/gpu-carry
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf out manifests/*/ .pytest_cache

@@ -1,14 +1,15 @@
 """``subject-ffhq evaluate``: score a checkpoint the way FastComposer's paper does (§5.1-5.3).
 
     subject-ffhq evaluate --checkpoint out/train --subjects photos/ --out out/eval \\
-        [--prompts FILE] [--multi] [--images-per-prompt 4] [--alpha 0.7] [--shards 'out/dataset/shards/*.tar'] \\
-        [--profile paper] [--ray-address ADDR]
+        [--prompts FILE] [--multi] [--protocol ours|released] [--images-per-prompt 4] [--alpha 0.7] \\
+        [--shards 'out/dataset/shards/*.tar'] [--profile paper] [--ray-address ADDR]
 
 Generates every (subject(s), prompt, seed) image with the checkpoint and with the text-only Stable
 Diffusion baseline of the same base model, scores identity preservation (MTCNN + FaceNet) and prompt
 consistency (CLIP), and writes ``OUT/results.parquet``, ``OUT/summary.json``, ``OUT/evaluation.html``,
 the images (``OUT/images/``) and reference thumbnails (``OUT/references/``). ``--shards`` adds the leak
-check. Without ``--prompts`` the built-in list of the protocol is used (30 single-subject prompts, or
+check. ``--protocol released`` scores as FastComposer's released evaluation scripts do (alpha 0.5, JPEG
+q75 files, the largest face, 4 images per prompt; ``docs/evaluation.md``). Without ``--prompts`` the built-in list of the protocol is used (30 single-subject prompts, or
 21 two-subject prompts with ``--multi``). Runs on Ray when ``--ray-address`` or ``RAY_ADDRESS`` is
 set (``local`` starts Ray on this machine), in this process otherwise.
 
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, help="prompt file, one prompt per line, {} = a subject "
                         "(default: the built-in list of the protocol)")
     parser.add_argument("--multi", action="store_true", help="multi-subject protocol: every combination of subjects")
+    parser.add_argument("--protocol", choices=("ours", "released"), help="released: FastComposer's released evaluation "
+                        "(alpha 0.5, images scored as JPEG q75, the largest face, 4 images per prompt); ours: the "
+                        "profile's evaluation settings (default: the profile's evaluation.protocol, 'ours'); options "
+                        "given here win over either")
     parser.add_argument("--images-per-prompt", type=int, help="images per (subjects, prompt), seeds SEED..SEED+N-1 "
                         "(default: the profile's evaluation.images_per_prompt)")
     parser.add_argument("--alpha", type=float, help="fraction of steps with subject conditioning "
@@ -72,6 +77,9 @@ def evaluation_settings(args: argparse.Namespace):
     if args.config is not None and not args.config.is_file():
         raise ValueError(f"--config {args.config}: file not found")
     section = load_profile(args.profile, args.config).evaluation
+    if getattr(args, "protocol", None):
+        section = dataclasses.replace(section, protocol=args.protocol)
+    section = section.with_protocol()
     given = {setting: getattr(args, dest) for dest, setting in OVERRIDES.items() if getattr(args, dest) is not None}
     try:
         return dataclasses.replace(section, **given)

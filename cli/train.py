@@ -79,18 +79,17 @@ def config_from_args(args: argparse.Namespace):
 
 
 def check_models(cfg) -> None:
-    """Resolve both model references now (clear error if missing) and check the SD folder's parts."""
-    from datagen.stages.model_loading import ModelNotFoundError, resolve_model
+    """Check now, before Ray starts, that both models load: a folder or a cached snapshot must hold what
+    the loader reads (configs, whole weights, the SD parts); one error line names what is missing."""
+    from datagen.stages.model_loading import ModelNotFoundError, loadable_problem, resolve_model
+    from training.config import SD_PARTS
 
-    sd = resolve_model(cfg.pretrained, "trainer base (Stable Diffusion)")
-    resolve_model(cfg.image_encoder, "trainer image encoder (CLIP vision with projection)")
-    if Path(sd).is_dir():
-        missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (Path(sd) / p).is_dir()]
-        if missing:
-            raise ModelNotFoundError(
-                f"trainer base {cfg.pretrained!r} ({sd}) lacks the subfolder(s) {missing}; a Stable Diffusion folder "
-                "has unet/ vae/ text_encoder/ tokenizer/ scheduler/"
-            )
+    for ref, what, parts in ((cfg.pretrained, "trainer base (Stable Diffusion)", SD_PARTS),
+                             (cfg.image_encoder, "trainer image encoder (CLIP vision with projection)", ())):
+        path = Path(resolve_model(ref, what, parts=parts))
+        problem = loadable_problem(path, parts) if path.is_dir() else None
+        if problem:
+            raise ModelNotFoundError(f"{what} {ref!r} ({path}) cannot be loaded: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:

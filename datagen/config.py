@@ -280,7 +280,8 @@ class TrainerSettings(Section):
     adam_beta2: float = bounded(0.999, **_PROBABILITY)
     adam_eps: float = bounded(1e-8, minimum=0)
     max_grad_norm: float = bounded(1.0, above=0)  # gradient norm clip
-    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 autocast on a GPU that supports it, else fp16 autocast with a gradient scaler; fp32 on CPU
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False  # trade compute for U-Net memory
     seed: int = 0
 
@@ -361,12 +362,29 @@ class EvaluationSettings(Section):
     min_face_score: float = bounded(0.0, **_PROBABILITY)  # weaker MTCNN detections are not faces
     leak_threshold: float = bounded(0.6, minimum=-1.0, maximum=1.0)  # FaceNet cosine at which a training face is the subject
 
-    # the protocol (paper §5.1)
+    # the protocol (paper §5.1). ``protocol: released`` applies RELEASED_PROTOCOL over the values below
+    # (FastComposer's released evaluation scripts); ``ours`` (the default) keeps them as set
+    protocol: Literal["ours", "released"] = "ours"
     images_per_prompt: int = bounded(4, minimum=1)  # images per (subjects, prompt), seeds seed..seed+N-1
     alpha: float = bounded(0.7, **_PROBABILITY)  # delayed subject conditioning: share of steps with the subjects
     steps: int = bounded(50, minimum=1)  # denoising steps
     guidance_scale: float = 5.0  # classifier-free guidance scale
     seed: int = 0  # first seed
+    face_choice: Literal["largest", "confident"] = "largest"  # single-subject: the generated face scored
+    image_format: Literal["png", "jpeg"] = "png"  # images are saved, and scored, as lossless PNG or JPEG
+    jpeg_quality: int = bounded(75, minimum=1, maximum=100)  # with image_format jpeg
+
+    def with_protocol(self) -> EvaluationSettings:
+        """These settings with the protocol preset applied (``released``: :data:`RELEASED_PROTOCOL`)."""
+        return dataclasses.replace(self, **RELEASED_PROTOCOL) if self.protocol == "released" else self
+
+
+# FastComposer's released evaluation (evaluation/single_object/run.py and single_object_evaluation.py):
+# alpha_=0.5, images saved with PIL's default JPEG quality (75) and scored from those files, MTCNN with
+# select_largest=True and generated_face[:1] (the largest face), --num_images_per_prompt 4.
+RELEASED_PROTOCOL: dict[str, Any] = {
+    "alpha": 0.5, "image_format": "jpeg", "jpeg_quality": 75, "face_choice": "largest", "images_per_prompt": 4,
+}
 
 
 # ------------------------------------------------------------------------------- profile

@@ -34,6 +34,8 @@ class RayWorkerContext:
     """The loop's view of a Ray Train worker. ``resume_from``: the checkpoint the driver found in
     OUT, used when Ray Train has none to give (e.g. its run snapshot was removed)."""
 
+    copies_checkpoint = True  # ray.train.report copies the staged folder into the run's storage
+
     def __init__(self, resume_from: str | None = None) -> None:
         import ray.train
         import ray.train.torch

@@ -134,7 +134,7 @@ def test_unknown_key_in_the_profile_file_itself(tmp_path):
         ({"trainer": {"uncond_prob": 1.5}}, "trainer.uncond_prob must be in 0.0..1.0, got 1.5"),
         ({"trainer": {"resolution": 100}}, "trainer.resolution must be a multiple of 8 (the VAE downsamples x8), got 100"),
         ({"trainer": {"recipe": "mine"}}, "trainer.recipe must be one of 'paper', 'released', got 'mine'"),
-        ({"trainer": {"mixed_precision": "fp16"}}, "trainer.mixed_precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+        ({"trainer": {"mixed_precision": "fp8"}}, "trainer.mixed_precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"),
         ({"trainer": {"uncond_prob": 0.5, "text_only_prob": 0.6}},
          "trainer.text_only_prob plus uncond_prob must not exceed 1 (got 0.5 + 0.6)"),
         ({"trainer": {"uncond_prob": 0.95}}, "trainer.text_only_prob plus uncond_prob must not exceed 1 (got 0.95 + 0.1)"),
@@ -316,7 +316,7 @@ def test_trainer_defaults_live_in_the_trainer_settings_and_the_run_applies_the_r
 
 def test_evaluation_defaults_live_in_the_evaluation_settings():
     paper, tiny = load_profile("paper").evaluation, load_profile("tiny").evaluation
-    assert (paper.face_embedder, paper.clip_model, paper.clip_pretrained) == ("vggface2", "ViT-L-14", "openai")
+    assert (paper.face_embedder, paper.clip_model, paper.clip_pretrained) == ("vggface2", "ViT-L-14-quickgelu", "openai")
     assert (paper.images_per_prompt, paper.alpha, paper.steps, paper.guidance_scale, paper.seed) == (4, 0.7, 50, 5.0, 0)
     assert (tiny.images_per_prompt, tiny.steps, tiny.leak_threshold, tiny.clip_pretrained) == (1, 10, 0.95, None)
     bare = EvaluationSettings()

@@ -106,8 +106,8 @@ def test_missing_faces_and_negative_cosines_score_zero():
     assert identity_from_similarity(np.zeros((0, 1)), multi=False).score == 0.0
 
 
-def test_single_subject_uses_the_most_confident_face_as_the_released_script_does():
-    # faces come sorted by detection confidence: face 0 is compared, even though face 1 is more similar
+def test_single_subject_compares_the_face_ranked_first():
+    # faces come in the order the face rule ranks them (scoring.order_faces): face 0 is compared, even though face 1 is more similar
     result = identity_from_similarity(np.array([[0.2], [0.9]]), multi=False)
     assert result.face_of_subject == [0] and result.score == pytest.approx(0.2)
 

@@ -110,7 +110,7 @@ def test_uncached_hub_id_offline_fails_at_once_without_network(empty_cache, no_n
 
 
 def test_cached_hub_id_offline_resolves_to_the_snapshot(empty_cache, no_network):
-    snap = fake_cached_repo(empty_cache, REPO, {"config.json": '{"model_type": "blip-2"}'})
+    snap = fake_cached_repo(empty_cache, REPO, {"config.json": '{"model_type": "blip-2"}', "model.safetensors": "w"})
     assert resolve_model(REPO, "captioner") == str(snap)
     assert no_network == []
 

@@ -57,6 +57,10 @@ TRAIN_OPTIONS: dict[str, tuple[str | None, str]] = {
 }
 
 
+# The parts of a Stable Diffusion folder (or hub snapshot) the trainer loads: what the model check requires.
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
 class ConfigError(ValueError):
     """A trainer setting is invalid; the message names the setting."""
 

@@ -4,8 +4,10 @@ Each worker (a Ray Train worker, see :mod:`ray_jobs.train`, or one local process
 :class:`LocalContext`) runs :func:`train_loop`:
 
 1. load the models (:class:`~training.model.FastComposerModel`), move them to the worker's device;
-   on GPU the frozen parts are stored in bf16 and the forward pass runs under bf16 autocast, on
-   CPU everything is fp32; optionally enable gradient checkpointing in the U-Net;
+   on a GPU that supports bf16 the frozen parts are stored in bf16 and the forward pass runs under
+   bf16 autocast; on one that does not (pre-Ampere), fp16 autocast with a gradient scaler (or fp32
+   with ``mixed_precision: fp32``); on CPU everything is fp32; the first log line says which
+   (:func:`precision`); optionally enable gradient checkpointing in the U-Net;
 2. AdamW over the trainable parameters (constant learning rate, weight decay 1e-2);
 3. resume: if the run has a checkpoint, load its weights, optimizer state and step;
 4. wrap the model for distributed data parallel (the context's ``prepare``);
@@ -15,8 +17,14 @@ Each worker (a Ray Train worker, see :mod:`ray_jobs.train`, or one local process
    there when :meth:`TrainConfig.subject_augmentation_place` says so; gradients synchronised on the
    last one only), clip the gradient norm to 1.0, optimizer step; log every term of the loss,
    samples/s, learning rate, and the time spent waiting for data vs computing;
-7. every ``checkpoint_every`` steps and at the end: rank 0 writes a checkpoint
-   (:mod:`training.checkpoint`) and the context reports it (Ray Train persists it).
+7. every ``checkpoint_every`` steps and at the end: rank 0 checks the free space, writes a checkpoint
+   (:mod:`training.checkpoint`) into a staging folder under OUT (:mod:`training.checkpoint_space`)
+   and the context moves it into place (Ray Train persists it).
+
+``seed`` makes a run reproducible: the fusion MLP's initialisation, the noise and timesteps, the
+object-region coin (:meth:`FastComposerModel.seed_coin`), the shard order, the shuffle buffer and the
+example sampling are all seeded from it (and the rank), so two runs with the same seed on the same
+device log the same losses step for step.
 """
 
 from __future__ import annotations
@@ -24,16 +32,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint_space import checkpoint_bytes, clear_staging, stage_folder
 from training.collate import batch_to
 from training.config import TrainConfig
 from training.loader import loader_from_config
@@ -55,6 +64,7 @@ class WorkerContext(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    copies_checkpoint: bool  # report copies the staged folder (it stays staged meanwhile: twice the space)
 
     def resume_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module: ...
@@ -65,6 +75,7 @@ class LocalContext:
     """One process, no Ray: resumes from and writes checkpoints to ``cfg.out`` itself."""
 
     rank, world_size = 0, 1
+    copies_checkpoint = False  # report moves the staged folder into place (a rename: same file system)
 
     def __init__(self, cfg: TrainConfig, device: str | torch.device = "cpu"):
         self.out = Path(cfg.out)
@@ -83,19 +94,36 @@ class LocalContext:
     def report(self, metrics: dict, checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None:
             return
-        shutil.copytree(checkpoint_dir, self.out / f"checkpoint-{step:08d}", dirs_exist_ok=True)
+        final = self.out / f"checkpoint-{step:08d}"
+        if final.exists():  # a run that trained this step before, then went back: the new one wins
+            shutil.rmtree(final)
+        os.replace(checkpoint_dir, final)
         kept = sorted(self.out.glob("checkpoint-*"))
         for old in kept[: max(0, len(kept) - self.keep)]:
             shutil.rmtree(old)
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 on GPU (``auto``/``bf16``), none (fp32) on CPU or with ``fp32``."""
-    if cfg.mixed_precision == "fp32" or device.type != "cuda":
-        if cfg.mixed_precision == "bf16" and device.type != "cuda":
-            log.warning("mixed_precision=bf16 asked for on %s: training in fp32 there", device)
-        return None
-    return torch.bfloat16
+class Precision(NamedTuple):
+    dtype: torch.dtype | None  # autocast dtype (and the frozen parts' storage); None: fp32
+    scaler: bool  # fp16: scale the loss (torch.amp.GradScaler) so small gradients do not underflow
+    text: str  # what the first log line says
+
+
+def precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    """bf16 autocast on a GPU that supports it (``auto``/``bf16``); where it does not, or with ``fp16``,
+    fp16 autocast with a gradient scaler; fp32 on CPU or with ``fp32``."""
+    asked = cfg.mixed_precision
+    if asked == "fp32":
+        return Precision(None, False, "fp32")
+    if device.type != "cuda":
+        if asked in ("bf16", "fp16"):
+            log.warning("mixed_precision=%s asked for on %s: training in fp32 there", asked, device)
+        return Precision(None, False, f"fp32 (on {device.type})")
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if asked in ("auto", "bf16") and bf16_ok:
+        return Precision(torch.bfloat16, False, "bf16 autocast")
+    why = "asked for" if asked == "fp16" else "this GPU does not support bf16"
+    return Precision(torch.float16, True, f"fp16 autocast with a gradient scaler ({why})")
 
 
 def build_optimizer(model: FastComposerModel, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -127,8 +155,11 @@ def train_loop(
     # 1. models
     components = FastComposerModel.from_config(cfg)
     model = components.model
+    model.seed_coin(cfg.seed + ctx.rank)
     model.to(device)
-    amp = autocast_dtype(cfg, device)
+    mixed = precision(cfg, device)
+    amp = mixed.dtype
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed.scaler)
     if amp is not None:
         model.cast_frozen(amp)
     if cfg.gradient_checkpointing:
@@ -166,10 +197,11 @@ def train_loop(
     log_path = Path(cfg.out) / TRAIN_LOG
     if is_main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        clear_staging(cfg.out)
         print_fn(
             f"Training {sum(p.numel() for p in parameters):,} parameters "
             f"(U-Net, fusion MLP, last {model.trainable_vision_blocks} vision blocks) on {ctx.world_size} worker(s), "
-            f"{device}, {'bf16 autocast' if amp else 'fp32'}; global batch {global_batch}; "
+            f"{device}, {mixed.text}; global batch {global_batch}; "
             f"localization on {len(model.hooked_layers)} cross-attention layers; subject crops augmented "
             f"{AUGMENT_WHERE[augment_on]}; steps {start_step} -> {cfg.steps}"
         )
@@ -197,11 +229,15 @@ def train_loop(
             with sync:
                 with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                     out = wrapped(batch)
-                (out["loss"] / cfg.grad_accum).backward()
+                scaler.scale(out["loss"] / cfg.grad_accum).backward()
             totals += torch.stack([out[k].detach().float() for k in LOSS_TERMS])
             subjects += float(batch["num_subjects"].float().mean())
+        scaler.unscale_(optimizer)  # (no-op without fp16) so the clip sees the true gradient norm
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
-        if torch.isfinite(grad_norm):  # (same on every worker: DDP averaged the gradients)
+        if mixed.scaler:
+            scaler.step(optimizer)  # skips the step on inf/NaN and lowers the scale
+            scaler.update()
+        elif torch.isfinite(grad_norm):  # (same on every worker: DDP averaged the gradients)
             optimizer.step()
         else:
             log.warning("non-finite gradient norm (%s): optimizer step skipped", float(grad_norm))
@@ -230,11 +266,16 @@ def train_loop(
         # 7. checkpoints
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             metrics = {"step": step, **terms}
-            with tempfile.TemporaryDirectory(prefix=f"checkpoint-{step:08d}-") as tmp:
-                folder = None
-                if is_main:
-                    folder = save_checkpoint(model, optimizer, step, cfg.to_dict(), tmp, metrics)
+            folder = None
+            if is_main:  # staged under OUT once the free space is known to hold it (checkpoint_space)
+                needed = checkpoint_bytes(parameters, optimizer) * (2 if ctx.copies_checkpoint else 1)
+                folder = save_checkpoint(model, optimizer, step, cfg.to_dict(), stage_folder(cfg.out, step, needed),
+                                         metrics)
+            try:
                 ctx.report(metrics, folder, step)
+            finally:
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)  # moved into place already, or copied by Ray
             if is_main:
                 print_fn(f"Saved checkpoint at step {step}")
     return step

@@ -21,6 +21,7 @@ from torch import nn
 
 from datagen.config import DEFAULT_LOCALIZATION_LAYERS
 from training.attention_capture import SubjectAttentionStore, install_subject_attention_capture
+from training.config import SD_PARTS
 from training.fusion import SubjectFusionMLP, fuse_subjects
 from training.image_encoder import SubjectImageEncoder, processor_geometry
 from training.losses import denoising_loss, localization_loss, subject_region
@@ -33,10 +34,10 @@ class LoadedComponents:
     subject_size: int  # the image processor's crop size: subject crops are made at this size
 
 
-def resolve(ref: str, what: str) -> str:
+def resolve(ref: str, what: str, parts: tuple[str, ...] = ()) -> str:
     from datagen.stages.model_loading import resolve_model
 
-    return resolve_model(ref, what)
+    return resolve_model(ref, what, parts=parts)
 
 
 class FastComposerModel(nn.Module):
@@ -63,6 +64,8 @@ class FastComposerModel(nn.Module):
         self.noise_scheduler = noise_scheduler
         self.localization_weight = float(localization_weight)
         self.object_region_prob = float(object_region_prob)
+        # the object-region coin (one per batch): its own generator, seeded by the loop (seed_coin)
+        self.coin = random.Random(0)
         blocks = image_encoder.blocks()
         if not 0 <= trainable_vision_blocks <= len(blocks):
             raise ValueError(f"trainable_vision_blocks={trainable_vision_blocks}, the vision encoder has {len(blocks)} blocks")
@@ -101,7 +104,7 @@ class FastComposerModel(nn.Module):
             CLIPVisionModelWithProjection,
         )
 
-        sd = resolve(pretrained, "trainer base (Stable Diffusion: unet, vae, text_encoder, tokenizer, scheduler)")
+        sd = resolve(pretrained, "trainer base (Stable Diffusion: unet, vae, text_encoder, tokenizer, scheduler)", SD_PARTS)
         enc = resolve(image_encoder, "trainer image encoder (CLIP vision with projection)")
         fp32 = torch.float32
         unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=fp32)
@@ -153,6 +156,10 @@ class FastComposerModel(nn.Module):
         for block in self.trainable_vision_modules():
             block.train(mode)
         return self
+
+    def seed_coin(self, seed: int) -> None:
+        """Seed the object-region coin, so that a run with the same seed flips the same coins."""
+        self.coin.seed(seed)
 
     def cast_frozen(self, dtype: torch.dtype) -> None:
         """Store the frozen components in ``dtype`` (bf16 on GPU saves memory); trainable ones stay fp32."""
@@ -220,7 +227,7 @@ class FastComposerModel(nn.Module):
         pred = self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
 
         if object_region is None:
-            object_region = random.random() < self.object_region_prob
+            object_region = self.coin.random() < self.object_region_prob
         region = subject_region(batch["subject_masks"], tuple(pred.shape[-2:])) if object_region else None
         denoise = denoising_loss(pred, target, region)
         if self.hooked_layers:

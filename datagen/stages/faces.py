@@ -265,7 +265,7 @@ def resolve_facenet(model: str) -> tuple[Path, str]:
     if path.is_dir() or looks_like_path(model):
         folder = Path(resolve_model(model, EMBEDDER_WHAT))
     else:
-        resolved = resolve_model(model, EMBEDDER_WHAT)  # a hub id: the cached snapshot offline
+        resolved = resolve_model(model, EMBEDDER_WHAT, weights_only=True)  # a hub id: the cached snapshot offline
         if not Path(resolved).is_dir():
             from huggingface_hub import snapshot_download
 

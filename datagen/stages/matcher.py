@@ -257,11 +257,14 @@ def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | No
             f"{CLIP_WHAT}: clip_pretrained {pretrained!r} is neither a weights file nor a tag of {name}; "
             f"tags: {open_clip.list_pretrained_tags_by_model(name)}"
         )
+    problem = activation_problem(name, pretrained)
+    if problem:
+        raise ValueError(f"{CLIP_WHAT}: {problem}")
     if hub_offline():
         if cfg.get("hf_hub"):
             repo_id = cfg["hf_hub"].rstrip("/")
             repo_id = repo_id if repo_id.count("/") == 1 else os.path.dirname(repo_id)
-            resolve_model(repo_id, f"{CLIP_WHAT} {name} {pretrained}")
+            resolve_model(repo_id, f"{CLIP_WHAT} {name} {pretrained}", weights_only=True)  # open_clip reads weights only
         elif cfg.get("url"):
             cached = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
             if not cached.is_file():
@@ -271,6 +274,26 @@ def resolve_open_clip(model: str, pretrained: str | None) -> tuple[str, str | No
                     f"(unset HF_HUB_OFFLINE), or download {cfg['url']} to {cached}."
                 )
     return name, pretrained
+
+
+def activation_problem(name: str, pretrained: str) -> str | None:
+    """Why the architecture ``name`` cannot run the weights ``pretrained``, or None.
+
+    OpenAI's CLIP weights (and a few others) were trained with QuickGELU; open_clip's plain
+    architectures (``ViT-L-14``) build ``nn.GELU`` and only warn ("QuickGELU mismatch"), which shifts
+    every embedding. The ``-quickgelu`` architectures build QuickGELU; the tag's config says which
+    one its weights need."""
+    import open_clip
+
+    builds = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    needs = bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu", False))
+    if builds == needs:
+        return None
+    base = name.removesuffix("-quickgelu")
+    fix = f"{base}-quickgelu" if needs else base
+    act = {True: "QuickGELU", False: "nn.GELU"}
+    return (f"{name} builds {act[builds]} but the {pretrained!r} weights were trained with {act[needs]}; "
+            f"use the architecture {fix!r} (same weights, the right activation)")
 
 
 def load_open_clip(model: str, pretrained: str | None, device: str):

@@ -165,8 +165,8 @@ def check_binding(text: str, words: list[str], ends: list[int]) -> None:
 
 
 def plan(subjects: list[SubjectSpec], prompts: list[Prompt], *, multi: bool, images_per_prompt: int, seed: int,
-         baseline: bool) -> list[Unit]:
-    """Every (method, subjects, prompt, image) to generate, in a fixed order."""
+         baseline: bool, image_suffix: str = ".png") -> list[Unit]:
+    """Every (method, subjects, prompt, image) to generate, in a fixed order; images saved as ``image_suffix``."""
     if images_per_prompt < 1:
         raise ProtocolError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
     slots = prompts[0].slots
@@ -189,6 +189,6 @@ def plan(subjects: list[SubjectSpec], prompts: list[Prompt], *, multi: bool, ima
                     unit = Unit(len(units), method, [s.name for s in group], words, prompt.index, prompt.category,
                                 prompt.template, text, k, seed + k)
                     tag = "ours" if method == OURS else "baseline"
-                    unit.image_path = f"images/{tag}/{'+'.join(unit.subjects)}/p{prompt.index:03d}_i{k:02d}.png"
+                    unit.image_path = f"images/{tag}/{'+'.join(unit.subjects)}/p{prompt.index:03d}_i{k:02d}{image_suffix}"
                     units.append(unit)
     return units

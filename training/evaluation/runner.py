@@ -129,7 +129,8 @@ def read_inputs(request: EvaluationRequest) -> Inputs:
     prompts_path = request.prompts or str(BUILTIN_PROMPTS["multi" if request.multi else "single"])
     prompts = read_prompts(prompts_path)
     units = plan(subjects, prompts, multi=request.multi, images_per_prompt=section.images_per_prompt,
-                 seed=section.seed, baseline=request.baseline)
+                 seed=section.seed, baseline=request.baseline,
+                 image_suffix=".jpg" if section.image_format == "jpeg" else ".png")
     checkpoint = resolve_checkpoint(request.checkpoint)
     models = model_references(request)
     randoms = random_models(models)
@@ -244,7 +245,10 @@ def summary_header(request: EvaluationRequest, inputs: Inputs, notes: dict[str, 
         "prompts": len(inputs.prompts),
         "images_per_prompt": protocol.images_per_prompt,
         "seeds": [protocol.seed + k for k in range(protocol.images_per_prompt)],
+        "protocol_preset": protocol.protocol,
         "alpha": protocol.alpha,
+        "face_choice": protocol.face_choice,
+        "image_format": protocol.image_format + (f" q{protocol.jpeg_quality}" if protocol.image_format == "jpeg" else ""),
         "steps": protocol.steps,
         "guidance_scale": protocol.guidance_scale,
         "resolution": request.resolution or inputs.state["config"].get("resolution"),

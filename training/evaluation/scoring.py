@@ -9,13 +9,17 @@ the subject's reference faces, re-normalised).
   dataset's matcher, :func:`datagen.stages.greedy.greedy_match`); the image scores the **minimum over
   subjects** of the matched similarity. A subject left without a face (fewer faces than subjects)
   scores 0, so the image does too.
-* Single-subject: the face MTCNN is most confident about is compared with the subject, as in
-  FastComposer's released single-subject script (``generated_face[:1]``).
+* Single-subject: one face is compared with the subject: by default (``face_choice: largest``) the
+  largest one, as FastComposer's released single-subject script does (facenet-pytorch's MTCNN with
+  ``select_largest=True`` returns the faces largest first, and the script takes
+  ``generated_face[:1]``); ``face_choice: confident`` takes the one MTCNN is most confident about.
 * No face in the image: 0. A negative cosine counts as 0, as in the released script
   (``max(similarity, 0)``).
 
 **Prompt consistency.** Cosine of the CLIP image embedding of the generated image and the CLIP text
-embedding of the prompt (ViT-L/14, OpenAI weights, in the ``paper`` profile), both L2-normalised.
+embedding of the prompt (ViT-L/14 with QuickGELU, OpenAI weights, in the ``paper`` profile: the
+activation those weights were trained with, as OpenAI's ``clip`` package that the released script uses
+builds it), both L2-normalised.
 """
 
 from __future__ import annotations
@@ -41,8 +45,23 @@ class IdentityResult:
     similarity: list[list[float]] = field(default_factory=list)  # faces x subjects, raw cosines
 
 
+FACE_ORDER = {
+    "largest": lambda face: -face.area,  # facenet-pytorch's select_largest order, the released script's
+    "confident": lambda face: -face.score,
+}
+
+
+def order_faces(faces: list, face_choice: str) -> list:
+    """``faces`` (:class:`datagen.stages.faces.Face`) in the order ``face_choice`` ranks them: the
+    single-subject score compares the first."""
+    if face_choice not in FACE_ORDER:
+        raise ValueError(f"face_choice must be one of {sorted(FACE_ORDER)}, got {face_choice!r}")
+    return sorted(faces, key=FACE_ORDER[face_choice])
+
+
 def identity_from_similarity(sim: np.ndarray, multi: bool) -> IdentityResult:
-    """The identity score from a faces x subjects cosine matrix, faces in order of detection confidence."""
+    """The identity score from a faces x subjects cosine matrix, faces in the order :func:`order_faces`
+    gives (single-subject: face 0 is the one compared)."""
     sim = np.asarray(sim, dtype=np.float64)
     if sim.ndim != 2:
         raise ValueError(f"similarity must be a faces x subjects matrix, got shape {sim.shape}")
@@ -58,7 +77,7 @@ def identity_from_similarity(sim: np.ndarray, multi: bool) -> IdentityResult:
         else:
             if n_subjects != 1:
                 raise ValueError(f"single-subject identity needs one subject, got {n_subjects}")
-            face_of[0] = 0  # the most confident face
+            face_of[0] = 0  # the face the rule ranks first (order_faces)
         per = [max(0.0, float(sim[f, s])) if f >= 0 else 0.0 for s, f in enumerate(face_of)]
     return IdentityResult(min(per), per, face_of, sim.tolist())
 
@@ -93,11 +112,12 @@ class PromptScorer:
 class IdentityScorer:
     """Faces of generated images against the subjects' reference embeddings."""
 
-    def __init__(self, detector, embedder, references: dict[str, np.ndarray]):
+    def __init__(self, detector, embedder, references: dict[str, np.ndarray], face_choice: str = "largest"):
         self.detector, self.embedder, self.references = detector, embedder, references
+        self.face_choice = face_choice
 
     def __call__(self, images: list[Image.Image], subjects: list[list[str]], multi: bool) -> list[dict[str, Any]]:
-        faces = self.detector.detect(images)
+        faces = [order_faces(per, self.face_choice) for per in self.detector.detect(images)]
         flat = [f for per in faces for f in per]
         vectors = self.embedder.embed(flat) if flat else np.zeros((0, 512), np.float32)
         out, start = [], 0

@@ -76,7 +76,7 @@ class Worker:
                          if settings.baseline else None)
         models = models or EvaluationModels.load(settings.evaluation, device)
         references = {k: np.asarray(v, dtype=np.float32) for k, v in settings.references.items()}
-        self.identity = IdentityScorer(models.detector, models.embedder, references)
+        self.identity = IdentityScorer(models.detector, models.embedder, references, settings.evaluation.face_choice)
         self.prompt = models.prompt
         self.subjects = {}
         for name, data in settings.photos.items():
@@ -94,20 +94,33 @@ class Worker:
         return self.sampler.generate(unit.text, subjects, **kwargs)
 
     def run(self, units: list[Unit]) -> list[tuple[dict[str, Any], bytes]]:
-        images, seconds = [], []
+        images, files, seconds = [], [], []
         for unit in units:
             start = time.perf_counter()
-            images.append(self.generate(unit))
+            image, data = encode_image(self.generate(unit), self.settings.evaluation)
+            images.append(image)
+            files.append(data)
             seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         identity = self.identity(images, [u.subjects for u in units], self.settings.multi)
         prompt = self.prompt(images, [u.text for u in units])
         score_seconds = (time.perf_counter() - start) / max(1, len(units))
         out = []
-        for unit, image, gen_s, ident, consistency in zip(units, images, seconds, identity, prompt, strict=True):
+        for unit, data, gen_s, ident, consistency in zip(units, files, seconds, identity, prompt, strict=True):
             row = {**unit.to_dict(), **ident, "prompt_consistency": float(consistency),
                    "seconds_generate": round(gen_s, 4), "seconds_score": round(score_seconds, 4)}
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            out.append((row, buf.getvalue()))
+            out.append((row, data))
         return out
+
+
+def encode_image(image: Image.Image, protocol: EvaluationSettings) -> tuple[Image.Image, bytes]:
+    """The file a generated image is saved as, and the image the scores are taken on: the same pixels.
+    PNG: lossless, the image itself. JPEG (the released protocol: PIL's default quality 75, as the
+    released script's ``save(... .jpg)``): the decoded JPEG, as the released script scores the files."""
+    buf = io.BytesIO()
+    if protocol.image_format == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=protocol.jpeg_quality)
+        with Image.open(io.BytesIO(buf.getvalue())) as decoded:
+            return decoded.convert("RGB"), buf.getvalue()
+    image.save(buf, format="PNG")
+    return image, buf.getvalue()
