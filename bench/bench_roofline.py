@@ -119,6 +119,34 @@ def matcher(crops: int, phrases: int, batch: int) -> dict:
             "what": f"ViT-H-14 on {crops} crops + {phrases} phrases, mpnet on {phrases} phrases, batch {batch}"}
 
 
+def sam3(concepts: int, batch: int) -> dict:
+    """``grounding: sam3``: the vision encoder once per image at 1008 px, the text encoder once per
+    distinct concept, the DETR encoder/decoder + mask decoder once per (image, concept) prompt."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+    spec = ps.load_spec("sam3")
+    model = ps.sam3_model(spec, "meta").float().eval().requires_grad_(False)
+    model.to("meta")
+    side, words = spec["image_size"], 32  # SAM 3's text encoder takes 32 positions
+    with torch.no_grad():
+        f_vision = flops(lambda: model.get_vision_features(pixel_values=meta(1, 3, side, side)))
+        vision = model.get_vision_features(pixel_values=meta(1, 3, side, side))
+        tokens = torch.zeros(concepts, words, dtype=torch.long, device="meta")
+        f_text = flops(lambda: model.get_text_features(input_ids=tokens, attention_mask=torch.ones_like(tokens)))
+
+        def prompts():
+            model(vision_embeds=Sam3VisionEncoderOutput(
+                      fpn_hidden_states=tuple(t.expand(concepts, *t.shape[1:]) for t in vision.fpn_hidden_states),
+                      fpn_position_encoding=tuple(t.expand(concepts, *t.shape[1:]) for t in vision.fpn_position_encoding)),
+                  text_embeds=BaseModelOutputWithPooling(pooler_output=meta(concepts, words, 256)),
+                  attention_mask=torch.ones(concepts, words, dtype=torch.long, device="meta"))
+
+        f_prompts = flops(prompts)
+    return {"flops": f_vision + f_text + f_prompts, "bytes": params(model) * BF16 / batch,
+            "what": f"SAM 3 (~{params(model) / 1e6:.0f}M), 1008 px, {concepts} concepts, {batch} prompts per forward"}
+
+
 def faces(side: int = 1024) -> dict:
     from PIL import Image
     from skimage import data
@@ -180,6 +208,7 @@ def main() -> None:
         "captioner (batch 32)": lambda: captioner(batch=32, new_tokens=30),
         "segmenter": lambda: segmenter(batch=4, side=640),
         "matcher": lambda: matcher(args.crops, args.phrases, batch=64),
+        "sam3": lambda: sam3(args.phrases, batch=8),
         "faces": lambda: faces(),
         "trainer (per example)": lambda: trainer(batch=16, resolution=512, subjects=args.subjects),
     }

@@ -24,10 +24,12 @@ def open_clip_models_of_every_profile() -> list[tuple[str, str, str, str | None]
     found = []
     for name in builtin_profiles():
         profile = load_profile(name)
-        for section, model, tag in (("matcher", profile.matcher.clip_model, profile.matcher.clip_pretrained),
-                                    ("evaluation", profile.evaluation.clip_model, profile.evaluation.clip_pretrained)):
-            if model:
-                found.append((name, section, model, tag))
+        for section in ("matcher", "evaluation"):
+            settings = getattr(profile, section)
+            if settings is None:  # grounding: sam3 runs no matcher
+                continue
+            if settings.clip_model:
+                found.append((name, section, settings.clip_model, settings.clip_pretrained))
     return found
 
 
