@@ -121,9 +121,14 @@ def matcher(crops: int, phrases: int, batch: int) -> dict:
 
 def sam3(concepts: int, batch: int) -> dict:
     """``grounding: sam3``: the vision encoder once per image at 1008 px, the text encoder once per
-    distinct concept, the DETR encoder/decoder + mask decoder once per (image, concept) prompt."""
+    distinct concept, the DETR encoder/decoder + mask decoder once per (image, concept) prompt.
+
+    The vision encoder is counted on the meta device. The text encoder and the prompt path read values
+    (EOS positions, box coordinates) that meta tensors cannot give, so they run for real on the CPU:
+    the text encoder at full size, the prompt path at full size behind a one-layer, 32-wide ViT that
+    gives the same 72 x 72 patch grid and FPN maps (what the prompt path's cost depends on)."""
+    from transformers import Sam3Config, Sam3Model
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-    from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
     spec = ps.load_spec("sam3")
     model = ps.sam3_model(spec, "meta").float().eval().requires_grad_(False)
@@ -131,20 +136,30 @@ def sam3(concepts: int, batch: int) -> dict:
     side, words = spec["image_size"], 32  # SAM 3's text encoder takes 32 positions
     with torch.no_grad():
         f_vision = flops(lambda: model.get_vision_features(pixel_values=meta(1, 3, side, side)))
-        vision = model.get_vision_features(pixel_values=meta(1, 3, side, side))
-        tokens = torch.zeros(concepts, words, dtype=torch.long, device="meta")
-        f_text = flops(lambda: model.get_text_features(input_ids=tokens, attention_mask=torch.ones_like(tokens)))
-
-        def prompts():
-            model(vision_embeds=Sam3VisionEncoderOutput(
-                      fpn_hidden_states=tuple(t.expand(concepts, *t.shape[1:]) for t in vision.fpn_hidden_states),
-                      fpn_position_encoding=tuple(t.expand(concepts, *t.shape[1:]) for t in vision.fpn_position_encoding)),
-                  text_embeds=BaseModelOutputWithPooling(pooler_output=meta(concepts, words, 256)),
-                  attention_mask=torch.ones(concepts, words, dtype=torch.long, device="meta"))
-
-        f_prompts = flops(prompts)
+        text = type(model.text_encoder)._from_config(model.text_encoder.config).eval()
+        projection = torch.nn.Linear(model.text_projection.in_features, model.text_projection.out_features)
+        tokens = torch.zeros(concepts, words, dtype=torch.long)
+        f_text = flops(lambda: projection(text(input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state),
+                       on_meta=False)
+        del text
+        config = Sam3Config(**spec["config"])
+        backbone = config.vision_config.backbone_config
+        backbone.hidden_size, backbone.intermediate_size, backbone.num_attention_heads = 32, 64, 2
+        backbone.num_hidden_layers, backbone.global_attn_indexes = 1, [0]
+        config.text_config.hidden_size, config.text_config.intermediate_size = 32, 64
+        config.text_config.num_hidden_layers, config.text_config.num_attention_heads = 1, 2
+        slim = Sam3Model(config).eval()
+        vision = slim.get_vision_features(pixel_values=torch.zeros(1, 3, side, side))
+        width = slim.text_projection.out_features
+        f_prompts = flops(lambda: slim(
+            vision_embeds=type(vision)(
+                fpn_hidden_states=tuple(t.expand(concepts, *t.shape[1:]) for t in vision.fpn_hidden_states),
+                fpn_position_encoding=tuple(t.expand(concepts, *t.shape[1:]) for t in vision.fpn_position_encoding)),
+            text_embeds=BaseModelOutputWithPooling(pooler_output=torch.zeros(concepts, words, width)),
+            attention_mask=torch.ones(concepts, words, dtype=torch.long)), on_meta=False)
     return {"flops": f_vision + f_text + f_prompts, "bytes": params(model) * BF16 / batch,
-            "what": f"SAM 3 (~{params(model) / 1e6:.0f}M), 1008 px, {concepts} concepts, {batch} prompts per forward"}
+            "what": f"SAM 3 (~{params(model) / 1e6:.0f}M), 1008 px, {concepts} concepts, {batch} prompts per forward",
+            "parts": {"vision": f_vision, "text": f_text, "prompts": f_prompts}}
 
 
 def faces(side: int = 1024) -> dict:
