@@ -136,12 +136,11 @@ def sam3(concepts: int, batch: int) -> dict:
     side, words = spec["image_size"], 32  # SAM 3's text encoder takes 32 positions
     with torch.no_grad():
         f_vision = flops(lambda: model.get_vision_features(pixel_values=meta(1, 3, side, side)))
-        text = type(model.text_encoder)._from_config(model.text_encoder.config).eval()
+        encoder = type(model.text_encoder)._from_config(model.text_encoder.config).eval()
         projection = torch.nn.Linear(model.text_projection.in_features, model.text_projection.out_features)
         tokens = torch.zeros(concepts, words, dtype=torch.long)
-        f_text = flops(lambda: projection(text(input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state),
+        f_text = flops(lambda: projection(encoder(input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state),
                        on_meta=False)
-        del text
         config = Sam3Config(**spec["config"])
         backbone = config.vision_config.backbone_config
         backbone.hidden_size, backbone.intermediate_size, backbone.num_attention_heads = 32, 64, 2
