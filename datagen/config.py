@@ -130,6 +130,23 @@ class FacesSettings(Section):
     device: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class IdentitySettings(Section):
+    """Identity embeddings (:mod:`datagen.stages.identity`): MTCNN on the whole image, each face
+    linked to the person segment holding it, embedded by ``embedder``; ``subject-ffhq identities``
+    clusters them (``threshold``: a distance, ``None`` = the embedder's default, 0.5 dlib, 1.0 vggface2)."""
+
+    embedder: Literal["dlib", "vggface2"] = "vggface2"  # dlib: 128-d ResNet, 5-point alignment (offline)
+    threshold: float | None = bounded(None, minimum=0.0, maximum=4.0)  # same identity below this distance
+    neighbours: int = bounded(16, minimum=2, maximum=256)  # nearest faces each face is compared with
+    min_face_size: int = bounded(20, minimum=8)  # smallest face MTCNN looks for, px of the stored image
+    min_score: float = bounded(0.9, minimum=0.0, maximum=1.0)  # weaker detections are not faces
+    min_embed_px: int = bounded(24, minimum=0)  # a smaller face is recorded, not embedded ("too small")
+    min_sharpness: float = bounded(10.0, minimum=0.0)  # Laplacian variance under this: "too blurred"
+    min_inside: float = bounded(0.5, minimum=0.0, maximum=1.0)  # share of a face box in a person segment to link
+    device: str | None = None
+
+
 # ------------------------------------------------------------------------ output and job
 @dataclass(frozen=True, kw_only=True)
 class ShardsSettings(Section):
@@ -368,6 +385,7 @@ class Profile(Section):
     phrases: PhrasesSettings
     matcher: MatcherSettings
     faces: FacesSettings = field(default_factory=FacesSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
     shards: ShardsSettings
     ray: RaySettings
     subjects: SubjectsSettings = field(default_factory=SubjectsSettings)

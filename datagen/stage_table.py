@@ -4,7 +4,8 @@ Read top to bottom, :data:`STAGES` is the build (DESIGN §1)::
 
     loaded images ──► captioner ──┐
                  └──► segmenter ──┴─► matcher (captions, segments) ──► records
-                             └──────► faces (segments) ────────────┘
+                             ├──────► faces (segments) ────────────┤
+                             └──────► identity (segments) ─────────┘
 
 Each row says the stage's name (its outputs, its ``ray.stages.<name>`` placement, its actor), its
 step class (:class:`datagen.stages.step.Step`, imported only where it runs), the profile sections
@@ -56,7 +57,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("segmenter", "datagen.stages.segmenter:SegmentStep", ("segmenter",), gpu_share=0.2),
     Stage("matcher", "datagen.stages.matcher:MatchStep", ("matcher", "phrases", "segmenter"), gpu_share=0.2,
           takes=("captioner", "segmenter")),
-    Stage("faces", "datagen.stages.face_checker:FaceCheckStep", ("faces",), gpu_share=0.1, takes=("segmenter",)),
+    Stage("faces", "datagen.stages.face_checker:FaceCheckStep", ("faces",), gpu_share=0.05, takes=("segmenter",)),
+    Stage("identity", "datagen.stages.identity:IdentityStep", ("identity", "faces"), gpu_share=0.05,
+          takes=("segmenter",)),
 )
 
 _registered: list[Stage] = []

@@ -34,7 +34,7 @@ def test_cpu_only_two_cores_fits_actors_and_leaves_room_for_tasks(paper):
 
 def test_gpus_one_replica_set_per_gpu_sharing_it(paper):
     s = resolve_settings(paper, {"CPU": 32.0, "GPU": 4.0})
-    assert GPU_SHARES == {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "faces": 0.1}
+    assert GPU_SHARES == {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "faces": 0.05, "identity": 0.05}
     for name, p in s.stages.items():
         assert p.replicas == 4
         assert p.num_gpus == GPU_SHARES[name]
