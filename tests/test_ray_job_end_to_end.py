@@ -278,7 +278,7 @@ def test_a_stage_added_through_the_table_alone_runs_in_a_real_build(reference, p
         overlay = {"caption_words": {"min_length": 2}, "ray": {"stages": {**placed, "caption_words": {"num_cpus": 0.05}}}}
         plugged = load_profile("tiny", TEST_CONFIG, overlay)
         assert plugged.section("caption_words").min_length == 2
-        assert [st.name for st in stage_table.stages_for(plugged)] == ["captioner", "segmenter", "matcher", "faces", "caption_words"]
+        assert [st.name for st in stage_table.stages_for(plugged)] == ["captioner", "segmenter", "matcher", "faces", "identity", "caption_words"]
         summary = build(sample_source, tmp_path, plugged, pools)
     assert "caption_words" not in stage_table.stage_names()  # the registration ended with the block
     assert summary.status == "complete" and summary.counts == ref.counts
@@ -286,7 +286,7 @@ def test_a_stage_added_through_the_table_alone_runs_in_a_real_build(reference, p
     assert run["models"]["caption_words"] == "whitespace split" and run["config_digest"] != json.loads(
         (ref.run_dir / "run.json").read_text())["config_digest"]
     assert run["invocations"][-1]["stage_rates"]["caption_words"]["images"] == 11
-    assert set(run["invocations"][-1]["ray"]["actors"]) == {"captioner", "segmenter", "matcher", "faces", "caption_words"}
+    assert set(run["invocations"][-1]["ray"]["actors"]) == {"captioner", "segmenter", "matcher", "faces", "identity", "caption_words"}
     records = 0
     for name in sorted(tar_bytes(ref_root)):
         ours, theirs = _members(tmp_path / "out" / "shards" / name), _members(ref_root / "out" / "shards" / name)
