@@ -310,6 +310,7 @@ class TrainerSettings(Section):
     # torchvision NEAREST, then bilinear with the image for portrait images, as released
     segment_map_resize: Literal["nearest", "upstream"] = "nearest"
     split: str | None = "train"  # train only on records of this split; None: every record
+    split_file: str | None = None  # a run's identity-safe split.parquet (subject-ffhq identities): replaces records' split
     loader_workers: int = bounded(4, minimum=0)  # DataLoader processes per worker
     shuffle_buffer: int = bounded(256, minimum=0)  # samples in the shuffle buffer
     bad_samples: Literal["raise", "warn"] = "raise"  # warn: log an unreadable sample (shard, key, why), skip it

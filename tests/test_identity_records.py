@@ -99,3 +99,27 @@ def test_clustering_finds_the_people_deterministically_with_or_without_cells(mon
 def test_centre_distances_are_to_the_mean():
     x = np.array([[0, 0], [2, 0], [10, 10]], np.float32)
     np.testing.assert_allclose(cluster.centre_distances(x, np.array([0, 0, 1])), [1, 1, 0])
+
+
+def test_the_identity_safe_split_file_replaces_the_records_split_in_exports(tmp_path, capsys):
+    from cli.main import main
+    from tests.run_factory import make_run
+
+    run = make_run(tmp_path / "run")
+    shards = run["shards_dir"]
+    base = tmp_path / "base"
+    assert main(["export", str(shards), str(base), "--format", "fastcomposer"]) == 0
+    train = (base / "image_ids_train.txt").read_text().split()
+    moved = train[0]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    split_file = tmp_path / "split.parquet"
+    pq.write_table(pa.table({"key": [moved], "split": ["test"]}), split_file)
+    out = tmp_path / "safe"
+    assert main(["export", str(shards), str(out), "--format", "fastcomposer", "--split-file", str(split_file)]) == 0
+    assert moved in (out / "image_ids_test.txt").read_text().split()
+    assert moved not in (out / "image_ids_train.txt").read_text().split()
+    capsys.readouterr()
+    assert main(["export", str(shards), str(tmp_path / "none"), "--split-file", str(tmp_path / "missing")]) == 2
+    assert "run `subject-ffhq identities RUN` first" in capsys.readouterr().err

@@ -138,3 +138,19 @@ def test_a_missing_embedder_names_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "face_recognition_models" else real(name))
     with pytest.raises(ModelNotFoundError, match="face-recognition-models is not installed"):
         identity.check_embedder("dlib")
+
+
+def test_pairs_give_every_face_references_of_the_same_person_from_other_photos(sample, tmp_path):
+    run = tmp_path / "run"
+    write_face_table(run, "subjects-00000", [r for key, _, _, faces in sample for r in face_rows(key, faces)])
+    keys = [key for key, *_ in sample]
+    pq.write_table(pa.table({"key": keys, "split": ["train"] * len(keys), "status": ["written"] * len(keys)}),
+                   run / "samples.parquet")
+    (run / "run.json").write_text('{"config": {"identity": {"embedder": "dlib"}}}')
+    summary = build_identities(run)
+    truth = {f"{key}/{n}": names[f.segment_id - 1] for key, _, names, faces in sample for n, f in enumerate(faces)}
+    pairs = pq.read_table(run / "pairs.parquet").to_pylist()
+    assert summary.faces_with_reference == len(truth) == len({p["face"] for p in pairs})
+    for p in pairs:
+        assert p["reference_key"] != p["key"] and p["reference"].split("/")[0] == p["reference_key"]
+        assert truth[p["reference"]] == truth[p["face"]]  # the same person, another photo

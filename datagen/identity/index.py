@@ -10,7 +10,8 @@ the identity) and ``identity_photos`` (distinct photos it spans). The embedder a
 run's ``identity`` section (``run.json``), the threshold defaulting per embedder
 (:data:`datagen.stages.identity.DEFAULT_THRESHOLDS`); ``threshold`` overrides it.
 
-``split.parquet`` is the identity-safe split (:mod:`datagen.identity.split`), written beside it.
+``split.parquet`` is the identity-safe split (:mod:`datagen.identity.split`) and ``pairs.parquet``
+the cross-image reference pairs (:mod:`datagen.identity.pairs`), written beside it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class IdentitySummary:
     identities: int
     photos_per_identity: dict[str, int]  # photos spanned -> identities spanning that many
     largest_photos: int  # the most photos one identity spans
+    faces_with_reference: int  # faces with a cross-image reference in pairs.parquet
     seconds: float
     split: dict[str, Any]  # what the identity-safe split moved
 
@@ -52,8 +54,9 @@ def run_identity_settings(run_dir: str | Path) -> dict[str, Any]:
     return dict((load_run_manifest(Path(run_dir)).get("config") or {}).get("identity") or {})
 
 
-def cluster_run(run_dir: str | Path, threshold: float | None = None) -> tuple[pa.Table, str, float]:
-    """The run's faces with their identities (the ``identities.parquet`` table), embedder, threshold."""
+def cluster_run(run_dir: str | Path, threshold: float | None = None) -> tuple[pa.Table, np.ndarray, str, float]:
+    """The run's faces with their identities (the ``identities.parquet`` table), their embeddings,
+    the embedder and the threshold."""
     from datagen.stages.identity import DEFAULT_THRESHOLDS
 
     settings = run_identity_settings(run_dir)
@@ -70,7 +73,7 @@ def cluster_run(run_dir: str | Path, threshold: float | None = None) -> tuple[pa
         "distance", pa.array(centre_distances(embeddings, labels) if len(labels) else [], pa.float32())).append_column(
         "identity_faces", pa.array(sizes[labels], pa.int32())).append_column(
         "identity_photos", pa.array(photos[labels], pa.int32()))
-    return table, embedder, float(threshold)
+    return table, embeddings, embedder, float(threshold)
 
 
 def _codes(values: np.ndarray) -> np.ndarray:
@@ -84,24 +87,27 @@ def write_table(path: Path, table: pa.Table) -> Path:
 
 
 def build_identities(run_dir: str | Path, threshold: float | None = None) -> IdentitySummary:
-    """Cluster the run's faces, write ``identities.parquet``, the identity-safe ``split.parquet`` and
-    ``identities.json`` (this summary)."""
+    """Cluster the run's faces, write ``identities.parquet``, the identity-safe ``split.parquet``,
+    ``pairs.parquet`` and ``identities.json`` (this summary)."""
     import time
 
+    from datagen.identity.pairs import write_pairs
     from datagen.identity.split import identity_safe_split
 
     t = time.perf_counter()
     run_dir = Path(run_dir)
-    table, embedder, threshold = cluster_run(run_dir, threshold)
+    table, embeddings, embedder, threshold = cluster_run(run_dir, threshold)
     write_table(run_dir / IDENTITIES_TABLE, table)
     split = identity_safe_split(run_dir, table)
+    _, with_reference = write_pairs(run_dir, table, embeddings)
     per_identity = _per_identity(table)
     hist: dict[str, int] = {}
     for photos in per_identity.values():
         hist[str(photos)] = hist.get(str(photos), 0) + 1
     summary = IdentitySummary(embedder, threshold, len(table), len(per_identity),
                               dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
-                              max(per_identity.values(), default=0), round(time.perf_counter() - t, 3), split)
+                              max(per_identity.values(), default=0), with_reference,
+                              round(time.perf_counter() - t, 3), split)
     write_json_atomic(run_dir / IDENTITIES_SUMMARY, summary.to_dict())
     return summary
 

@@ -12,6 +12,7 @@ smallest key of its joined group). :func:`read_split` is what the exports and th
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,23 @@ def identity_safe_split(run_dir: Path, faces: pa.Table) -> dict[str, Any]:
     }
 
 
+def split_file_path(path: str | Path | None) -> str | None:
+    """The split file a ``--split-file`` names: the file, or a run folder's ``split.parquet``."""
+    if path is None:
+        return None
+    path = Path(path)
+    return str((path / SPLIT_TABLE) if path.is_dir() else path)
+
+
+@functools.cache
+def cached_split(path: str) -> dict[str, str]:
+    """:func:`read_split`, once per process (the exports' shard walk and the trainer's loader ask per sample)."""
+    return read_split(path)
+
+
 def read_split(path: str | Path) -> dict[str, str]:
     """``{key: split}`` of a ``split.parquet`` (a run folder holding one is accepted too)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SPLIT_TABLE
+    path = Path(split_file_path(path))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no identity-safe split; run `subject-ffhq identities RUN` first")
     t = pq.read_table(path, columns=["key", "split"])
