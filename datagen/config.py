@@ -359,7 +359,7 @@ class EvaluationSettings(Section):
 
     # models; only the evaluation needs the embedder and CLIP, so a build-only profile may leave them out
     face_detector: str = "mtcnn"  # 'mtcnn' (the weights inside facenet-pytorch) or a folder of pnet/rnet/onet.pt
-    face_embedder: str | None = None  # FaceNet InceptionResnetV1: 'vggface2' or a folder
+    face_embedder: str | None = None  # 'dlib' (offline, real weights), or FaceNet InceptionResnetV1: 'vggface2' or a folder
     clip_model: str | None = None  # prompt consistency: OpenCLIP architecture or 'local-dir:FOLDER'
     clip_pretrained: str | None = None  # the architecture's weights tag
     batch_size: int = bounded(64, minimum=1)  # face crops per FaceNet forward

@@ -154,3 +154,20 @@ def test_pairs_give_every_face_references_of_the_same_person_from_other_photos(s
     for p in pairs:
         assert p["reference_key"] != p["key"] and p["reference"].split("/")[0] == p["reference_key"]
         assert truth[p["reference"]] == truth[p["face"]]  # the same person, another photo
+
+
+def test_the_evaluation_can_score_identity_with_dlib_on_mtcnn_crops(finder, sample):
+    from datagen.stages.identity import DlibCropEmbedder
+
+    images = {key: (image, names) for key, image, names, _ in sample}
+    faces, people = [], []
+    for key in ("00000", "00002", "01000", "01001"):  # astronaut, grace_hopper, each twice
+        image, names = images[key]
+        found = finder.detector.detect([image])[0]
+        faces.append(found[0])
+        people.append(names[0])
+    v = DlibCropEmbedder().embed(faces)
+    assert v.shape == (4, 128) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    sims = v @ v.T
+    assert sims[0, 2] > 0.9 and sims[1, 3] > 0.9  # the same person in two photos
+    assert max(sims[0, 1], sims[0, 3], sims[2, 1], sims[2, 3]) < min(sims[0, 2], sims[1, 3])

@@ -141,6 +141,26 @@ class FacenetBoxEmbedder:
         return self.model.embed(crops)
 
 
+class DlibCropEmbedder:
+    """dlib on MTCNN's standardised face crops (the evaluation's ``Face`` objects): ``embed(faces)`` ->
+    ``N x 128`` L2-normalised (cosine = dot product), the landmarks found inside the whole crop. What
+    ``subject-ffhq evaluate --face-embedder dlib`` scores identity with: real weights, offline."""
+
+    image_size = 160  # MTCNN's crop side, as FaceNet's
+
+    def __init__(self):
+        self.dlib_embedder = DlibEmbedder()
+
+    def embed(self, faces: Sequence[Any]) -> np.ndarray:
+        out = []
+        for f in faces:
+            rgb = np.ascontiguousarray((f.crop.permute(1, 2, 0).numpy() * 128 + 127.5).clip(0, 255).astype(np.uint8))
+            h, w = rgb.shape[:2]
+            out.append(self.dlib_embedder.embed(rgb, [(0, 0, w - 1, h - 1)])[0])
+        vectors = np.asarray(out, np.float32).reshape(len(out), DIMENSIONS["dlib"])
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 def make_embedder(embedder: str, device: str | None = None) -> DlibEmbedder | FacenetBoxEmbedder:
     if embedder == "dlib":
         return DlibEmbedder()
