@@ -189,6 +189,17 @@ def test_every_shard_and_sample_is_consistent(reference, sample_source):
     assert run["invocations"][-1]["shards_run"] == 4
     assert run["config"]["faces"]["detector"] == "mtcnn" and run["models"]["face_detector"] == "mtcnn"
     assert run["invocations"][-1]["stage_rates"]["faces"]["images"] == 11
+    # the identity stage ran: a face table per shard, one row per embedded face of the records, dlib's 128-d
+    from datagen.manifests.face_table import read_faces
+    from datagen.shards.reader import iter_shard_records
+
+    faces, matrix = read_faces(summary.run_dir)
+    assert sorted(p.name for p in (summary.run_dir / "faces").iterdir()) == [f"subjects-{i:05d}.parquet" for i in range(4)]
+    records = [r for tar in sorted((root / "out" / "shards").iterdir()) for r in iter_shard_records(tar)]
+    assert all(r.schema_version == "1.2" and r.identity_faces is not None for r in records)
+    assert sorted(faces.column("face").to_pylist()) == sorted(
+        f"{r.key}/{n}" for r in records for n, f in enumerate(r.identity_faces) if f.embedded)
+    assert matrix.shape == (len(faces), 128) and run["models"]["identity_embedder"].startswith("dlib:")
 
 
 def test_second_run_is_a_no_op(reference, pools, profile, sample_source):
