@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datagen.files import atomic_path, write_json_atomic
+from datagen.files import write_json_atomic, write_parquet_atomic
 from datagen.identity.cluster import centre_distances, cluster_faces
 from datagen.manifests.face_table import read_faces
 from datagen.manifests.run_manifest import load_run_manifest
@@ -80,12 +80,6 @@ def _codes(values: np.ndarray) -> np.ndarray:
     return np.unique(values, return_inverse=True)[1].astype(np.int64)
 
 
-def write_table(path: Path, table: pa.Table) -> Path:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return path
-
-
 def build_identities(run_dir: str | Path, threshold: float | None = None) -> IdentitySummary:
     """Cluster the run's faces, write ``identities.parquet``, the identity-safe ``split.parquet``,
     ``pairs.parquet`` and ``identities.json`` (this summary)."""
@@ -97,7 +91,7 @@ def build_identities(run_dir: str | Path, threshold: float | None = None) -> Ide
     t = time.perf_counter()
     run_dir = Path(run_dir)
     table, embeddings, embedder, threshold = cluster_run(run_dir, threshold)
-    write_table(run_dir / IDENTITIES_TABLE, table)
+    write_parquet_atomic(run_dir / IDENTITIES_TABLE, table)
     split = identity_safe_split(run_dir, table)
     _, with_reference = write_pairs(run_dir, table, embeddings)
     per_identity = _per_identity(table)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from datagen.files import write_parquet_atomic
+
 REFERENCES = 8  # references kept per face
 POOL = 256  # faces of an identity considered as references (the nearest its centre)
 PAIRS_TABLE = "pairs.parquet"
@@ -56,8 +58,6 @@ def reference_pairs(identities: pa.Table, embeddings: np.ndarray) -> pa.Table:
 
 def write_pairs(run_dir: str | Path, identities: pa.Table, embeddings: np.ndarray) -> tuple[Path, int]:
     """Write ``pairs.parquet``; return its path and how many faces have a reference."""
-    from datagen.identity.index import write_table
-
     table = reference_pairs(identities, embeddings)
-    path = write_table(Path(run_dir) / PAIRS_TABLE, table)
+    path = write_parquet_atomic(Path(run_dir) / PAIRS_TABLE, table)
     return path, len(set(table.column("face").to_pylist()))

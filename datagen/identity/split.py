@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datagen.files import write_parquet_atomic
 from datagen.manifests.tables import SAMPLES_TABLE
 
 SPLIT_TABLE = "split.parquet"
@@ -70,9 +71,7 @@ def identity_safe_split(run_dir: Path, faces: pa.Table) -> dict[str, Any]:
     moved = [build[k] != s for k, s in zip(keys, new, strict=True)]
     table = pa.table({"key": keys, "split": new, "build_split": [build[k] for k in keys], "moved": moved,
                       "group": [group[k] for k in keys]})
-    from datagen.identity.index import write_table
-
-    write_table(Path(run_dir) / SPLIT_TABLE, table)
+    write_parquet_atomic(Path(run_dir) / SPLIT_TABLE, table)
     moved_keys = {k for k, m in zip(keys, moved, strict=True) if m}
     face_keys, ids = faces.column("key").to_pylist(), faces.column("identity").to_pylist()
     return {

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datagen.files import atomic_path
+from datagen.files import write_parquet_atomic
 from datagen.record.identity_faces import face_id
 
 FACES_DIR = "faces"
@@ -48,10 +48,7 @@ def write_face_table(run_dir: str | Path, shard_name: str, rows: Sequence[dict[s
     schema = pa.schema([("face", pa.string()), ("key", pa.string()), ("n", pa.int32()), ("segment_id", pa.int32()),
                         ("size", pa.int32()), ("score", pa.float32()), ("embedding", pa.list_(pa.float32()))])
     columns["embedding"] = [r["embedding"].tolist() for r in rows]
-    path = face_table_path(run_dir, shard_name)
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.table(columns, schema=schema), tmp)
-    return path
+    return write_parquet_atomic(face_table_path(run_dir, shard_name), pa.table(columns, schema=schema))
 
 
 def read_faces(run_dir: str | Path, shard_names: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:
