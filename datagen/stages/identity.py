@@ -9,11 +9,12 @@
 ``faces.detector``, with this section's ``min_face_size`` and ``min_score``), and each face is linked
 to the ``person`` segment holding most of its box's pixels when that segment holds at least
 ``min_inside`` of them (``segment_id``; ``None``: the face is in no person segment). Identities belong
-to people, not to segments: a face the segmenter missed still gets its identity. Measured on the
-bundled sample with the tiny profile (``bench/bench_identity_embedder.py``): per-segment detection
-(what the face stage does) finds 1 of the sample's 19 faces, because the random segmenter puts almost
-none inside a person segment; per-segment detection *plus* the rest of the image costs a whole-image
-pass anyway, so the whole-image pass alone is the cheaper of the two choices.
+to people, not to segments: a face the segmenter missed still gets its identity. Measured: on the
+demo (tiny profile) per-segment detection, what the face stage does, finds 1 face in the 11 written
+images, where the whole-image pass finds all 17, because the random segmenter puts almost none inside
+a person segment; on this CPU (``bench/bench_identity_embedder.py``, 1 thread, 1024 px) MTCNN costs
+0.151 s per image over the whole image and 0.166 s over good person segments only, so per-segment
+detection *plus* a pass over the rest of the image would cost more than the whole-image pass alone.
 
 **Embedders** (``identity.embedder``), fed MTCNN's boxes (no second detector):
 
