@@ -41,7 +41,7 @@ TINY := out/tiny-models
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SUBJECT_FFHQ_TINY_MODELS=$(CURDIR)/$(TINY)
 QUIET := RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test test-scale demo dataset train evaluate report lint bench clean export-fc gpu-carry gpu-check
+.PHONY: install test test-scale demo dataset train evaluate report identities lint bench clean export-fc gpu-carry gpu-check
 
 install: $(STAMP)
 
@@ -79,6 +79,7 @@ demo: install
 		--overwrite --format seg-conditioning
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq export out/demo/shards out/demo-exports/subject-crops --profile tiny \
 		--overwrite --format subject-crops
+	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq identities manifests/demo
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq report manifests/demo
 
 dataset: install
@@ -101,6 +102,10 @@ evaluate: install
 
 report: install
 	$(BIN)/subject-ffhq report $(RUN)
+
+# the run's faces clustered into identities: RUN/identities.parquet, RUN/split.parquet (identity-safe)
+identities: install
+	$(BIN)/subject-ffhq identities $(RUN)
 
 lint: install
 	$(BIN)/ruff check cli datagen ray_jobs training fixtures tests bench

@@ -59,6 +59,27 @@ def whole_image(size):
                                        area=w * h, score=1.0)])
 
 
+def sample_cases(max_side: int) -> list:
+    """``(loaded image, placed face rects, source face rect)`` of each distinct photo of the sample,
+    stored at ``max_side`` (face rects in pixels of the stored image)."""
+    from datagen.sources.images import load_image
+    from datagen.sources.readers import open_source
+    from datagen.stages.face_checker import stored_rect
+    from fixtures.bundled_photos import SAMPLE_IMAGES, build_sample
+
+    recipes = {str(s.index): s for s in SAMPLE_IMAGES}
+    with tempfile.TemporaryDirectory() as tmp:
+        build_sample(Path(tmp))
+        items = [it for it in open_source(tmp).items() if it.duplicate_of is None]
+        loaded = [load_image(it, max_side=max_side) for it in items]
+    cases = []
+    for it, li in zip(items, loaded, strict=True):
+        scene = recipes[it.source_id].recipe()
+        rects = [stored_rect(r, scene.image.size, li.image.size) for _, r in scene.faces]
+        cases.append((li, rects, stored_rect(it.meta["face_rect"], li.original_size, li.image.size)))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -69,23 +90,11 @@ def main() -> None:
     import torch
 
     from datagen.config import FacesSettings
-    from datagen.sources.images import load_image
-    from datagen.sources.readers import open_source
-    from datagen.stages.face_checker import FaceChecker, stored_rect
-    from fixtures.bundled_photos import SAMPLE_IMAGES, build_sample
+    from datagen.stages.face_checker import FaceChecker
 
     torch.set_num_threads(args.threads)
     checker = FaceChecker(FacesSettings(), "cpu")
-    recipes = {str(s.index): s for s in SAMPLE_IMAGES}
-    with tempfile.TemporaryDirectory() as tmp:
-        build_sample(Path(tmp))
-        items = [it for it in open_source(tmp).items() if it.duplicate_of is None]
-        loaded = [load_image(it, max_side=args.max_side) for it in items]
-    cases = []
-    for it, li in zip(items, loaded, strict=True):
-        scene = recipes[it.source_id].recipe()
-        rects = [stored_rect(r, scene.image.size, li.image.size) for _, r in scene.faces]
-        cases.append((li, rects, stored_rect(it.meta["face_rect"], li.original_size, li.image.size)))
+    cases = sample_cases(args.max_side)
 
     print(f"face stage, {len(cases)} images at long side {args.max_side}, {args.threads} torch thread(s), "
           f"median of {args.repeats}")

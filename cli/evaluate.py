@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", nargs="+", metavar="GLOB", help="training shards for the leak check")
     parser.add_argument("--leak-threshold", type=float, help="FaceNet cosine at which a training face counts as the "
                         "subject (default: the profile's evaluation.leak_threshold)")
+    parser.add_argument("--face-embedder", help="identity scoring and the leak check: 'dlib' (dlib's descriptor, real "
+                        "weights, offline; cosine of the same person ~0.93+) or 'vggface2' / a FaceNet folder "
+                        "(default: the profile's evaluation.face_embedder)")
     parser.add_argument("--device", help="cuda or cpu for the local run (default: cuda if available)")
     parser.add_argument("--pretrained", help="override the base Stable Diffusion folder/id stored in the checkpoint")
     parser.add_argument("--image-encoder", help="override the CLIP vision folder/id stored in the checkpoint")
@@ -64,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # option (its argparse dest) -> the evaluation setting it overrides
 OVERRIDES = {"images_per_prompt": "images_per_prompt", "alpha": "alpha", "steps": "steps", "guidance": "guidance_scale",
-             "seed": "seed", "leak_threshold": "leak_threshold"}
+             "seed": "seed", "leak_threshold": "leak_threshold", "face_embedder": "face_embedder"}
 
 
 def evaluation_settings(args: argparse.Namespace):

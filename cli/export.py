@@ -22,6 +22,7 @@ from datagen.export.common import SUMMARY, ExportError, ExportFilters
 from datagen.export.fastcomposer import SEGMAP_DTYPES, UNREADABLE_SEGMAP_DTYPES
 from datagen.export.registry import DEFAULT_FORMAT, FORMATS, export
 from datagen.export.subject_crops import DEFAULT_PLACEHOLDER
+from datagen.identity.split import read_split, split_file_path
 
 
 def add_arguments(parser) -> None:
@@ -51,6 +52,9 @@ def add_arguments(parser) -> None:
                         help="drop samples whose source face rect (FFHQ-wild metadata) is not in a matched person "
                              "segment (sources without face rects pass)")
     parser.add_argument("--split", choices=("train", "test", "all"), default="all", help="export only one split")
+    parser.add_argument("--split-file", type=Path, default=None, metavar="PARQUET",
+                        help="a run's identity-safe split (manifests/<run>/split.parquet, or the run folder, "
+                             "from `subject-ffhq identities`): its split replaces each record's")
     # uint16 is accepted here so that export can say why it refuses it
     parser.add_argument("--segmap-dtype", choices=SEGMAP_DTYPES + tuple(UNREADABLE_SEGMAP_DTYPES), default="auto",
                         help="dtype of the .npy maps, one FastComposer's loader reads (auto: uint8 when every id "
@@ -89,12 +93,15 @@ def run(args) -> int:
         splits=("train", "test") if args.split == "all" else (args.split,),
         drop_merged_persons=args.drop_merged_persons, drop_faceless_persons=args.drop_faceless_persons,
         min_face_size=args.min_face_size, require_primary_face=args.require_primary_face,
+        split_file=split_file_path(args.split_file),
     )
     try:
+        if filters.split_file is not None:
+            read_split(filters.split_file)  # a missing or unreadable file stops the export before it writes
         object_types = object_types_from_args(args)
         storage.probe(args.shards_dir, "SHARDS_DIR", must_exist=True)
         storage.probe(args.out, "OUT")
-    except (ProfileError, storage.StorageError) as e:
+    except (ProfileError, storage.StorageError, FileNotFoundError) as e:
         return fail("export", e, 2)
     fmt = FORMATS[args.format]
     options = {name: getattr(args, name) for name in fmt.options}  # the format's own flags

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-models": ("cli.tiny_models", "build small random models of every model the project loads into DIR"),
     "phrases": ("cli.phrases", "print noun phrases (numbered plurals expanded) of captions as JSON lines"),
     "build": ("cli.build", "run the dataset job: caption, segment, chunk, match, write shards"),
+    "identities": ("cli.identities", "cluster every face of a run into identities; the identity-safe split"),
     "report": ("cli.report", "write the match-quality report (report.html) of a run"),
     "inspect": ("cli.inspect", "write a PNG showing one sample of a run"),
     "export": ("cli.export", "export shards to another on-disk layout (FastComposer's by default; --format)"),

@@ -21,6 +21,7 @@ arguments or setup; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if hint is bool:  # a switch that turns the setting on
             parser.add_argument(f"--{option}", dest=f.name, action="store_true", default=None, help=help_text)
             continue
+        if isinstance(hint, types.UnionType):  # an optional setting (``str | None``): the option gives a value
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         kind = comma_list if typing.get_origin(hint) is tuple else str if choices else hint
         parser.add_argument(f"--{option}", dest=f.name, type=kind, choices=choices,

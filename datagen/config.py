@@ -140,6 +140,23 @@ class FacesSettings(Section):
     device: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class IdentitySettings(Section):
+    """Identity embeddings (:mod:`datagen.stages.identity`): MTCNN on the whole image, each face
+    linked to the person segment holding it, embedded by ``embedder``; ``subject-ffhq identities``
+    clusters them (``threshold``: a distance, ``None`` = the embedder's default, 0.5 dlib, 1.0 vggface2)."""
+
+    embedder: Literal["dlib", "vggface2"] = "vggface2"  # dlib: 128-d ResNet, 5-point alignment (offline)
+    threshold: float | None = bounded(None, minimum=0.0, maximum=4.0)  # same identity below this distance
+    neighbours: int = bounded(16, minimum=2, maximum=256)  # nearest faces each face is compared with
+    min_face_size: int = bounded(20, minimum=8)  # smallest face MTCNN looks for, px of the stored image
+    min_score: float = bounded(0.9, minimum=0.0, maximum=1.0)  # weaker detections are not faces
+    min_embed_px: int = bounded(24, minimum=0)  # a smaller face is recorded, not embedded ("too small")
+    min_sharpness: float = bounded(10.0, minimum=0.0)  # Laplacian variance under this: "too blurred"
+    min_inside: float = bounded(0.5, minimum=0.0, maximum=1.0)  # share of a face box in a person segment to link
+    device: str | None = None
+
+
 # ------------------------------------------------------------------------ output and job
 @dataclass(frozen=True, kw_only=True)
 class ShardsSettings(Section):
@@ -306,6 +323,7 @@ class TrainerSettings(Section):
     # torchvision NEAREST, then bilinear with the image for portrait images, as released
     segment_map_resize: Literal["nearest", "upstream"] = "nearest"
     split: str | None = "train"  # train only on records of this split; None: every record
+    split_file: str | None = None  # a run's identity-safe split.parquet (subject-ffhq identities): replaces records' split
     loader_workers: int = bounded(4, minimum=0)  # DataLoader processes per worker
     shuffle_buffer: int = bounded(256, minimum=0)  # samples in the shuffle buffer
     bad_samples: Literal["raise", "warn"] = "raise"  # warn: log an unreadable sample (shard, key, why), skip it
@@ -354,7 +372,7 @@ class EvaluationSettings(Section):
 
     # models; only the evaluation needs the embedder and CLIP, so a build-only profile may leave them out
     face_detector: str = "mtcnn"  # 'mtcnn' (the weights inside facenet-pytorch) or a folder of pnet/rnet/onet.pt
-    face_embedder: str | None = None  # FaceNet InceptionResnetV1: 'vggface2' or a folder
+    face_embedder: str | None = None  # 'dlib' (offline, real weights), or FaceNet InceptionResnetV1: 'vggface2' or a folder
     clip_model: str | None = None  # prompt consistency: OpenCLIP architecture or 'local-dir:FOLDER'
     clip_pretrained: str | None = None  # the architecture's weights tag
     batch_size: int = bounded(64, minimum=1)  # face crops per FaceNet forward
@@ -401,6 +419,7 @@ class Profile(Section):
     matcher: MatcherSettings | None = None
     sam3: Sam3Settings | None = None  # grounding sam3 needs it
     faces: FacesSettings = field(default_factory=FacesSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
     shards: ShardsSettings
     ray: RaySettings
     subjects: SubjectsSettings = field(default_factory=SubjectsSettings)

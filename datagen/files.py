@@ -83,6 +83,15 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
+def write_parquet_atomic(path: str | Path, table: Any) -> Path:
+    """A pyarrow ``table`` as Parquet at ``path``, atomically; returns ``path``."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """``obj`` as indented UTF-8 JSON (one trailing newline), atomically. A lone surrogate (what
     Python makes of a file name's non-UTF-8 byte; no UTF-8 file can hold it) is written as the

@@ -4,7 +4,8 @@ Read top to bottom, :data:`STAGES` is the build (DESIGN §1)::
 
     loaded images ──► captioner ──┐
                  └──► segmenter ──┴─► matcher (captions, segments) ──► records
-                             └──────► faces (segments) ────────────┘
+                             ├──────► faces (segments) ────────────┤
+                             └──────► identity (segments) ─────────┘
 
     grounding: sam3 (the rows of the other grounding instead of segmenter + matcher):
     loaded images ──► captioner ──► sam3 (phrases, SAM 3 instances) ──► records
@@ -68,7 +69,9 @@ STAGES: tuple[Stage, ...] = (
           takes=("captioner", "segmenter"), grounding="panoptic"),
     Stage("sam3", "datagen.stages.grounding:GroundStep", ("sam3", "phrases"), gpu_share=0.4, takes=("captioner",),
           grounding="sam3", provides=("segmenter", "matcher")),
-    Stage("faces", "datagen.stages.face_checker:FaceCheckStep", ("faces",), gpu_share=0.1, takes=("segmenter",)),
+    Stage("faces", "datagen.stages.face_checker:FaceCheckStep", ("faces",), gpu_share=0.05, takes=("segmenter",)),
+    Stage("identity", "datagen.stages.identity:IdentityStep", ("identity", "faces"), gpu_share=0.05,
+          takes=("segmenter",)),
 )
 
 _registered: list[Stage] = []

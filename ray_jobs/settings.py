@@ -6,7 +6,7 @@ depends on the cluster: :func:`resolve_settings` turns ``auto`` values into conc
 
 * ``ray.stages.<stage>`` ``replicas``/``num_gpus``/``num_cpus``: on a cluster with GPUs, one replica
   of every stage per GPU, sharing it by the stage table's shares (captioner 0.5 + segmenter 0.2 +
-  matcher 0.2 + faces 0.1); with no GPU, one replica each, ``num_gpus`` 0, and CPU shares that leave
+  matcher 0.2 + faces 0.05 + identity 0.05); with no GPU, one replica each, ``num_gpus`` 0, and CPU shares that leave
   room for the CPU tasks;
 * ``max_shards_in_flight`` (2 x actors) and ``max_chunks_in_flight`` (3 x actors): the bounds that
   keep memory flat whatever the source size;

@@ -10,7 +10,8 @@ A shard's non-duplicate items are cut, in plan order, into *chunks* of ``images_
    members (JPEG, 16-bit PNG, JSON), so only compact bytes wait for the shard to finish (an image
    whose record cannot be built or encoded fails alone, as ``"record: <file>: <error>"``);
 4. :func:`write_shard_tar` writes every encoded sample of the shard, in plan order, into one tar
-   atomically and returns the shard's sample outcomes (written / duplicate / failed + reason).
+   atomically and returns the shard's sample outcomes (written / duplicate / failed + reason) and
+   its face-table rows (the driver writes them, :mod:`datagen.manifests.face_table`).
 
 Everything here is deterministic: the same items give the same bytes.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from datagen import storage
 from datagen.files import file_sha256, remove_stale_temps
+from datagen.manifests.face_table import face_rows
 from datagen.manifests.shard_entry import DUPLICATE, FAILED, WRITTEN
 from datagen.shards.plan import ShardSpec
 from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
@@ -90,6 +92,7 @@ def encode_chunk(
                 jpg=encode_jpeg(li.image, jpeg_quality),
                 seg_png=encode_segment_map(image_outputs["segmenter"].segment_map),
                 json=record.to_json().encode("utf-8"),
+                faces=face_rows(record.key, image_outputs["identity"]) if "identity" in image_outputs else [],
             )
         except Exception as e:  # noqa: BLE001 -- one image's record or encoding fails that image alone
             outcomes[sid] = (FAILED, failure_reason("record", li.item.rel_path, e))
@@ -137,5 +140,6 @@ def write_shard_tar(spec: ShardSpec, tar_path: str, *chunks: EncodedChunk) -> di
         "encode": round(sum(c.encode_seconds for c in chunks), 4),
         "write": round(time.perf_counter() - t, 4),
     }
-    return {"sha256": digest, "bytes": path.stat().st_size, "samples": samples, "cpu_seconds": timings}
+    return {"sha256": digest, "bytes": path.stat().st_size, "samples": samples, "cpu_seconds": timings,
+            "faces": [row for s in to_write for row in s.faces]}
 

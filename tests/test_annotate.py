@@ -39,8 +39,8 @@ class Annotator:
             segmenter=PanopticSegmenter(profile.segmenter, device),
             chunker=PhraseChunker(profile.phrases),
             matcher=Matcher(profile.matcher, device),
-            # the face checks are not run here, so the records do not name their detector
-            models={k: v for k, v in model_ids(profile).items() if k != "face_detector"},
+            # the face and identity stages are not run here, so the records do not name their models
+            models={k: v for k, v in model_ids(profile).items() if k not in ("face_detector", "identity_embedder")},
         )
 
     def annotate(self, loaded: list) -> list[tuple[Record, Any]]:

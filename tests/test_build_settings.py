@@ -23,19 +23,19 @@ def paper():
 def test_cpu_only_two_cores_fits_actors_and_leaves_room_for_tasks(paper):
     s = resolve_settings(paper, {"CPU": 2.0})
     assert {n: (p.replicas, p.num_gpus) for n, p in s.stages.items()} == {
-        "captioner": (1, 0.0), "segmenter": (1, 0.0), "matcher": (1, 0.0), "faces": (1, 0.0)
+        "captioner": (1, 0.0), "segmenter": (1, 0.0), "matcher": (1, 0.0), "faces": (1, 0.0), "identity": (1, 0.0)
     }
     actor_cpus = sum(p.num_cpus * p.replicas for p in s.stages.values())
-    assert actor_cpus == pytest.approx(1.4)  # 4 actors x 0.35 (3/4 of the CPUs, in steps of 0.05)
+    assert actor_cpus == pytest.approx(1.5)  # 5 actors x 0.3 (3/4 of the CPUs, in steps of 0.05)
     # at least one task can always run next to the actors
     assert 0 < s.task_num_cpus <= 2.0 - actor_cpus
-    assert s.max_shards_in_flight == 8 and s.max_chunks_in_flight == 12
+    assert s.max_shards_in_flight == 10 and s.max_chunks_in_flight == 15
 
 
 def test_gpus_one_replica_set_per_gpu_sharing_it(paper):
     s = resolve_settings(paper, {"CPU": 32.0, "GPU": 4.0})
     # panoptic rows; sam3 (grounding: sam3) stands in for segmenter + matcher
-    assert GPU_SHARES == {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "sam3": 0.4, "faces": 0.1}
+    assert GPU_SHARES == {"captioner": 0.5, "segmenter": 0.2, "matcher": 0.2, "sam3": 0.4, "faces": 0.05, "identity": 0.05}
     for name, p in s.stages.items():
         assert p.replicas == 4
         assert p.num_gpus == GPU_SHARES[name]
@@ -43,7 +43,7 @@ def test_gpus_one_replica_set_per_gpu_sharing_it(paper):
     # one replica of every stage a build runs fills exactly one GPU
     assert sum(p.num_gpus for p in s.stages.values()) == pytest.approx(1.0)
     assert s.task_num_cpus == 1.0
-    assert s.total_actors == 16 and s.max_shards_in_flight == 32
+    assert s.total_actors == 20 and s.max_shards_in_flight == 40
 
 
 def test_explicit_values_override_auto(paper):
@@ -91,16 +91,17 @@ def test_config_digest_follows_content_not_placement(paper):
 
 
 def test_config_digest_is_pinned_and_runs_without_face_checks_are_redone(paper):
-    """The digest is pinned, so that it only ever changes on purpose. It changed once on purpose: the
+    """The digest is pinned, so that it only ever changes on purpose. It changed on purpose twice: the
     face stage (``faces:``, record schema 1.1) joined the content sections, so shards of runs made
     before it (digests a3fd134f… and ac0d0412… for the settings below, records without face checks)
-    are redone on resume rather than mixed with face-checked ones."""
+    are redone on resume rather than mixed with face-checked ones; then the identity stage
+    (``identity:``, schema 1.2 ``identity_faces``; digests 6b2109cd…, 42f056a0…, 2326224c… before it)."""
     unpadded = load_profile("paper", {"segmenter": {"pad_to": "none"}})  # the segmenter those runs had
-    assert config_digest(unpadded) == "6b2109cd0c603c857d836a4bbe1d0a3cd2191ba42f965b1e975bc7be94f50dd8"
+    assert config_digest(unpadded) == "d154034816bb0e7f7128d006c32a4f278e98c309c058754ffec92cf53c3f09ef"
     changed = load_profile("paper", {"captioner": {"max_new_tokens": 5}, "shards": {"verify_pixel_md5": True},
                                      "segmenter": {"pad_to": "none"}})
-    assert config_digest(changed) == "42f056a0999c0762b0ddc02ed463921371f4f01a524d86f37537f8ed90d7f409"
-    assert config_digest(paper) == "2326224c72db367c60c52eaa92bc0298d2b6509c9527b9f9fa46b888e094634c"
+    assert config_digest(changed) == "e442ea3addb7363ecfebe66c1926ff9aad681a456103fbd72676e7d3817ff1fc"
+    assert config_digest(paper) == "ff39e7ccf0b23196f88411a0128475db57a8457ddc2b7c485fc921e77e76292a"
     # the square canvas segments differently, so its shards must never be mixed with those
     assert config_digest(paper) != config_digest(unpadded)
     # a face setting changes the records (flags, faces kept), so it changes the digest; the device does not

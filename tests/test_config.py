@@ -60,6 +60,7 @@ def test_builtin_profiles_load_typed():
         "clip": "ViT-H-14:laion2b_s32b_b79k",
         "sbert": "sentence-transformers/all-mpnet-base-v2",
         "face_detector": "mtcnn",
+        "identity_embedder": "vggface2",
     }
     assert paper.faces.detector == "mtcnn" and (paper.faces.small_face_px, paper.faces.min_score) == (32, 0.9)
 

@@ -189,6 +189,17 @@ def test_every_shard_and_sample_is_consistent(reference, sample_source):
     assert run["invocations"][-1]["shards_run"] == 4
     assert run["config"]["faces"]["detector"] == "mtcnn" and run["models"]["face_detector"] == "mtcnn"
     assert run["invocations"][-1]["stage_rates"]["faces"]["images"] == 11
+    # the identity stage ran: a face table per shard, one row per embedded face of the records, dlib's 128-d
+    from datagen.manifests.face_table import read_faces
+    from datagen.shards.reader import iter_shard_records
+
+    faces, matrix = read_faces(summary.run_dir)
+    assert sorted(p.name for p in (summary.run_dir / "faces").iterdir()) == [f"subjects-{i:05d}.parquet" for i in range(4)]
+    records = [r for tar in sorted((root / "out" / "shards").iterdir()) for r in iter_shard_records(tar)]
+    assert all(r.schema_version == "1.2" and r.identity_faces is not None for r in records)
+    assert sorted(faces.column("face").to_pylist()) == sorted(
+        f"{r.key}/{n}" for r in records for n, f in enumerate(r.identity_faces) if f.embedded)
+    assert matrix.shape == (len(faces), 128) and run["models"]["identity_embedder"].startswith("dlib:")
 
 
 def test_second_run_is_a_no_op(reference, pools, profile, sample_source):
@@ -278,7 +289,7 @@ def test_a_stage_added_through_the_table_alone_runs_in_a_real_build(reference, p
         overlay = {"caption_words": {"min_length": 2}, "ray": {"stages": {**placed, "caption_words": {"num_cpus": 0.05}}}}
         plugged = load_profile("tiny", TEST_CONFIG, overlay)
         assert plugged.section("caption_words").min_length == 2
-        assert [st.name for st in stage_table.stages_for(plugged)] == ["captioner", "segmenter", "matcher", "faces", "caption_words"]
+        assert [st.name for st in stage_table.stages_for(plugged)] == ["captioner", "segmenter", "matcher", "faces", "identity", "caption_words"]
         summary = build(sample_source, tmp_path, plugged, pools)
     assert "caption_words" not in stage_table.stage_names()  # the registration ended with the block
     assert summary.status == "complete" and summary.counts == ref.counts
@@ -286,7 +297,7 @@ def test_a_stage_added_through_the_table_alone_runs_in_a_real_build(reference, p
     assert run["models"]["caption_words"] == "whitespace split" and run["config_digest"] != json.loads(
         (ref.run_dir / "run.json").read_text())["config_digest"]
     assert run["invocations"][-1]["stage_rates"]["caption_words"]["images"] == 11
-    assert set(run["invocations"][-1]["ray"]["actors"]) == {"captioner", "segmenter", "matcher", "faces", "caption_words"}
+    assert set(run["invocations"][-1]["ray"]["actors"]) == {"captioner", "segmenter", "matcher", "faces", "identity", "caption_words"}
     records = 0
     for name in sorted(tar_bytes(ref_root)):
         ours, theirs = _members(tmp_path / "out" / "shards" / name), _members(ref_root / "out" / "shards" / name)

@@ -129,7 +129,7 @@ def test_soak_every_image_accounted_and_tars_equal_a_clean_run(pools, profile, s
     # shared pools with restarted actors: each stage's counts are this build's, never negative, and
     # at most every image once plus the images of the retried shards (a retry runs them again)
     most = SOAK_IMAGES + run["invocations"][-1]["shard_retries"] * SHARD
-    assert set(run["invocations"][-1]["stage_rates"]) == {"captioner", "segmenter", "matcher", "faces"}
+    assert set(run["invocations"][-1]["stage_rates"]) == {"captioner", "segmenter", "matcher", "faces", "identity"}
     for stage, r in run["invocations"][-1]["stage_rates"].items():
         assert 0 < r["images"] <= most and r["busy_seconds"] > 0 and r["images_per_second_per_replica"] > 0, (stage, r)
 

@@ -46,6 +46,8 @@ TRAIN_OPTIONS: dict[str, tuple[str | None, str]] = {
     "augment_subjects_on": (None, "where subject crops are augmented: loader workers, or the training device "
                                   "after collate (auto: device on GPU, loader on CPU)"),
     "loader_workers": (None, "DataLoader processes per worker"),
+    "split_file": (None, "a run's identity-safe split (manifests/<run>/split.parquet, from `subject-ffhq "
+                         "identities`): its split replaces each record's"),
     "localization_weight": (None, "weight of the localization loss"),
     "checkpoint_every": (None, "steps between checkpoints"),
     "keep_checkpoints": (None, "checkpoints kept"),

@@ -28,6 +28,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from datagen.identity.split import cached_split, split_file_path
 from datagen.record.schema import Record
 from datagen.shards.reader import ShardError, TarSample
 from training.collate import collate_examples
@@ -101,9 +102,11 @@ def decode_training_sample(raw: dict) -> tuple[torch.Tensor, np.ndarray, Record]
 class ExampleStage:
     """A webdataset stage: raw samples → training examples, with the bad-sample policy."""
 
-    def __init__(self, preprocessor: ExamplePreprocessor, split: str | None, bad_samples: str, seed: int):
+    def __init__(self, preprocessor: ExamplePreprocessor, split: str | None, bad_samples: str, seed: int,
+                 split_file: str | None = None):
         self.preprocessor = preprocessor
         self.split = split
+        self.split_file = split_file  # the identity-safe split, read once per loader process
         self.bad_samples = bad_samples
         self.seed = seed
 
@@ -115,6 +118,8 @@ class ExampleStage:
             where = f"shard {raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
             try:
                 image, segment_map, record = decode_training_sample(raw)
+                if self.split_file is not None:
+                    record.split = cached_split(self.split_file).get(record.key, record.split)
                 if self.split is not None and record.split != self.split:
                     continue
                 example = self.preprocessor(image, segment_map, record)
@@ -136,13 +141,14 @@ def make_dataset(
     split: str | None = "train",
     shuffle_buffer: int = 256,
     bad_samples: str = "raise",
+    split_file: str | None = None,
 ) -> wds.DataPipeline:
     handler = wds.reraise_exception if bad_samples == "raise" else wds.warn_and_continue
     return wds.DataPipeline(
         EndlessShardOrder(shards, seed),
         wds.tarfile_to_samples(handler=handler),
         ShuffleSamples(shuffle_buffer, seed),
-        ExampleStage(preprocessor, split, bad_samples, seed),
+        ExampleStage(preprocessor, split, bad_samples, seed, split_file),
     )
 
 
@@ -164,6 +170,6 @@ def make_loader(
 def loader_from_config(cfg, preprocessor: ExamplePreprocessor, seed: int, pin_memory: bool = False) -> DataLoader:
     dataset = make_dataset(
         cfg.shards, preprocessor, seed=seed, split=cfg.split, shuffle_buffer=cfg.shuffle_buffer,
-        bad_samples=cfg.bad_samples,
+        bad_samples=cfg.bad_samples, split_file=split_file_path(cfg.split_file),
     )
     return make_loader(dataset, cfg.batch_size, cfg.loader_workers, pin_memory=pin_memory)

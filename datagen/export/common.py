@@ -63,6 +63,15 @@ class ExportFilters:
     drop_faceless_persons: bool = False  # drop samples with a matched person segment without a face
     min_face_size: int | None = None  # drop samples with a matched person whose largest face is smaller (px)
     require_primary_face: bool = False  # drop samples whose source's face rect is not in a matched person
+    split_file: str | None = None  # a run's identity-safe split.parquet: its split replaces the record's
+
+    def split_for(self, record: Record) -> str:
+        """The sample's split: the identity-safe split file's when one is given, else the record's."""
+        if self.split_file is None:
+            return record.split
+        from datagen.identity.split import cached_split
+
+        return cached_split(self.split_file).get(record.key, record.split)
 
     @property
     def uses_faces(self) -> bool:
@@ -272,6 +281,7 @@ def export_shard(export: ShardExport, tar_path: Path) -> list[SampleOutcome]:
                 raise ExportError(f"{tar_path.name}: sample key {key!r} is not ASCII decimal digits")
             sample = TarSample(tar_path.name, key, members)
             record = sample.record()
+            record.split = export.filters.split_for(record)
             reason = export.filters.rejection(record, export.object_types)
             if reason is not None:
                 outcomes.append(SampleOutcome(key, record.split, reason))

@@ -17,6 +17,7 @@ from datagen.record.schema import (
     FACE_FLAG_NAMES,
     PERSON_LABEL,
     FaceChecks,
+    ImageFace,
     MatchScores,
     Phrase,
     PrimaryFace,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from datagen.sources.images import LoadedImage
     from datagen.stage_table import Stage
     from datagen.stages.face_checker import FaceCheck
+    from datagen.stages.identity import IdentityFace
     from datagen.stages.matcher import MatchResult
     from datagen.stages.phrases import ChunkedCaption
     from datagen.stages.segmenter import PanopticResult
@@ -97,9 +99,17 @@ def record_from_outputs(loaded: LoadedImage, outputs: Mapping[str, Any], models:
     :meth:`~datagen.stages.step.Step.record_fields` (``stages``: the build's stage table rows)."""
     (_, flags), (chunked, match) = outputs["captioner"], outputs["matcher"]
     record = build_record(loaded, flags, outputs["segmenter"], chunked, match, models, outputs.get("faces"))
+    if outputs.get("identity") is not None:
+        record.identity_faces = identity_faces_of(outputs["identity"])
     for stage in stages:
         record.extra.update(stage.step_class().record_fields(outputs[stage.name]))
-    return record.validate() if record.extra else record
+    return record.validate() if record.extra or record.identity_faces is not None else record
+
+
+def identity_faces_of(faces: Sequence[IdentityFace]) -> list[ImageFace]:
+    """The identity stage's faces of one image as the record keeps them (the embeddings go to the face table)."""
+    return [ImageFace(box=[float(v) for v in f.box], score=float(f.score), size=int(f.size), segment_id=f.segment_id,
+                      embedded=f.embedding is not None, reason=f.reason) for f in faces]
 
 
 def matched_phrases(segments: list[Segment], chunked: ChunkedCaption, match: MatchResult) -> list[Phrase]:

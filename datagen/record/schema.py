@@ -32,10 +32,9 @@ person; ``null`` for a source without a face rect) and ``flags``, in :data:`FACE
 **Phrase grounding** (``grounding: sam3``, docs/grounding.md): a segment may carry ``label_vocab``
 (``coco`` or ``open``: which vocabulary its ``coco_label`` is from; ``category_id`` null for open).
 
-**Versions.** This code writes :data:`SCHEMA_VERSION` and reads every version in
-:data:`READABLE_VERSIONS`. A ``1.0`` record (written before the face checks) has no ``faces`` and no
-``face_checks`` and reads back as it was (``face_checks`` is ``None``: not checked). In a ``1.1``
-record ``face_checks`` is ``null`` only when the face stage did not run.
+**Versions.** This code writes :data:`SCHEMA_VERSION` (1.2: ``identity_faces``, see
+:mod:`datagen.record.identity_faces`) and reads every version in :data:`READABLE_VERSIONS`. A ``1.0``
+record has no ``faces``/``face_checks``, a 1.1 one no ``identity_faces``; each reads back as it was.
 """
 
 from __future__ import annotations
@@ -46,9 +45,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from datagen.config import PERSON_LABEL
+from datagen.record.identity_faces import OLDER_VERSIONS, ImageFace, check_identity_faces
 
-SCHEMA_VERSION = "1.1"
-READABLE_VERSIONS = ("1.0", "1.1")  # 1.0: before the face checks
+SCHEMA_VERSION = "1.2"
+READABLE_VERSIONS = ("1.0", "1.1", "1.2")  # 1.0: before the face checks; 1.1: before identity_faces
 FACE_FLAG_NAMES = (
     "merged_persons", "faceless_person", "small_face", "primary_face_unsegmented", "primary_face_unmatched",
 )
@@ -56,6 +56,7 @@ SPLITS = ("train", "test")
 CONTRACT_FIELDS = frozenset((
     "schema_version", "key", "caption", "caption_raw", "width", "height", "segments", "phrases", "scores",
     "unmatched_phrases", "unmatched_person_segments", "caption_flags", "provenance", "split", "models", "face_checks",
+    "identity_faces",
 ))  # what Record.to_dict writes; any other top-level field is a stage's (Record.extra)
 
 
@@ -202,6 +203,7 @@ class Record:
     unmatched_person_segments: list[int] = field(default_factory=list)  # segment ids
     caption_flags: list[str] = field(default_factory=list)  # e.g. "empty", "degenerate"
     face_checks: FaceChecks | None = None  # None: not checked (a 1.0 record, or the face stage did not run)
+    identity_faces: list[ImageFace] | None = None  # schema 1.2 (datagen.record.identity_faces); None: not looked for
     schema_version: str = SCHEMA_VERSION
     # Top-level fields that stages outside the contract add (Step.record_fields); kept as read
     extra: dict[str, Any] = field(default_factory=dict)
@@ -227,6 +229,8 @@ class Record:
         }
         if self.schema_version != "1.0":  # a 1.0 record reads back as it was written
             d["face_checks"] = asdict(self.face_checks) if self.face_checks is not None else None
+        if self.schema_version not in OLDER_VERSIONS:
+            d["identity_faces"] = [asdict(f) for f in self.identity_faces] if self.identity_faces is not None else None
         clash = sorted(set(self.extra) & CONTRACT_FIELDS)
         if clash:
             raise RecordError(clash[0], "is a field of the record contract; a stage cannot add it", self.key)
@@ -268,6 +272,10 @@ class Record:
             face_checks = FaceChecks.from_dict(d["face_checks"]) if d.get("face_checks") is not None else None
         except (TypeError, AttributeError) as e:
             raise RecordError("face_checks", f"is malformed: {e}", key) from e
+        try:
+            faces = [ImageFace.from_dict(f) for f in d["identity_faces"]] if d.get("identity_faces") is not None else None
+        except (TypeError, AttributeError) as e:
+            raise RecordError("identity_faces", f"is malformed: {e}", key) from e
         rec = cls(
             key=d["key"], caption=d["caption"], caption_raw=d["caption_raw"], width=d["width"],
             height=d["height"], segments=segments, phrases=phrases, scores=scores,
@@ -275,7 +283,7 @@ class Record:
             unmatched_phrases=d.get("unmatched_phrases", []),
             unmatched_person_segments=d.get("unmatched_person_segments", []),
             caption_flags=d.get("caption_flags", []),
-            face_checks=face_checks,
+            face_checks=face_checks, identity_faces=faces,
             schema_version=d.get("schema_version", SCHEMA_VERSION),
             extra={k: v for k, v in d.items() if k not in CONTRACT_FIELDS},
         )
@@ -304,6 +312,8 @@ class Record:
         matched_by_seg = {s.id: s for s in self.segments if s.matched}
         self._check_matches(fail, seen_ids, matched_by_seg)
         self._check_faces(fail, matched_by_seg)
+        check_identity_faces(self.identity_faces, self.schema_version,
+                             {s.id for s in self.segments if s.coco_label == PERSON_LABEL}, fail)
         self._check_scores(fail, seen_ids)
         self._check_provenance(fail)
         return self

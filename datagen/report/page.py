@@ -57,6 +57,7 @@ from datagen.report.gallery import (
     sections,
     select_gallery,
 )
+from datagen.report.identities import IdentitySection, identity_section
 from datagen.report.values import as_dict, as_number, fixed, mib, percent_of, ratio, show
 
 __all__ = ["GALLERY_BUDGET", "GALLERY_MAX", "REPORT", "THUMB_SIDE", "build_report", "render_page"]
@@ -99,12 +100,13 @@ def build_report(
     run = load_run_manifest(run_dir)
     picks = select_gallery(rows, gallery_max)
     cards, dropped = draw_cards(picks, shards, thumb_side, gallery_budget, run_dir.name)
-    page = render_page(run_dir, run, as_dict(summary), shards, cards, dropped, gallery_max)
+    page = render_page(run_dir, run, as_dict(summary), shards, cards, dropped, gallery_max,
+                       identity_section(run_dir, shards, rows))
     return atomic_write(run_dir / REPORT, page)
 
 
 def render_page(run_dir: Path, run: dict, summary: dict, shards: list[dict], cards, dropped: int,
-                gallery_max: int) -> str:
+                gallery_max: int, identities: IdentitySection | None = None) -> str:
     """The page's HTML from the run's values (see :func:`build_report`)."""
     c = as_dict(summary.get("counts"))
     thresholds = as_dict(summary.get("thresholds"))
@@ -151,6 +153,7 @@ def render_page(run_dir: Path, run: dict, summary: dict, shards: list[dict], car
         failures=[_failure_row(kind, v) for kind, v in list(failures.items())[:50]],
         shards=[_shard_row(s) for s in _failed_and_slowest(shards, 20)],
         gallery=sections(cards),
+        identities=identities,
         gallery_note=note,
         models=list(as_dict(run.get("models")).items()),
         run_json=run_json,

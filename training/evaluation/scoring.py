@@ -152,7 +152,12 @@ class EvaluationModels:
     def load(cls, settings: EvaluationSettings, device: str) -> EvaluationModels:
         from datagen.stages.faces import FaceDetector, FaceEmbedder
 
-        embedder = FaceEmbedder(settings.face_embedder, device, settings.batch_size)
+        if settings.face_embedder == "dlib":  # dlib's descriptor on MTCNN's crops: real weights, offline
+            from datagen.stages.identity import DlibCropEmbedder
+
+            embedder = DlibCropEmbedder()
+        else:
+            embedder = FaceEmbedder(settings.face_embedder, device, settings.batch_size)
         detector = FaceDetector(settings.face_detector, device, crop_size=embedder.image_size,
                                 min_face_size=settings.min_face_size, min_score=settings.min_face_score)
         return cls(detector, embedder, PromptScorer(settings.clip_model, settings.clip_pretrained, device))

@@ -1,0 +1,125 @@
+"""A run's identity index: every embedded face of a finished run, clustered into identities.
+
+    summary = build_identities(run_dir)          # writes manifests/<run>/identities.parquet and split.parquet
+
+``identities.parquet``, one row per embedded face (in the face tables' order: shard, then sample,
+then face): ``face`` (``"<key>/<n>"``), ``key``, ``n``, ``segment_id`` (the person segment holding it,
+null when none), ``size`` (px), ``identity`` (``0 .. identities - 1``, numbered by first face, so the
+same run gives the same ids), ``distance`` (to the identity's centre), ``identity_faces`` (faces in
+the identity) and ``identity_photos`` (distinct photos it spans). The embedder and threshold are the
+run's ``identity`` section (``run.json``), the threshold defaulting per embedder
+(:data:`datagen.stages.identity.DEFAULT_THRESHOLDS`); ``threshold`` overrides it.
+
+``split.parquet`` is the identity-safe split (:mod:`datagen.identity.split`) and ``pairs.parquet``
+the cross-image reference pairs (:mod:`datagen.identity.pairs`), written beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datagen.files import write_json_atomic, write_parquet_atomic
+from datagen.identity.cluster import centre_distances, cluster_faces
+from datagen.manifests.face_table import read_faces
+from datagen.manifests.run_manifest import load_run_manifest
+
+IDENTITIES_TABLE = "identities.parquet"
+IDENTITIES_SUMMARY = "identities.json"
+
+
+@dataclass
+class IdentitySummary:
+    embedder: str
+    threshold: float
+    faces: int
+    identities: int
+    photos_per_identity: dict[str, int]  # photos spanned -> identities spanning that many
+    largest_photos: int  # the most photos one identity spans
+    faces_with_reference: int  # faces with a cross-image reference in pairs.parquet
+    seconds: float
+    split: dict[str, Any]  # what the identity-safe split moved
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_identity_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``identity`` section as ``run.json`` recorded it (``{}``: an older run)."""
+    return dict((load_run_manifest(Path(run_dir)).get("config") or {}).get("identity") or {})
+
+
+def cluster_run(run_dir: str | Path, threshold: float | None = None) -> tuple[pa.Table, np.ndarray, str, float]:
+    """The run's faces with their identities (the ``identities.parquet`` table), their embeddings,
+    the embedder and the threshold."""
+    from datagen.stages.identity import DEFAULT_THRESHOLDS
+
+    settings = run_identity_settings(run_dir)
+    embedder = settings.get("embedder") or "dlib"
+    if threshold is None:
+        threshold = settings.get("threshold") if settings.get("threshold") is not None else DEFAULT_THRESHOLDS[embedder]
+    faces, embeddings = read_faces(run_dir)
+    labels = cluster_faces(embeddings, float(threshold), int(settings.get("neighbours") or 16))
+    keys = np.asarray(faces.column("key").to_pylist(), dtype=object)
+    sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    photos = np.bincount(np.unique(np.stack([labels, _codes(keys)]), axis=1)[0]) if len(labels) else sizes
+    table = faces.select(["face", "key", "n", "segment_id", "size"]).append_column(
+        "identity", pa.array(labels, pa.int64())).append_column(
+        "distance", pa.array(centre_distances(embeddings, labels) if len(labels) else [], pa.float32())).append_column(
+        "identity_faces", pa.array(sizes[labels], pa.int32())).append_column(
+        "identity_photos", pa.array(photos[labels], pa.int32()))
+    return table, embeddings, embedder, float(threshold)
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    return np.unique(values, return_inverse=True)[1].astype(np.int64)
+
+
+def build_identities(run_dir: str | Path, threshold: float | None = None) -> IdentitySummary:
+    """Cluster the run's faces, write ``identities.parquet``, the identity-safe ``split.parquet``,
+    ``pairs.parquet`` and ``identities.json`` (this summary)."""
+    import time
+
+    from datagen.identity.pairs import write_pairs
+    from datagen.identity.split import identity_safe_split
+
+    t = time.perf_counter()
+    run_dir = Path(run_dir)
+    table, embeddings, embedder, threshold = cluster_run(run_dir, threshold)
+    write_parquet_atomic(run_dir / IDENTITIES_TABLE, table)
+    split = identity_safe_split(run_dir, table)
+    _, with_reference = write_pairs(run_dir, table, embeddings)
+    per_identity = _per_identity(table)
+    hist: dict[str, int] = {}
+    for photos in per_identity.values():
+        hist[str(photos)] = hist.get(str(photos), 0) + 1
+    summary = IdentitySummary(embedder, threshold, len(table), len(per_identity),
+                              dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+                              max(per_identity.values(), default=0), with_reference,
+                              round(time.perf_counter() - t, 3), split)
+    write_json_atomic(run_dir / IDENTITIES_SUMMARY, summary.to_dict())
+    return summary
+
+
+def _per_identity(table: pa.Table) -> dict[int, int]:
+    ids, photos = table.column("identity").to_pylist(), table.column("identity_photos").to_pylist()
+    return dict(zip(ids, photos, strict=True))
+
+
+def read_identities(run_dir: str | Path) -> pa.Table | None:
+    """The run's ``identities.parquet``, or ``None`` before ``subject-ffhq identities`` ran."""
+    path = Path(run_dir) / IDENTITIES_TABLE
+    return pq.read_table(path) if path.is_file() else None
+
+
+def identity_of_faces(run_dir: str | Path) -> dict[str, int]:
+    """``{face id: identity}`` of the run (``{}`` before the index exists)."""
+    table = read_identities(run_dir)
+    if table is None:
+        return {}
+    return dict(zip(table.column("face").to_pylist(), table.column("identity").to_pylist(), strict=True))

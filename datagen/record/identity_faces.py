@@ -1,0 +1,69 @@
+"""The record's ``identity_faces`` (schema 1.2): every face the identity stage found in the image.
+
+Each item: ``box`` ([x0, y0, x1, y1], pixels of the stored image), ``score`` (MTCNN's probability),
+``size`` (the box's longer side, px), ``segment_id`` (the person segment holding it, ``null`` when
+none: identities belong to people, not segments), ``embedded`` (whether it has an embedding in the
+run's ``manifests/<run>/faces/<shard>.parquet``) and ``reason`` (why not, else ``null``). Faces are
+numbered by their place in the list: face ``n`` of sample ``key`` is ``"<key>/<n>"`` everywhere
+(face tables, ``identities.parquet``, ``pairs.parquet``). The face's identity is known only once the
+run's faces are clustered (``subject-ffhq identities``): readers join it from ``identities.parquet``
+(:func:`datagen.identity.index.identity_of_faces`) and exported records carry it as ``identity``;
+the tar's record, written before, says ``identity: null``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+IDENTITY_SINCE = "1.2"
+OLDER_VERSIONS = ("1.0", "1.1")
+
+
+def face_id(key: str, n: int) -> str:
+    """The run-wide name of face ``n`` of sample ``key``."""
+    return f"{key}/{n}"
+
+
+@dataclass
+class ImageFace:
+    box: list[float]  # [x0, y0, x1, y1], pixels of the stored image
+    score: float  # MTCNN's face probability
+    size: int  # the box's longer side, px
+    segment_id: int | None  # the person segment holding it; None: in none
+    embedded: bool  # an embedding is in the run's face table
+    reason: str | None = None  # why it is not embedded
+    identity: str | None = None  # filled by readers from identities.parquet
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageFace:
+        return cls(**d)
+
+
+def check_identity_faces(faces: list[ImageFace] | None, version: str, persons: set[int], fail) -> None:
+    """The ``identity_faces`` field: only from 1.2 on; a list of well-formed faces in person segments."""
+    if faces is None:
+        return
+    if version in OLDER_VERSIONS:
+        fail("identity_faces", f"is a schema {IDENTITY_SINCE} field; a {version} record has none")
+    if not isinstance(faces, list):
+        fail("identity_faces", f"must be a list of faces, got {faces!r}")
+    for j, f in enumerate(faces):
+        p = f"identity_faces[{j}]"
+        if not isinstance(f.box, list | tuple) or len(f.box) != 4 or not all(_number(v) for v in f.box) \
+                or not (f.box[0] < f.box[2] and f.box[1] < f.box[3]):
+            fail(f"{p}.box", f"must be four numbers [x0, y0, x1, y1] with x0 < x1, y0 < y1, got {f.box!r}")
+        if not _number(f.score) or not 0 <= f.score <= 1:
+            fail(f"{p}.score", f"must be a probability in 0..1, got {f.score!r}")
+        if not isinstance(f.size, int) or isinstance(f.size, bool) or f.size < 0:
+            fail(f"{p}.size", f"must be a non-negative integer (px), got {f.size!r}")
+        if f.segment_id is not None and f.segment_id not in persons:
+            fail(f"{p}.segment_id", f"names {f.segment_id!r}, which is not a person segment of the record")
+        if not isinstance(f.embedded, bool) or (not f.embedded and not f.reason) or (f.embedded and f.reason):
+            fail(f"{p}.embedded", f"is {f.embedded!r} with reason {f.reason!r}: a face not embedded says why, "
+                                  "an embedded one gives no reason")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,119 @@
+"""The report's identities section, from the run's ``identities.parquet`` (``subject-ffhq identities``).
+
+Figures: faces and identities, photos per identity (histogram, log scale so the long tail shows),
+the share of embedded faces whose identity is in another photo too (a cross-image reference exists),
+the identities spanning the most photos (one identity over many photos usually means merged people:
+the ``LARGE_PHOTOS`` threshold marks them), what the identity-safe split moved, and
+``merged_identities``: person segments holding faces of two identities or more (proof, where
+``merged_persons`` counts faces). A gallery row per identity (the largest first, ``ROWS`` of them)
+shows up to ``PER_ROW`` face thumbnails, each from a different photo. ``None`` before the index exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datagen.report.charts import Chart, value_counts_chart
+from datagen.report.values import percent_of, show
+from datagen.shards.reader import iter_samples
+
+ROWS, PER_ROW, THUMB = 6, 8, 72  # gallery: identities, faces per identity, thumbnail side (px)
+LARGE_PHOTOS = 50  # an identity over more photos than this is listed as suspicious
+
+
+@dataclass
+class IdentitySection:
+    headline: list[tuple[str, str, str]]
+    chart: Chart
+    largest: list[tuple[str, str, str]]  # identity, faces, photos
+    rows: list[tuple[str, list[tuple[str, str]]]]  # identity label, [(face id, base64 JPEG)]
+    note: str
+
+
+def merged_identities(table) -> int:
+    """Person segments (key, segment) holding faces of two identities or more."""
+    ids: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for key, sid, identity in zip(*(table.column(c).to_pylist() for c in ("key", "segment_id", "identity")), strict=True):
+        if sid is not None:
+            ids[(key, sid)].add(identity)
+    return sum(1 for s in ids.values() if len(s) >= 2)
+
+
+def identity_section(run_dir: Path, shards: list[dict], samples: list[dict]) -> IdentitySection | None:
+    """The section's values (``shards``/``samples``: the run's table rows, to find each face's tar)."""
+    from datagen.identity.index import IDENTITIES_SUMMARY, read_identities
+
+    table = read_identities(run_dir)
+    if table is None:
+        return None
+    summary = json.loads((Path(run_dir) / IDENTITIES_SUMMARY).read_text(encoding="utf-8"))
+    rows = table.to_pylist()
+    photos = {r["identity"]: r["identity_photos"] for r in rows}
+    faces = {r["identity"]: r["identity_faces"] for r in rows}
+    cross = sum(1 for r in rows if r["identity_photos"] >= 2)
+    split = summary.get("split") or {}
+    headline = [
+        ("identities", show(len(photos)), f"{show(len(rows))} embedded faces, {summary.get('embedder')} "
+                                           f"threshold {summary.get('threshold')}"),
+        ("faces with a cross-image reference", show(cross), percent_of(cross, len(rows))),
+        ("identities in 2+ photos", show(sum(1 for p in photos.values() if p >= 2)), percent_of(
+            sum(1 for p in photos.values() if p >= 2), len(photos))),
+        ("merged_identities", show(merged_identities(table)), "person segments with two identities' faces"),
+        ("split: images moved", show(split.get("images_moved")),
+         f"{show(split.get('identities_moved'))} identities; {show(split.get('to_train'))} to train, "
+         f"{show(split.get('to_test'))} to test"),
+    ]
+    hist = defaultdict(int)
+    for p in photos.values():
+        hist[p] += 1
+    chart = value_counts_chart({str(k): v for k, v in sorted(hist.items())}, "photos per identity", "photos", log=True)
+    order = sorted(photos, key=lambda i: (-photos[i], i))
+    largest = [(f"#{i}" + (" (suspicious)" if photos[i] > LARGE_PHOTOS else ""), show(faces[i]), show(photos[i]))
+               for i in order[:10]]
+    tars = {s["shard"]: s["tar"] for s in shards if isinstance(s.get("tar"), str) and s["tar"]}
+    gallery = _gallery(rows, order[:ROWS], {r["key"]: Path(tars[r["shard"]]) for r in samples if r["shard"] in tars})
+    note = (f"identities over more than {LARGE_PHOTOS} photos are marked suspicious (usually merged people); "
+            f"each gallery row is one identity, one face per photo")
+    return IdentitySection(headline, chart, largest, gallery, note)
+
+
+def _gallery(rows: list[dict], identities: list[int], tar_of: dict[str, Path]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Up to PER_ROW face thumbnails per identity, each from a different photo."""
+    picked: dict[int, list[dict]] = {i: [] for i in identities}
+    for r in rows:
+        row = picked.get(r["identity"])
+        if row is not None and len(row) < PER_ROW and all(x["key"] != r["key"] for x in row):
+            row.append(r)
+    boxes: dict[str, list] = {}
+    by_tar: dict[Path, list[str]] = defaultdict(list)
+    for key in sorted({r["key"] for row in picked.values() for r in row if r["key"] in tar_of}):
+        by_tar[tar_of[key]].append(key)
+    for tar, keys in by_tar.items():
+        for key, sample in iter_samples(tar, keys):  # only the wanted samples are decoded
+            boxes[key] = [(f.box, sample.image) for f in sample.record.identity_faces or []]
+    out = []
+    for i in identities:
+        thumbs = []
+        for r in picked[i]:
+            if r["key"] in boxes and r["n"] < len(boxes[r["key"]]):
+                box, image = boxes[r["key"]][r["n"]]
+                thumbs.append((r["face"], _thumb(image, box)))
+        out.append((f"#{i}", thumbs))
+    return out
+
+
+def _thumb(image: Any, box: list[float]) -> str:
+    x0, y0, x1, y1 = box
+    m = 0.15 * max(x1 - x0, y1 - y0)
+    crop = image.crop((int(max(0, x0 - m)), int(max(0, y0 - m)), int(min(image.width, x1 + m)),
+                       int(min(image.height, y1 + m))))
+    crop.thumbnail((THUMB, THUMB))
+    buf = io.BytesIO()
+    crop.convert("RGB").save(buf, format="JPEG", quality=80)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
