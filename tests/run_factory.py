@@ -107,7 +107,7 @@ SMALL_FACE_PX = 32
 def face_checks_for(t: Template, segments: list, seg_map: np.ndarray):
     """Hand-made face checks of a sample (see :data:`FACES`), flags as the record builder sets them."""
     from datagen.record.build import face_flags
-    from datagen.record.schema import FaceChecks, PrimaryFace, SegmentFace
+    from datagen.record.face_fields import FaceChecks, PrimaryFace, SegmentFace
 
     sizes, primary = FACES.get(t.image, ([], None))
     persons = [s for s in segments if s.coco_label == "person"]

@@ -76,7 +76,7 @@ def test_invalid_json_is_a_record_error():
 def _face_checked():
     """The two-person sample with face checks: the matched woman has one face, the unmatched man two."""
     from datagen.record.build import face_flags
-    from datagen.record.schema import FaceChecks, PrimaryFace, SegmentFace
+    from datagen.record.face_fields import FaceChecks, PrimaryFace, SegmentFace
 
     record, _ = two_person_sample()
     woman, man = record.segments

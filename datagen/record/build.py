@@ -13,18 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from datagen.record.face_fields import FaceChecks, PrimaryFace, SegmentFace
 from datagen.record.schema import (
     FACE_FLAG_NAMES,
     PERSON_LABEL,
-    FaceChecks,
     ImageFace,
     MatchScores,
     Phrase,
-    PrimaryFace,
     Provenance,
     Record,
     Segment,
-    SegmentFace,
 )
 
 if TYPE_CHECKING:

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from datagen.config import PERSON_LABEL
+from datagen.record.face_fields import FaceChecks, SegmentFace
 from datagen.record.identity_faces import OLDER_VERSIONS, ImageFace, check_identity_faces
 
 SCHEMA_VERSION = "1.2"
@@ -68,16 +69,6 @@ class RecordError(ValueError):
         self.problem = problem
         where = f"record {key!r}: " if key else "record: "
         super().__init__(f"{where}field '{field_path}' {problem}")
-
-
-@dataclass
-class SegmentFace:
-    """A face found inside a person segment."""
-
-    box: list[float]  # [x0, y0, x1, y1], pixels of the stored image
-    score: float  # the detector's face probability
-    size: int  # the box's longer side, px
-    inside: float  # share of the box's pixels that are the segment's
 
 
 @dataclass
@@ -159,31 +150,6 @@ class Provenance:
     photo_title: str | None = None
     face_rect: list[float] | None = None
     duplicate_of: str | None = None  # source_id of the first photo with the same pixels
-
-
-@dataclass
-class PrimaryFace:
-    """The face the source photo was chosen for (FFHQ-wild's ``face_rect``) and what covers it."""
-
-    rect: list[int]  # [x0, y0, x1, y1], whole pixels of the stored image
-    segment_id: int | None  # the segment covering most of the rect; None: no segment pixel inside it
-    overlap: float  # that segment's share of the rect
-    matched_person: bool  # that segment is a person segment a phrase matched
-
-
-@dataclass
-class FaceChecks:
-    small_face_px: int
-    primary_min_overlap: float
-    primary_face: PrimaryFace | None = None  # None: the source gives no face rect
-    flags: list[str] = field(default_factory=list)  # in FACE_FLAG_NAMES order
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FaceChecks:
-        d = dict(d)
-        if d.get("primary_face") is not None:
-            d["primary_face"] = PrimaryFace(**d["primary_face"])
-        return cls(**d)
 
 
 @dataclass
