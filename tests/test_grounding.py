@@ -129,13 +129,13 @@ def test_a_fully_covered_instance_is_dropped_and_its_phrase_unmatched():
 def test_the_grounding_picks_the_stage_rows(tiny_profile):
     panoptic = [(s.name, s.takes) for s in stage_table.stages_for(tiny_profile)]
     assert panoptic == [("captioner", ()), ("segmenter", ()), ("matcher", ("captioner", "segmenter")),
-                        ("faces", ("segmenter",))]
+                        ("faces", ("segmenter",)), ("identity", ("segmenter",))]
     sam3 = load_profile("tiny-open-vocab")
     assert [(s.name, s.takes) for s in stage_table.stages_for(sam3)] == [
-        ("captioner", ()), ("sam3", ("captioner",)), ("faces", ("sam3",))]
+        ("captioner", ()), ("sam3", ("captioner",)), ("faces", ("sam3",)), ("identity", ("sam3",))]
     assert sum(s.gpu_share for s in stage_table.stages_for(sam3)) == pytest.approx(1.0)
     assert stage_table.model_ids(sam3)["sam3"].endswith("sam3")
-    outputs = stage_table.outputs_by_stage(stage_table.stages_for(sam3), ([("c", [])], ["g"], ["f"]))
+    outputs = stage_table.outputs_by_stage(stage_table.stages_for(sam3), ([("c", [])], ["g"], ["f"], ["i"]))
     assert outputs["segmenter"] == ["g"] and outputs["matcher"] == ["g"]  # not a GroundingResult: passed through
     assert GroundStep.record_fields(None) == {"grounding": "sam3"}
 
