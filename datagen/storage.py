@@ -218,3 +218,18 @@ def open_input(location: str):
 
     fs, rpath = fs_and_path(path(location))
     return io.BytesIO(fs.cat_file(rpath))
+
+
+def read_range(location: str, start: int, length: int) -> bytes:
+    """``length`` bytes of the file ``location`` from byte ``start`` (one ranged request on a bucket):
+    how a member of a source tar is read without the rest of the tar."""
+    if not is_url(location):
+        with open(location, "rb") as f:
+            f.seek(start)
+            data = f.read(length)
+    else:
+        fs, rpath = fs_and_path(path(location))
+        data = fs.cat_file(rpath, start=start, end=start + length)
+    if len(data) != length:
+        raise OSError(f"{public(location)}: {length} bytes wanted at offset {start}, {len(data)} there")
+    return data

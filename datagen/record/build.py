@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from datagen.record.schema import (
     FACE_FLAG_NAMES,
+    OPTIONAL_PROVENANCE,
     PERSON_LABEL,
     FaceChecks,
     MatchScores,
@@ -135,6 +136,7 @@ def provenance_of(loaded: LoadedImage) -> Provenance:
         photo_title=meta.get("photo_title"),
         face_rect=meta.get("face_rect"),
         duplicate_of=item.duplicate_of,
+        **{name: meta.get(name) for name in OPTIONAL_PROVENANCE},
     )
 
 
