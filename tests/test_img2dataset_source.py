@@ -11,7 +11,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from datagen.config import TINY_MODELS_ENV, load_profile
 from datagen.export.registry import export
