@@ -15,7 +15,7 @@ import pytest
 from datagen.config import TINY_MODELS_ENV, load_profile
 from datagen.export.registry import export
 from datagen.shards.reader import read_shard
-from datagen.sources.images import load_image
+from datagen.sources.images import load_image, load_images
 from datagen.sources.readers import open_source
 from tests.run_factory import photo
 
@@ -108,6 +108,16 @@ def test_an_img2dataset_collection_on_a_bucket_reads_each_image_with_one_ranged_
     want = load_image(open_source(collection).items()[4], max_side=64)
     got = load_image(items["000010000"], max_side=64)
     assert got.pixel_md5 == want.pixel_md5 and got.image.tobytes() == want.image.tobytes()
+    # a load task's images fetched concurrently: in order, each result or its own error
+    here = list(load_images(open_source(collection).items(), max_side=64))
+    there = list(load_images(list(items.values()), max_side=64))
+    assert [item.key for item, _ in there] == [item.key for item, _ in here] == [f"{i:05d}" for i in range(len(SAMPLES))]
+    for (_, a), (_, b) in zip(here, there, strict=True):
+        if isinstance(a, Exception):
+            assert type(a) is type(b) and a.reason == b.reason and "truncated or corrupt image data" in b.reason
+        else:
+            assert (a.pixel_md5, a.image.tobytes()) == (b.pixel_md5, b.image.tobytes())
+    assert sum(isinstance(r, Exception) for _, r in there) == 1  # the corrupt member alone
 
 
 @pytest.mark.slow
