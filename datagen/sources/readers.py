@@ -32,7 +32,4 @@ def open_source(root: str | os.PathLike, test_size: int | None = None
         return FFHQWildSource(root, test_size=test_size)
     if has_tars(root):
         return Img2DatasetSource(root, test_size=test_size)
-    if storage.is_url(root):
-        raise SourceError(f"{storage.public(root)}: no {METADATA_FILE} and no *.tar there; on a bucket only FFHQ-wild "
-                          "and img2dataset sources are read so far (copy an image folder to a local disk)")
     return ImageFolderSource(root, test_size=test_size)
