@@ -99,3 +99,24 @@ def test_an_hf_export_of_one_split_lists_only_that_split(run, tmp_path):
     loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
     tests = sorted(k for k, (_, r) in run["written"].items() if r.split == "test")
     assert list(loaded) == ["test"] and sorted(loaded["test"]["key"]) == tests
+
+
+def test_an_hf_export_to_a_bucket_is_the_local_one(run, local_s3, tmp_path):
+    import fsspec
+
+    from tests.local_s3 import clear_fs_cache
+
+    bucket = local_s3.bucket("hf-export")
+    clear_fs_cache()
+    local = tmp_path / "local"
+    assert main(["export", "--format", "hf", str(run["shards_dir"]), str(local)]) == 0
+    assert main(["export", "--format", "hf", str(run["shards_dir"]), f"s3://{bucket}/hf"]) == 0
+    fetched = tmp_path / "fetched"
+    fsspec.filesystem("s3").get(f"s3://{bucket}/hf/", f"{fetched}/", recursive=True)
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file())
+    for name in files:
+        if name != "export_summary.json":  # it names OUT
+            assert (fetched / name).read_bytes() == (local / name).read_bytes(), name
+    loaded = datasets.load_dataset(str(fetched), cache_dir=str(tmp_path / "cache"))
+    assert sum(len(split) for split in loaded.values()) == len(run["written"])
