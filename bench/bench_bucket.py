@@ -1,6 +1,6 @@
 """Benchmark: the build's rate from a bucket (a local S3 server) against the same build from a local folder.
 
-    .venv/bin/python bench/bench_bucket.py [--images 48] [--rounds 1]
+    .venv/bin/python bench/bench_bucket.py [--images 144] [--rounds 2]
 
 Made with random weights (the tiny profile): the rates measure the plumbing (fetching, decoding, the
 stages' data flow), not the models' output, which is meaningless.
@@ -81,8 +81,8 @@ def run_build_subprocess(source: str, out: Path, env: dict[str, str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=1, help="local + bucket builds per round")
+    ap.add_argument("--images", type=int, default=144)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of one local and one bucket build (order alternates)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "subject-ffhq-bench-bucket")
     ap.add_argument("--build-once", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -141,7 +141,8 @@ def print_table(results: dict[str, list[dict]], n_images: int) -> None:
         images = sum(r["images"] for r in runs)
         seconds = sum(r["stream_seconds"] for r in runs)
         rates[name] = images / seconds if seconds else float("nan")
-        print(f"{name:>26} {len(runs):>5} {images:>7} {seconds:>9.1f} {rates[name]:>9.2f}")
+        per_run = ", ".join(f"{r['images_per_second']:.2f}" for r in runs)
+        print(f"{name:>26} {len(runs):>5} {images:>7} {seconds:>9.1f} {rates[name]:>9.2f}   (per run: {per_run})")
     local, bucket = rates.values()
     print(f"bucket / local rate: {bucket / local:.2f}x (target >= 0.8x)")
 

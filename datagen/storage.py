@@ -217,8 +217,18 @@ def open_input(location: str):
         return open(location, "rb")
     import io
 
-    fs, rpath = fs_and_path(path(location))
+    fs, rpath = remote(location)
     return io.BytesIO(fs.cat_file(rpath))
+
+
+def remote(url: str) -> tuple[Any, str]:
+    """The filesystem and path of a URL that a listing already checked (an image, a shard, a member's
+    tar): fsspec's own instance for the scheme, one per process (fsspec caches it), without building
+    a ``UPath`` per call (~2 ms each: it counts at one call per image)."""
+    import fsspec
+
+    scheme, _, rest = url.partition("://")
+    return fsspec.filesystem(scheme), rest
 
 
 def read_range(location: str, start: int, length: int) -> bytes:
@@ -229,7 +239,7 @@ def read_range(location: str, start: int, length: int) -> bytes:
             f.seek(start)
             data = f.read(length)
     else:
-        fs, rpath = fs_and_path(path(location))
+        fs, rpath = remote(location)
         data = fs.cat_file(rpath, start=start, end=start + length)
     if len(data) != length:
         raise OSError(f"{public(location)}: {length} bytes wanted at offset {start}, {len(data)} there")
@@ -241,7 +251,7 @@ def open_stream(location: str):
     file, or an object read through fsspec's read-ahead buffer (a few large ranged reads)."""
     if not is_url(location):
         return open(location, "rb")
-    fs, rpath = fs_and_path(path(location))
+    fs, rpath = remote(location)
     return fs.open(rpath, "rb", block_size=STREAM_BLOCK, cache_type="readahead")
 
 

@@ -141,7 +141,9 @@ def load_image(
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
     member = (item.meta or {}).get("tar_member")  # [offset, size]: the image is a member of the tar at path
-    if member is None:
+    if member is None and storage.is_url(path):
+        opener = functools.partial(_open_remote, path)  # one request: missing or empty told from the GET
+    elif member is None:
         _check_file(path)
         opener = functools.partial(storage.open_input, path)
     else:
@@ -213,6 +215,16 @@ def pixel_md5_of(data: bytes, where: str, max_pixels: int = MAX_PIXELS) -> str:
     by. Raises :class:`ImageError` or the decoder's error for bad data."""
     rgb, _, _ = _decode(where, functools.partial(io.BytesIO, data), None, max_pixels, False)
     return _digest(rgb)
+
+
+def _open_remote(url: str) -> io.BytesIO:
+    try:
+        handle = storage.open_input(url)
+    except FileNotFoundError as e:
+        raise ImageError(url, "file is missing") from e
+    if not handle.getbuffer().nbytes:
+        raise ImageError(url, "empty file (0 bytes)")
+    return handle
 
 
 def _open_member(tar: str, offset: int, size: int) -> io.BytesIO:
