@@ -167,6 +167,7 @@ def train_loop(
     global_batch = cfg.batch_size * cfg.grad_accum * ctx.world_size
     log_path = storage.path(cfg.out) / TRAIN_LOG  # a local folder or a bucket URL
     if is_main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         print_fn(
             f"Training {sum(p.numel() for p in parameters):,} parameters "
             f"(U-Net, fusion MLP, last {model.trainable_vision_blocks} vision blocks) on {ctx.world_size} worker(s), "
