@@ -88,7 +88,11 @@ def record_feature(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "scores": {"segment_ids": d.List(i64), "clip": matrix, "sbert": matrix, "product": matrix, "min_score": f64},
         "unmatched_phrases": d.List(i64), "unmatched_person_segments": d.List(i64),
         "caption_flags": d.List(text), "provenance": provenance_feature(), "split": text, "models": d.Json(),
-        "face_checks": face_checks_feature(), **dict(extra or {}),
+        "face_checks": face_checks_feature(),
+        # schema 1.2 (the identity stage): the faces found on the whole image; None in older records
+        "identity_faces": d.List({"box": d.List(f64), "score": f64, "size": i64, "segment_id": i64,
+                                  "embedded": d.Value("bool"), "reason": text, "identity": text}),
+        **dict(extra or {}),
     }
 
 
