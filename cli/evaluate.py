@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the profile's evaluation.images_per_prompt)")
     parser.add_argument("--alpha", type=float, help="fraction of steps with subject conditioning "
                         "(default: the profile's evaluation.alpha)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder or bucket URL (s3://...)")
     parser.add_argument("--profile", default="paper", help="model profile for the face and CLIP models: paper, tiny, or a YAML file")
     parser.add_argument("--config", type=Path, help="YAML merged over the profile (e.g. evaluation: {leak_threshold: 0.5})")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the profile's evaluation.steps)")
@@ -92,12 +92,14 @@ def evaluation_settings(args: argparse.Namespace):
 
 
 def request_from_args(args: argparse.Namespace):
+    from datagen import storage
     from training.config import expand_shards
     from training.evaluation.protocol import DEFAULT_WORD
     from training.evaluation.runner import EvaluationRequest
 
+    storage.probe(args.out, "--out")  # a bucket URL: reachable, in seconds (exit 2 otherwise)
     return EvaluationRequest(
-        checkpoint=str(args.checkpoint), subjects=str(args.subjects), out=str(args.out),
+        checkpoint=str(args.checkpoint), subjects=str(args.subjects), out=args.out,
         prompts=str(args.prompts) if args.prompts else None, multi=args.multi, resolution=args.resolution,
         baseline=not args.no_baseline, subject_word=args.subject_word or DEFAULT_WORD,
         evaluation=evaluation_settings(args), shards=expand_shards(args.shards) if args.shards else [],

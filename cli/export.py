@@ -2,7 +2,7 @@
 
 Reads every ``subjects-*.tar`` in SHARDS_DIR and writes it in one of the layouts of
 :data:`datagen.export.registry.FORMATS` (``fastcomposer``: ``image_ids*.txt`` and
-``<id[:5]>/<id>.jpg|.json|.npy``; ``seg-conditioning``; ``subject-crops``). Quality filters drop whole
+``<id[:5]>/<id>.jpg|.json|.npy``; ``seg-conditioning``; ``subject-crops``; ``hf``: Parquet and a dataset card). Quality filters drop whole
 samples; how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
 
 The object types (which matched segments are subjects: FastComposer's ``segments``, the crops, and

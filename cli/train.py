@@ -8,7 +8,9 @@ Models come from the profile's ``trainer`` section (``pretrained``: Stable Diffu
 id; ``image_encoder``: CLIP vision folder or hub id); they are checked before Ray starts, so a
 missing model fails at once with a message saying which, where it was looked for and how to get
 it. Checkpoints and ``train_log.jsonl`` go to OUT; running again with the same OUT resumes from
-the latest checkpoint there (and says so).
+the latest checkpoint there (and says so). ``--shards`` and ``--out`` may be bucket URLs
+(``s3://bucket/ds/shards/*.tar``, ``s3://bucket/train``): the shards stream from the bucket and Ray
+Train keeps its checkpoints there (:mod:`datagen.storage`); a bad URL stops it in seconds, exit 2.
 
 Every option after ``--out`` is a trainer setting, generated from
 :data:`training.config.TRAIN_OPTIONS` (help text) and :class:`datagen.config.TrainerSettings` (type,
@@ -48,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shard tars: one or more globs or paths, e.g. 'out/demo/shards/*.tar' (quote the glob)")
     parser.add_argument("--profile", default="paper", help="model profile: paper, tiny, or a YAML file (default: paper)")
     parser.add_argument("--config", type=Path, help="YAML merged over the profile (e.g. trainer: {resolution: 256})")
-    parser.add_argument("--out", required=True, type=Path, help="run folder: checkpoints and logs (re-use it to resume)")
+    parser.add_argument("--out", required=True,
+                        help="run folder or bucket URL (s3://...): checkpoints and logs (re-use it to resume)")
     # The TrainConfig settings marked for the command line; not given = the profile's or the default.
     for option, f, help_text, hint in config_options():
         help_text = help_text.replace("%", "%%")
@@ -71,6 +74,7 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig these arguments describe (profile + --config + options); raises on bad input."""
+    from datagen import storage
     from datagen.config import load_profile
     from training.config import TrainConfig, expand_shards
 
@@ -78,7 +82,11 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--config {args.config}: file not found")
     profile = load_profile(args.profile, args.config)
     overrides = {f.name: getattr(args, f.name) for _, f, _, _ in config_options()}
-    return TrainConfig.from_profile(profile, shards=expand_shards(args.shards), out=str(args.out.resolve()), **overrides)
+    for pattern in args.shards:
+        storage.probe(pattern.split("*")[0], "--shards")  # a bucket URL: reachable, in seconds
+    storage.probe(args.out, "--out")
+    return TrainConfig.from_profile(profile, shards=expand_shards(args.shards), out=storage.text(storage.path(args.out)),
+                                    **overrides)
 
 
 def check_models(cfg) -> None:

@@ -89,7 +89,20 @@ def write_parquet_atomic(path: str | Path, table: Any) -> Path:
 
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-    return Path(path)
+    return storage.path(path)
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Add ``text`` to the end of a log file: appended in place locally; on a bucket (objects cannot
+    grow) the object is rewritten whole, atomically, with the text added."""
+    if not storage.is_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+        return
+    p = storage.path(path)
+    before = p.read_bytes() if p.exists() else b""
+    atomic_write(p, before + text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -27,7 +27,7 @@ from datagen.manifests.face_table import face_rows
 from datagen.manifests.shard_entry import DUPLICATE, FAILED, WRITTEN
 from datagen.shards.plan import ShardSpec
 from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
-from datagen.sources.images import ImageError, load_image
+from datagen.sources.images import ImageError, load_images
 from datagen.sources.items import SourceItem
 from datagen.stage_table import Stage, outputs_by_stage
 from datagen.stages.failures import StageFailure, failure_reason, size_problem
@@ -49,14 +49,12 @@ def load_chunk(
     :data:`~datagen.stages.failures.MIN_SIDE`) fails alone, as ``"load: <file>: <why>"``."""
     t = time.perf_counter()
     loaded, failed = [], {}
-    for item in items:
-        try:
-            li = load_image(item, max_side=max_side, verify_md5=verify_pixel_md5)
-        except ImageError as e:
-            failed[item.source_id] = f"load: {item.rel_path}: {e.reason}"
+    for item, li in load_images(items, max_side=max_side, verify_md5=verify_pixel_md5):  # from a bucket: prefetched
+        if isinstance(li, ImageError):
+            failed[item.source_id] = f"load: {item.rel_path}: {li.reason}"
             continue
-        except Exception as e:  # noqa: BLE001 -- one image's unexpected error fails that image alone
-            failed[item.source_id] = failure_reason("load", item.rel_path, e)
+        if isinstance(li, Exception):  # one image's unexpected error fails that image alone
+            failed[item.source_id] = failure_reason("load", item.rel_path, li)
             continue
         problem = size_problem(li.image.size)
         if problem is not None:

@@ -4,6 +4,8 @@ It sits in ``ray_jobs/`` because it is Ray's side of training: ``training/`` imp
 
 * ``ScalingConfig(num_workers, use_gpu)``; the torch process group uses NCCL on GPUs, gloo on CPUs.
 * ``RunConfig(name=run_name, storage_path=OUT)``: checkpoints go to ``OUT/<run_name>/checkpoint-<step>``
+  (OUT may be a bucket URL: Ray Train then writes through the same fsspec filesystem as every other
+  write, :func:`datagen.storage.arrow_filesystem`, and a resume finds the checkpoints there)
   via ``ray.train.report(checkpoint=...)`` (rank 0 writes it; every worker reports), the last
   ``keep_checkpoints`` are kept.
 * ``FailureConfig(max_failures)``: when a worker dies, Ray Train restarts the worker group and each
@@ -14,7 +16,7 @@ It sits in ``ray_jobs/`` because it is Ray's side of training: ``training/`` imp
 
 The caller connects Ray first, through :mod:`ray_jobs.cluster` (the one way Ray is started or joined:
 the ``train`` command uses :func:`ray_jobs.cluster.ray_session`); for a multi-node cluster ``OUT``
-must be on storage every node can reach.
+must be on storage every node can reach (a bucket, or a shared filesystem).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from datagen import storage
 from training.checkpoint import checkpoint_step, latest_checkpoint
 from training.config import ConfigError, TrainConfig
 
@@ -52,7 +55,11 @@ class RayWorkerContext:
 
         checkpoint = ray.train.get_checkpoint()  # the latest reported one: after a restart, the newest
         if checkpoint is None:
-            yield Path(self.resume_from) if self.resume_from else None
+            if not self.resume_from:
+                yield None
+                return
+            with storage.local_copy(storage.path(self.resume_from)) as folder:  # a bucket's: downloaded
+                yield folder
             return
         with checkpoint.as_directory() as folder:
             yield Path(folder)
@@ -88,8 +95,10 @@ def _console(line: str) -> None:
     sys.stdout.flush()
 
 
-def run_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.out).resolve() / cfg.run_name
+def run_dir(cfg: TrainConfig):
+    """``OUT/<run name>``: a local ``Path`` or, for a bucket URL, a ``UPath``."""
+    out = storage.path(cfg.out)
+    return (out.resolve() if isinstance(out, Path) else out) / cfg.run_name
 
 
 def announce(cfg: TrainConfig, print_fn=print) -> Path | None:
@@ -124,7 +133,9 @@ def run_training(cfg: TrainConfig, print_fn=print, worker_env: dict[str, str] | 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_resources(cfg)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    filesystem, storage_path = storage.arrow_filesystem(cfg.out)  # a bucket: Ray Train writes through fsspec
+    if filesystem is None:
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
     resume_from = announce(cfg, print_fn)
     trainer = TorchTrainer(
         train_worker,
@@ -135,7 +146,8 @@ def run_training(cfg: TrainConfig, print_fn=print, worker_env: dict[str, str] | 
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=str(Path(cfg.out).resolve()),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,

@@ -37,7 +37,7 @@ def _format_action(parser):
 
 def test_the_command_offers_exactly_the_registered_formats():
     action = _format_action(build_parser(load="export"))
-    assert tuple(action.choices) == tuple(FORMATS) == ("fastcomposer", "seg-conditioning", "subject-crops")
+    assert tuple(action.choices) == tuple(FORMATS) == ("fastcomposer", "seg-conditioning", "subject-crops", "hf")
     assert action.default == "fastcomposer"
     for name, fmt in FORMATS.items():
         assert fmt.name == name and issubclass(fmt, ShardExport)
@@ -126,8 +126,26 @@ def _read_subject_crops(out, samples):
     return keys
 
 
+def _read_hf(out, samples):
+    """The export loaded by Hugging Face ``datasets`` from the folder alone (its card's configs)."""
+    import datasets
+
+    loaded = datasets.load_dataset(str(out), cache_dir=str(out.parent / f"{out.name}-hf-cache"))
+    keys = set()
+    for split, rows in loaded.items():
+        for row in rows:
+            sample, jpg = samples[row["key"]]
+            assert row["split"] == split == sample.record.split and row["caption"] == sample.record.caption
+            assert np.array_equal(np.asarray(row["image"]), np.asarray(sample.image))
+            np.testing.assert_array_equal(np.asarray(row["segment_map"]), sample.segment_map)
+            assert [s["id"] for s in row["segments"]] == [s.id for s in sample.record.segments]
+            assert [s["end"] for s in row["segments"]] == [s.end for s in sample.record.segments]
+            keys.add(row["key"])
+    return keys
+
+
 READ_BACK = {"fastcomposer": _read_fastcomposer, "seg-conditioning": _read_seg_conditioning,
-             "subject-crops": _read_subject_crops}
+             "subject-crops": _read_subject_crops, "hf": _read_hf}
 
 
 def test_every_registered_format_has_a_read_back_check():

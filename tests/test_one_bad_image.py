@@ -117,14 +117,16 @@ class MarkChosenCaption:
 
 def _wrap(monkeypatch, stages, stage: str) -> None:
     if stage == "load":
-        real = tasks.load_image
+        import datagen.sources.images as images  # load_chunk loads through images.load_images
+
+        real = images.load_image
 
         def load_image(item, **kwargs):
             if item.rel_path == CHOSEN:
                 raise InjectedStageError("decoder cannot take this one")
             return real(item, **kwargs)
 
-        monkeypatch.setattr(tasks, "load_image", load_image)
+        monkeypatch.setattr(images, "load_image", load_image)
     elif stage == "captioner":
         monkeypatch.setattr(stages["captioner"].step, "captioner", RaiseOnChosen(stages["captioner"].step.captioner, "caption", chosen_image))
     elif stage == "segmenter":

@@ -370,3 +370,26 @@ def test_a_repeated_key_is_named_not_silently_collapsed(tmp_path, monkeypatch):
     (tmp_path / "good").mkdir()
     good = with_metadata(tmp_path / "good", {"7": good_entry(7), "8": good_entry(8)})
     assert [it.source_id for it in open_source(good).items()] == ["7", "8"]
+
+
+def test_an_image_folder_on_a_bucket_lists_and_loads_as_the_local_one(photo_folder, local_s3):
+    import fsspec
+
+    from tests.local_s3 import clear_fs_cache
+
+    bucket = local_s3.bucket("photos")
+    clear_fs_cache()
+    fsspec.filesystem("s3").put(f"{photo_folder}/", f"s3://{bucket}/mine/", recursive=True)
+    local, remote = ImageFolderSource(photo_folder), open_source(f"s3://{bucket}/mine")
+    assert isinstance(remote, ImageFolderSource)
+
+    def listed(source):
+        return [(i.rel_path, i.key, i.group, i.split, i.duplicate_of) for i in source.items()]
+
+    assert listed(remote) == listed(local)
+    assert remote.skipped == local.skipped and {s["path"] for s in remote.skipped} == {".dotfile.png", ".hidden", "notes.txt"}
+    items = {i.rel_path: i for i in remote.items()}
+    assert items["b/2.PNG"].path == f"s3://{bucket}/mine/b/2.PNG"
+    assert tuple(np.asarray(load_image(items["b/2.PNG"]).image)[0, 0]) == (1, 2, 3)
+    with pytest.raises(ImageError, match=r"empty2\.png: empty file"):
+        load_image(items["empty2.png"])

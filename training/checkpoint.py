@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from datagen import storage
 from datagen.files import atomic_write
 
 STATE_FILE = "trainer_state.json"
@@ -79,7 +80,7 @@ def save_checkpoint(
 
 
 def read_state(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / STATE_FILE
+    path = storage.path(folder) / STATE_FILE  # a local folder or one on a bucket
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a checkpoint: {STATE_FILE} is missing")
     try:
@@ -124,7 +125,7 @@ def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer 
     return state
 
 
-def checkpoint_step(folder: Path) -> int | None:
+def checkpoint_step(folder: str | Path) -> int | None:
     try:
         return read_state(folder)["step"]
     except CheckpointError:
@@ -133,8 +134,9 @@ def checkpoint_step(folder: Path) -> int | None:
 
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The complete checkpoint with the highest step among ``root``'s ``checkpoint*`` folders
-    (searched in ``root`` and one level below, e.g. ``OUT/<run name>/checkpoint-00001000``)."""
-    root = Path(root)
+    (searched in ``root`` and one level below, e.g. ``OUT/<run name>/checkpoint-00001000``); ``root``
+    may be a bucket URL (a ``UPath`` comes back then)."""
+    root = storage.path(root)
     if not root.is_dir():
         return None
     candidates = [p for p in root.glob("checkpoint*") if p.is_dir()]

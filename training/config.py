@@ -14,11 +14,10 @@ override the profile (``subject-ffhq train``, :mod:`cli.train`, whose options ar
 from __future__ import annotations
 
 import dataclasses
-import glob
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from datagen import storage
 from datagen.config import (
     DEFAULT_OBJECT_TYPES,
     BadValue,
@@ -131,7 +130,8 @@ class TrainConfig(TrainerSettings):
 
 
 def expand_shards(patterns: list[str] | str) -> list[str]:
-    """Expand shard globs (and plain paths) into a sorted, de-duplicated list of existing tar files.
+    """Expand shard globs (and plain paths, and URLs: ``s3://bucket/shards/*.tar``) into a sorted,
+    de-duplicated list of existing tar files.
 
     Raises :class:`ConfigError` naming every pattern that matched nothing.
     """
@@ -140,11 +140,10 @@ def expand_shards(patterns: list[str] | str) -> list[str]:
     found: list[str] = []
     empty: list[str] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(str(Path(pattern).expanduser())))
-        matches = [m for m in matches if Path(m).is_file()]
+        matches = storage.glob(pattern)  # a local glob, or one over a bucket (URLs stay URLs)
         if not matches:
             empty.append(pattern)
-        found.extend(str(Path(m).resolve()) for m in matches)
+        found.extend(matches)
     if empty:
         raise ConfigError(f"--shards: no shard file matches {empty} (give a glob such as 'out/shards/subjects-*.tar')")
     return sorted(set(found))

@@ -1,5 +1,5 @@
-"""Stream shards into training batches: WebDataset over a shard list, endless, split across nodes
-and loader workers.
+"""Stream shards into training batches: WebDataset over a shard list (paths or bucket URLs), endless,
+split across nodes and loader workers.
 
 Shard order: every pass over the data ("epoch") is a fresh shuffle of the shard list (seeded by
 ``seed`` and the epoch number), split across training processes with ``wds.split_by_node`` (Ray
@@ -28,6 +28,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from datagen import storage
 from datagen.identity.split import cached_split, split_file_path
 from datagen.record.schema import Record
 from datagen.shards.reader import ShardError, TarSample
@@ -85,6 +86,26 @@ class ShuffleSamples:
         rank, _, worker, _ = _slot()
         rng = random.Random(_slot_seed(self.seed, rank, worker, 1))
         yield from wds.filters._shuffle(src, bufsize=self.bufsize, initial=max(1, self.bufsize // 4), rng=rng)
+
+
+def shard_samples(src, handler=wds.reraise_exception):
+    """webdataset's ``tarfile_to_samples`` with the shards opened by :func:`datagen.storage.open_stream`:
+    a shard on a bucket (``s3://...``) streams like a local one, through the same filesystem (endpoint,
+    credentials) as every other read."""
+
+    def opened(urls):
+        for sample in urls:
+            try:
+                sample.update(stream=storage.open_stream(sample["url"]))
+            except Exception as exn:  # noqa: BLE001 -- the handler decides (raise, or warn and skip)
+                exn.args = (*exn.args, sample["url"])
+                if handler(exn):
+                    continue
+                break
+            yield sample
+
+    files = wds.tariterators.tar_file_expander(opened(src), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def decode_training_sample(raw: dict) -> tuple[torch.Tensor, np.ndarray, Record]:
@@ -146,7 +167,7 @@ def make_dataset(
     handler = wds.reraise_exception if bad_samples == "raise" else wds.warn_and_continue
     return wds.DataPipeline(
         EndlessShardOrder(shards, seed),
-        wds.tarfile_to_samples(handler=handler),
+        wds.pipelinefilter(shard_samples)(handler=handler),
         ShuffleSamples(shuffle_buffer, seed),
         ExampleStage(preprocessor, split, bad_samples, seed, split_file),
     )

@@ -41,6 +41,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from datagen import storage
+from datagen.files import append_text
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.checkpoint_space import checkpoint_bytes, clear_staging, stage_folder
 from training.collate import batch_to
@@ -194,7 +196,7 @@ def train_loop(
     batches = iter(loader)
 
     global_batch = cfg.batch_size * cfg.grad_accum * ctx.world_size
-    log_path = Path(cfg.out) / TRAIN_LOG
+    log_path = storage.path(cfg.out) / TRAIN_LOG  # a local folder or a bucket URL
     if is_main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         clear_staging(cfg.out)
@@ -260,8 +262,7 @@ def train_loop(
                                      samples_per_s, lr, data_s, elapsed - data_s))
             entry = {"step": step, **terms, "grad_norm": float(grad_norm), "samples_per_s": samples_per_s,
                      "lr": lr, "data_s": data_s, "compute_s": elapsed - data_s, "time": time.time()}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_text(log_path, json.dumps(entry) + "\n")
 
         # 7. checkpoints
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

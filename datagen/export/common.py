@@ -216,6 +216,10 @@ class ShardExport:
         """Write one sample the filters kept."""
         raise NotImplementedError
 
+    def end_shard(self, tar_name: str) -> None:
+        """Called after the last sample of a shard, in the process that wrote them (a format that
+        writes one file per shard, e.g. Parquet, writes it here). Nothing by default."""
+
     def finish(self, tally: Tally) -> tuple[dict[str, Any], dict[str, Any]]:
         """Write the files that end the export (all but the summary); return the summary's
         ``counts`` and ``details``."""
@@ -287,6 +291,7 @@ def export_shard(export: ShardExport, tar_path: Path) -> list[SampleOutcome]:
                 outcomes.append(SampleOutcome(key, record.split, reason))
             else:
                 outcomes.append(export.write_sample(sample, record))
+        export.end_shard(tar_path.name)
     except ShardError as e:
         raise ExportError(str(e)) from e
     return outcomes

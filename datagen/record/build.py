@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from datagen.record.face_fields import FaceChecks, PrimaryFace, SegmentFace
 from datagen.record.schema import (
     FACE_FLAG_NAMES,
+    OPTIONAL_PROVENANCE,
     PERSON_LABEL,
     ImageFace,
     MatchScores,
@@ -144,6 +145,7 @@ def provenance_of(loaded: LoadedImage) -> Provenance:
         photo_title=meta.get("photo_title"),
         face_rect=meta.get("face_rect"),
         duplicate_of=item.duplicate_of,
+        **{name: meta.get(name) for name in OPTIONAL_PROVENANCE},
     )
 
 

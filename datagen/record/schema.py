@@ -54,6 +54,8 @@ FACE_FLAG_NAMES = (
     "merged_persons", "faceless_person", "small_face", "primary_face_unsegmented", "primary_face_unmatched",
 )
 SPLITS = ("train", "test")
+SOURCES = ("ffhq-wild", "folder", "img2dataset")
+OPTIONAL_PROVENANCE = ("source_tar", "source_key", "alt_text")  # absent from a record unless set
 CONTRACT_FIELDS = frozenset((
     "schema_version", "key", "caption", "caption_raw", "width", "height", "segments", "phrases", "scores",
     "unmatched_phrases", "unmatched_person_segments", "caption_flags", "provenance", "split", "models", "face_checks",
@@ -138,7 +140,7 @@ class MatchScores:
 class Provenance:
     """Where the source photo came from."""
 
-    source: str  # "ffhq-wild" or "folder"
+    source: str  # "ffhq-wild", "folder" or "img2dataset"
     source_id: str  # FFHQ index as a decimal string; for a folder, the running index in sorted path order
     path: str  # path relative to the source root
     pixel_md5: str  # md5 of the decoded RGB pixels (before resize)
@@ -150,6 +152,13 @@ class Provenance:
     photo_title: str | None = None
     face_rect: list[float] | None = None
     duplicate_of: str | None = None  # source_id of the first photo with the same pixels
+    # img2dataset collections only (written only when set, so other sources' records keep their bytes):
+    source_tar: str | None = None  # the source tar, relative to the source root
+    source_key: str | None = None  # the sample's key in it
+    alt_text: str | None = None  # the collection's own caption (<key>.txt), kept beside ours
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in OPTIONAL_PROVENANCE}
 
 
 @dataclass
@@ -189,7 +198,7 @@ class Record:
             "unmatched_phrases": list(self.unmatched_phrases),
             "unmatched_person_segments": list(self.unmatched_person_segments),
             "caption_flags": list(self.caption_flags),
-            "provenance": asdict(self.provenance),
+            "provenance": self.provenance.to_dict(),
             "split": self.split,
             "models": dict(self.models),
         }
@@ -397,8 +406,8 @@ class Record:
 
     def _check_provenance(self, fail) -> None:
         pv = self.provenance
-        if pv.source not in ("ffhq-wild", "folder"):
-            fail("provenance.source", f"must be 'ffhq-wild' or 'folder', got {pv.source!r}")
+        if pv.source not in SOURCES:
+            fail("provenance.source", f"must be one of {SOURCES}, got {pv.source!r}")
         if not isinstance(pv.pixel_md5, str) or len(pv.pixel_md5) != 32:
             fail("provenance.pixel_md5", f"must be a 32-character hex md5, got {pv.pixel_md5!r}")
         if not isinstance(pv.original_size, list | tuple) or len(pv.original_size) != 2:

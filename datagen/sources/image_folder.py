@@ -11,6 +11,9 @@ whose name looks like an image (``x.png/``), links to folders (not followed, so 
 walked), and anything that is neither a file nor a folder. A link to a file is taken (a dangling
 one then fails at load, "file is missing").
 
+The folder may be on a bucket (``s3://bucket/photos``): the same rules over its keys (a bucket has no
+links), and each object is read once while listing, to hash it, as a local file is.
+
 Names, duplicates and the held-out split: :mod:`datagen.sources.items`.
 """
 
@@ -21,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from datagen import storage
 from datagen.sources.items import SourceError, SourceItem, assign_duplicates_and_split
 from datagen.sources.names import escape_path
 
@@ -33,21 +37,22 @@ class ImageFolderSource:
     name = "folder"
 
     def __init__(self, root: str | os.PathLike, test_size: int | None = None):
-        self.root = Path(root).resolve()
+        root = storage.path(root)
+        self.root = root.resolve() if isinstance(root, Path) else root  # a bucket prefix stays a URL
         self.test_size = test_size
         if not self.root.is_dir():
-            raise SourceError(f"{self.root}: image folder not found")
+            raise SourceError(f"{storage.text(self.root)}: image folder not found")
         self._items: list[SourceItem] | None = None
         self.skipped: list[dict[str, str]] = []  # {"path": escaped rel path, "reason": why}, once listed
 
     def items(self) -> list[SourceItem]:
         """All image files in sorted relative-path order, with duplicates and split assigned."""
         if self._items is None:
-            paths, self.skipped = scan_folder(self.root)
+            paths, self.skipped = scan_folder(self.root) if isinstance(self.root, Path) else scan_bucket(self.root)
             if not paths:
                 passed = f"; passed over {len(self.skipped)}: {describe_skipped(self.skipped)}" if self.skipped else ""
                 raise SourceError(
-                    f"{self.root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
+                    f"{storage.text(self.root)}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
                     f"recursively){passed}"
                 )
             items = [self._item(i, rel) for i, rel in enumerate(paths)]
@@ -133,6 +138,30 @@ def scan_folder(root: Path) -> tuple[list[str], list[dict[str, str]]]:
     return sorted(found), skipped
 
 
+def scan_bucket(root) -> tuple[list[str], list[dict[str, str]]]:
+    """:func:`scan_folder` for a folder on a bucket (a prefix): the same rules, where they apply
+    (a bucket has no links and no special files); one listing request per thousand objects."""
+    fs, rpath = storage.fs_and_path(root)
+    base = rpath.rstrip("/") + "/"
+    found: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in sorted(fs.find(base)):
+        rel = name[len(base):]
+        *folders, file = rel.split("/")
+        hidden = next((i for i, part in enumerate(folders) if part.startswith(".")), None)
+        if hidden is not None:
+            skipped["/".join(folders[: hidden + 1])] = "hidden folder, not searched"
+        elif file.startswith("."):
+            skipped[rel] = "hidden file"
+        elif not file.lower().endswith(IMAGE_EXTENSIONS):
+            ext = Path(file).suffix.lower()
+            what = f"extension {ext!r}" if ext else "no extension"
+            skipped[rel] = f"not a supported image type ({what}; taken: {', '.join(IMAGE_EXTENSIONS)})"
+        else:
+            found.append(rel)
+    return found, [{"path": escape_path(p), "reason": why} for p, why in sorted(skipped.items())]
+
+
 def describe_skipped(skipped: list[dict[str, str]], limit: int = 5) -> str:
     """One line: the first ``limit`` things passed over and why, and how many more."""
     shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:limit])
@@ -141,5 +170,5 @@ def describe_skipped(skipped: list[dict[str, str]], limit: int = 5) -> str:
 
 
 def _file_md5(path: Path) -> str:
-    with open(path, "rb") as f:
+    with path.open("rb") as f:  # a local file, or an object on a bucket (read once, as a local one is)
         return hashlib.file_digest(f, "md5").hexdigest()

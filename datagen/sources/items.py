@@ -1,5 +1,5 @@
 """What a source lists, whichever reader lists it (:mod:`datagen.sources.ffhq_wild`,
-:mod:`datagen.sources.image_folder`): :class:`SourceItem` (path, sample key, provenance, duplicate
+:mod:`datagen.sources.image_folder`, :mod:`datagen.sources.img2dataset`): :class:`SourceItem` (path, sample key, provenance, duplicate
 group, split) and :class:`SourceError`, and how duplicates and the held-out split are assigned.
 
 **Names** are recorded (``rel_path``, the record's provenance, the manifests) in the escaped form

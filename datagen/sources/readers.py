@@ -1,5 +1,6 @@
-"""Where source photos come from: an FFHQ-wild download (:mod:`datagen.sources.ffhq_wild`) or a plain
-folder of images (:mod:`datagen.sources.image_folder`); :func:`open_source` picks the reader for a root.
+"""Where source photos come from: an FFHQ-wild download (:mod:`datagen.sources.ffhq_wild`), an
+img2dataset collection (:mod:`datagen.sources.img2dataset`) or a plain folder of images
+(:mod:`datagen.sources.image_folder`); :func:`open_source` picks the reader for a root.
 
 A source lists its items from metadata alone (nothing is decoded here): each :class:`SourceItem`
 carries its path, its sample key, its provenance, its duplicate group and its split.
@@ -14,11 +15,14 @@ import os
 from datagen import storage
 from datagen.sources.ffhq_wild import METADATA_FILE, FFHQWildSource
 from datagen.sources.image_folder import ImageFolderSource
+from datagen.sources.img2dataset import Img2DatasetSource, has_tars
 from datagen.sources.items import SourceError
 
 
-def open_source(root: str | os.PathLike, test_size: int | None = None) -> FFHQWildSource | ImageFolderSource:
-    """An FFHQ-wild source if ``root/ffhq-dataset-v2.json`` exists, else an image folder."""
+def open_source(root: str | os.PathLike, test_size: int | None = None
+                ) -> FFHQWildSource | Img2DatasetSource | ImageFolderSource:
+    """An FFHQ-wild source if ``root/ffhq-dataset-v2.json`` exists, an img2dataset collection if
+    ``root`` holds ``*.tar`` files, else an image folder."""
     root = storage.path(root)
     if not root.exists():
         raise SourceError(f"{root}: source folder not found")
@@ -26,7 +30,6 @@ def open_source(root: str | os.PathLike, test_size: int | None = None) -> FFHQWi
         raise SourceError(f"{root}: source is not a folder")
     if (root / METADATA_FILE).is_file():
         return FFHQWildSource(root, test_size=test_size)
-    if storage.is_url(root):
-        raise SourceError(f"{storage.public(root)}: no {METADATA_FILE} there; on a bucket only FFHQ-wild "
-                          "sources are read so far (copy an image folder to a local disk)")
+    if has_tars(root):
+        return Img2DatasetSource(root, test_size=test_size)
     return ImageFolderSource(root, test_size=test_size)

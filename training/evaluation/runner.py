@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from datagen import storage
 from datagen.config import EvaluationSettings
 from training.evaluation.protocol import (
     BASELINE,
@@ -209,7 +210,7 @@ def generate_and_score(request: EvaluationRequest, settings: WorkerSettings, inp
     Returns the table rows and where they ran."""
     from tqdm import tqdm
 
-    units, out = inputs.units, Path(request.out)
+    units, out = inputs.units, storage.path(request.out)
     if request.ray_address:
         if run_on_ray is None:
             raise ProtocolError(f"a Ray address ({request.ray_address}) was given but no Ray runner")
@@ -273,8 +274,9 @@ def evaluate(
     inputs = read_inputs(request)
     if inputs.notice:
         log(inputs.notice)
-    out = Path(request.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(request.out)  # a folder, or a bucket URL (every file written through datagen.files)
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
 
     # Models of the driver (fail here, before any image, when one is missing).
     device = pick_device(request.device)
