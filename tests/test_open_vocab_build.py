@@ -44,7 +44,7 @@ def test_sam3_grounding_builds_exports_and_trains_an_open_vocabulary_subject(
     samples = {s.key: s for tar in sorted(shards.glob("*.tar")) for s in read_shard(tar)}  # each record validated
     assert len(samples) == 11  # the sample's 12 images, one a duplicate
     records = [s.record for s in samples.values()]
-    assert all(r.extra == {"grounding": "sam3"} and set(r.models) == {"captioner", "phrases", "sam3", "face_detector"}
+    assert all(r.extra == {"grounding": "sam3"} and set(r.models) == {"captioner", "phrases", "sam3", "face_detector", "identity_embedder"}
                for r in records)
     segments = [seg for r in records for seg in r.segments]
     assert segments and all(seg.label_vocab in ("coco", "open") and 0 < seg.score <= 1 for seg in segments)

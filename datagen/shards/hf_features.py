@@ -52,7 +52,7 @@ def segment_feature() -> dict[str, Any]:
     return {
         "id": i64, "coco_label": text, "category_id": i64, "is_thing": d.Value("bool"), "bbox": d.List(i64),
         "area": i64, "score": f64, "word": text, "start": i64, "end": i64, "match_score": f64, "clip_sim": f64,
-        "sbert_sim": f64, "faces": d.List(face),
+        "sbert_sim": f64, "faces": d.List(face), "label_vocab": text,  # label_vocab: grounding sam3 only
     }
 
 
@@ -92,6 +92,7 @@ def record_feature(extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # schema 1.2 (the identity stage): the faces found on the whole image; None in older records
         "identity_faces": d.List({"box": d.List(f64), "score": f64, "size": i64, "segment_id": i64,
                                   "embedded": d.Value("bool"), "reason": text, "identity": text}),
+        "grounding": text,  # "sam3" on records of grounding: sam3; None on the panoptic path's
         **dict(extra or {}),
     }
 
