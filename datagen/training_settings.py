@@ -67,6 +67,11 @@ class TrainerSettings(Section):
     segment_map_resize: Literal["nearest", "upstream"] = "nearest"
     split: str | None = "train"  # train only on records of this split; None: every record
     split_file: str | None = None  # a run's identity-safe split.parquet (subject-ffhq identities): replaces records' split
+    # the crop fed to the image encoder: the target's own subject (the paper), another photo of the
+    # same identity from the run's reference set (cross-image; the target's own when none), or
+    # cross-image for a share P of the subjects (mixed:P). The localization loss keeps the target's mask.
+    reference: str = "same-image"
+    reference_set: str | None = None  # manifests/<run>/references (or the run folder): from `subject-ffhq identities`
     loader_workers: int = bounded(4, minimum=0)  # DataLoader processes per worker
     shuffle_buffer: int = bounded(256, minimum=0)  # samples in the shuffle buffer
     bad_samples: Literal["raise", "warn"] = "raise"  # warn: log an unreadable sample (shard, key, why), skip it
@@ -99,6 +104,12 @@ class TrainerSettings(Section):
         super().__post_init__()
         if self.resolution % 8:
             raise BadValue("resolution", f"must be a multiple of 8 (the VAE downsamples x8), got {self.resolution}")
+        share = reference_share(self.reference)
+        if isinstance(share, str):
+            raise BadValue("reference", share)
+        if share > 0 and not self.reference_set:
+            raise BadValue("reference_set", f"is needed with reference {self.reference!r}: the run's references/ "
+                                            "folder (written by `subject-ffhq identities RUN`)")
         text_only = self.recipe_values().get("text_only_prob", self.text_only_prob)
         if self.uncond_prob + text_only > 1.0:
             raise BadValue("text_only_prob", f"plus uncond_prob must not exceed 1 (got {self.uncond_prob} + {text_only})")
@@ -106,6 +117,22 @@ class TrainerSettings(Section):
     def recipe_values(self) -> dict[str, Any]:
         """The settings the recipe sets: those of ``RECIPES[recipe]`` that are not given themselves."""
         return {name: value for name, value in RECIPES[self.recipe].items() if getattr(self, name) is None}
+
+
+def reference_share(mode: str) -> float | str:
+    """The share of subjects given a cross-image crop under ``mode`` (``same-image`` 0,
+    ``cross-image`` 1, ``mixed:P`` P), or what is wrong with ``mode``."""
+    fixed = {"same-image": 0.0, "cross-image": 1.0}
+    if mode in fixed:
+        return fixed[mode]
+    head, _, p = str(mode).partition(":")
+    try:
+        share = float(p) if head == "mixed" else None
+    except ValueError:
+        share = None
+    if share is None or not 0.0 <= share <= 1.0:
+        return f"must be same-image, cross-image or mixed:P with P in 0..1, got {mode!r}"
+    return share
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -150,3 +150,12 @@ def tiny_stage_pools(ray_local, tiny_models_all):
     yield pools
     pools.shutdown()
 
+
+
+@pytest.fixture(scope="session")
+def identity_run(sample_source, tmp_path_factory) -> dict:
+    """A run of the bundled sample with identities, pairs and the reference set (tests.identity_run),
+    built once per session (real MTCNN and dlib weights)."""
+    from tests.identity_run import make_identity_run
+
+    return make_identity_run(sample_source, tmp_path_factory.mktemp("identity-run"))

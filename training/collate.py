@@ -14,10 +14,13 @@ TENSOR_FIELDS = (
     "subject_valid",
     "subject_ids",
     "num_subjects",
+    "reference_pixel_values",  # cross-image crops (training.references), cut in the loader: with the
+    "reference_used",  # crops cut on the device, the step puts them in the slots reference_used marks
+    "reference_fallbacks",
 )
 # Lists: strings, and the full-size images and segment maps the training device cuts crops from
 # (their sizes differ; they stay on the host until cut_on_device moves each example's to the device).
-LIST_FIELDS = ("condition", "key", "source_image", "source_segment_map")
+LIST_FIELDS = ("condition", "key", "source_image", "source_segment_map", "reference_keys")
 
 
 def collate_examples(examples: list[dict]) -> dict:

@@ -47,6 +47,10 @@ TRAIN_OPTIONS: dict[str, tuple[str | None, str]] = {
     "loader_workers": (None, "DataLoader processes per worker"),
     "split_file": (None, "a run's identity-safe split (manifests/<run>/split.parquet, from `subject-ffhq "
                          "identities`): its split replaces each record's"),
+    "reference": (None, "the image encoder's crop: same-image (the paper), cross-image (another photo of the "
+                        "same identity, from --reference-set; its own when none) or mixed:P (cross-image for a share P)"),
+    "reference_set": (None, "a run's reference set (manifests/<run>/references, or the run folder), from "
+                            "`subject-ffhq identities`"),
     "localization_weight": (None, "weight of the localization loss"),
     "checkpoint_every": (None, "steps between checkpoints"),
     "keep_checkpoints": (None, "checkpoints kept"),

@@ -50,6 +50,7 @@ from training.config import TrainConfig
 from training.loader import loader_from_config
 from training.model import FastComposerModel
 from training.preprocess import ExamplePreprocessor
+from training.references import CrossImageReferences
 from training.subject_augment import SubjectAugmenter
 from training.subject_crops import cut_on_device
 
@@ -190,8 +191,9 @@ def train_loop(
     # 5. data
     augment_on = cfg.subject_augmentation_place(device.type)
     augment = SubjectAugmenter() if augment_on == "device" else None
+    references = CrossImageReferences.from_config(cfg)  # read once, before the loader processes fork
     preprocessor = ExamplePreprocessor.from_config(cfg, components.tokenizer, components.subject_size, seed=cfg.seed,
-                                                   device_type=device.type)
+                                                   device_type=device.type, references=references)
     loader = loader_from_config(cfg, preprocessor, seed=cfg.seed + start_step, pin_memory=device.type == "cuda")
     batches = iter(loader)
 
@@ -205,7 +207,9 @@ def train_loop(
             f"(U-Net, fusion MLP, last {model.trainable_vision_blocks} vision blocks) on {ctx.world_size} worker(s), "
             f"{device}, {mixed.text}; global batch {global_batch}; "
             f"localization on {len(model.hooked_layers)} cross-attention layers; subject crops augmented "
-            f"{AUGMENT_WHERE[augment_on]}; steps {start_step} -> {cfg.steps}"
+            f"{AUGMENT_WHERE[augment_on]}; reference crops: {cfg.reference}"
+            f"{f' ({len(references.keys)} crops of other photos)' if references is not None else ''}; "
+            f"steps {start_step} -> {cfg.steps}"
         )
 
     # 6. steps
@@ -216,6 +220,7 @@ def train_loop(
         data_s = 0.0
         totals = torch.zeros(len(LOSS_TERMS), device=device)
         subjects = 0.0
+        cross = fallbacks = 0  # subjects given a crop of another photo / asking for one and having none
         for i in range(cfg.grad_accum):
             t = time.perf_counter()
             batch = next(batches)
@@ -224,6 +229,9 @@ def train_loop(
             if augment is not None:  # cut and augment the subject crops here, on the device
                 crops = cut_on_device(batch.pop("source_image"), batch.pop("source_segment_map"), batch["subject_boxes"],
                                       batch["subject_ids"], batch["subject_valid"], components.subject_size, device)
+                if "reference_used" in batch:  # cross-image crops, cut in the loader
+                    used = batch["reference_used"]
+                    crops[used] = batch.pop("reference_pixel_values")[used]
                 batch["subject_pixel_values"] = augment(crops, batch["subject_valid"])
             last = i == cfg.grad_accum - 1
             # DDP: synchronise gradients on the last micro-batch only
@@ -234,6 +242,9 @@ def train_loop(
                 scaler.scale(out["loss"] / cfg.grad_accum).backward()
             totals += torch.stack([out[k].detach().float() for k in LOSS_TERMS])
             subjects += float(batch["num_subjects"].float().mean())
+            if "reference_used" in batch:
+                cross += int(batch["reference_used"].sum())
+                fallbacks += int(batch["reference_fallbacks"].sum())
         scaler.unscale_(optimizer)  # (no-op without fp16) so the clip sees the true gradient norm
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
         if mixed.scaler:
@@ -258,10 +269,14 @@ def train_loop(
         lr = optimizer.param_groups[0]["lr"]
         if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             samples_per_s = global_batch / elapsed
-            print_fn(format_log_line(step, cfg.steps, terms, subjects / cfg.grad_accum, float(grad_norm),
-                                     samples_per_s, lr, data_s, elapsed - data_s))
+            line = format_log_line(step, cfg.steps, terms, subjects / cfg.grad_accum, float(grad_norm),
+                                   samples_per_s, lr, data_s, elapsed - data_s)
             entry = {"step": step, **terms, "grad_norm": float(grad_norm), "samples_per_s": samples_per_s,
                      "lr": lr, "data_s": data_s, "compute_s": elapsed - data_s, "time": time.time()}
+            if references is not None:
+                line += f"  cross-image refs {cross} (own-crop fallbacks {fallbacks})"
+                entry.update(cross_image_references=cross, reference_fallbacks=fallbacks)
+            print_fn(line)
             append_text(log_path, json.dumps(entry) + "\n")
 
         # 7. checkpoints

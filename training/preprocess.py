@@ -41,6 +41,7 @@ import torch
 
 from datagen.config import DEFAULT_OBJECT_TYPES
 from datagen.record.schema import Record
+from training.references import REFERENCE_ID, CrossImageReferences
 from training.subject_augment import SubjectAugmenter
 from training.subject_crops import SubjectCropper
 from training.subject_policy import UNCONDITIONAL, SubjectDropPolicy, subject_candidates
@@ -65,6 +66,7 @@ class ExamplePreprocessor:
         seed: int | None = None,
         drop_cropped_subjects: bool = True,
         segment_map_resize: str = "nearest",
+        references: CrossImageReferences | None = None,
     ):
         """``augment_subjects``: True or ``"loader"``: crops, zoom-in and augmentations here;
         ``"device"``: the zoom-in drawn here, the crops cut and augmented later on the batch
@@ -85,16 +87,17 @@ class ExamplePreprocessor:
         if self.policy.max_subjects != self.max_subjects:
             raise ValueError(f"policy keeps up to {self.policy.max_subjects} subjects, preprocessor pads to {self.max_subjects}")
         self.rng = random.Random(seed)
+        self.references = references  # cross-image crops (training.references); None: the subjects' own
 
     @classmethod
     def from_config(cls, cfg, tokenizer, subject_size: int, seed: int | None = None,
-                    device_type: str = "cpu") -> ExamplePreprocessor:
+                    device_type: str = "cpu", references: CrossImageReferences | None = None) -> ExamplePreprocessor:
         """``device_type``: the training device's, which decides where crops are augmented
         (``cfg.subject_augmentation_place``)."""
         augment_on = cfg.subject_augmentation_place(device_type)
         policy = SubjectDropPolicy(cfg.uncond_prob, cfg.text_only_prob, cfg.subject_keep_prob, cfg.max_subjects)
         return cls(tokenizer, subject_size, cfg.resolution, cfg.max_subjects, cfg.object_types, policy,
-                   augment_on or False, seed, cfg.drop_cropped_subjects, cfg.segment_map_resize)
+                   augment_on or False, seed, cfg.drop_cropped_subjects, cfg.segment_map_resize, references)
 
     def reseed(self, seed: int) -> None:
         self.rng.seed(seed)
@@ -145,6 +148,8 @@ class ExamplePreprocessor:
             "condition": condition,
             "key": record.key,
         }
+        if self.references is not None:
+            example.update(self.cross_image_crops(record.key, subjects))
         if self.cut_on_device:  # the training step cuts the crops (subject_crops.cut_on_device)
             example["subject_boxes"] = boxes
             example["source_image"] = image
@@ -153,7 +158,31 @@ class ExamplePreprocessor:
         subject_pixels = torch.zeros(n, 3, size, size, dtype=torch.uint8)
         for slot, segment in enumerate(subjects):
             subject_pixels[slot] = self.cropper(image, segment_map, segment.id, boxes[slot].tolist())
+        if self.references is not None:  # cross-image crops replace the subjects' own, before augmenting
+            used = example["reference_used"]
+            subject_pixels[used] = example.pop("reference_pixel_values")[used]
         if self.augmenter is not None and subjects:
             subject_pixels[: len(subjects)] = self.augmenter(subject_pixels[: len(subjects)])
         example["subject_pixel_values"] = subject_pixels
         return example
+
+    def cross_image_crops(self, key: str, subjects: list) -> dict:
+        """The example's cross-image crops (:mod:`training.references`): ``reference_pixel_values``
+        uint8 (N, 3, S, S), ``reference_used`` bool (N,) (the slots whose crop comes from another
+        photo), ``reference_keys`` (each used slot's photo, else ``""``) and ``reference_fallbacks``
+        (subjects that asked for one and had none: they keep their own crop)."""
+        n, size = self.max_subjects, self.cropper.size
+        pixels = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+        used = torch.zeros(n, dtype=torch.bool)
+        keys, fallbacks = [""] * n, 0
+        for slot, segment in enumerate(subjects):
+            row = self.references.pick(key, segment.id, self.rng)
+            if row is False:
+                fallbacks += 1
+            elif row is not None:
+                image, segment_map, bbox = self.references.source(row)
+                box = self.cropper.plan(segment_map, REFERENCE_ID, bbox)
+                pixels[slot] = self.cropper(image, segment_map, REFERENCE_ID, box)
+                used[slot], keys[slot] = True, self.references.keys[row]
+        return {"reference_pixel_values": pixels, "reference_used": used, "reference_keys": keys,
+                "reference_fallbacks": torch.tensor(fallbacks, dtype=torch.long)}
