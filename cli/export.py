@@ -20,6 +20,7 @@ from datagen import storage
 from datagen.config import ProfileError, load_profile, parse_object_types
 from datagen.export.common import SUMMARY, ExportError, ExportFilters
 from datagen.export.fastcomposer import SEGMAP_DTYPES, UNREADABLE_SEGMAP_DTYPES
+from datagen.export.identity_pairs import DEFAULT_MAX_REFERENCES
 from datagen.export.registry import DEFAULT_FORMAT, FORMATS, export
 from datagen.export.subject_crops import DEFAULT_PLACEHOLDER
 from datagen.identity.split import read_split, split_file_path
@@ -71,6 +72,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--placeholder", default=DEFAULT_PLACEHOLDER,
                         help=f"subject-crops: the token that replaces the subject's phrase in its prompt "
                              f"(default {DEFAULT_PLACEHOLDER})")
+    parser.add_argument("--references", default=None, metavar="RUN",
+                        help="identity-pairs: the run folder (or its references/) that `subject-ffhq identities` "
+                             "wrote the reference set to")
+    parser.add_argument("--max-references", type=int, default=DEFAULT_MAX_REFERENCES, metavar="N",
+                        help=f"identity-pairs: cross-image references per subject at most (default {DEFAULT_MAX_REFERENCES})")
     parser.add_argument("--overwrite", action="store_true", help="export into a non-empty OUT, replacing an earlier export")
 
 
@@ -101,10 +107,11 @@ def run(args) -> int:
         object_types = object_types_from_args(args)
         storage.probe(args.shards_dir, "SHARDS_DIR", must_exist=True)
         storage.probe(args.out, "OUT")
-    except (ProfileError, storage.StorageError, FileNotFoundError) as e:
+        fmt = FORMATS[args.format]
+        options = {name: getattr(args, name) for name in fmt.options}  # the format's own flags
+        fmt.check_options(**options)
+    except (ProfileError, storage.StorageError, FileNotFoundError, ExportError) as e:
         return fail("export", e, 2)
-    fmt = FORMATS[args.format]
-    options = {name: getattr(args, name) for name in fmt.options}  # the format's own flags
     try:
         summary = export(fmt.name, args.shards_dir, args.out, filters, overwrite=args.overwrite, workers=args.workers,
                          object_types=object_types, **options)

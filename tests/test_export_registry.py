@@ -22,12 +22,16 @@ def run(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("registry-run"))
 
 
-@pytest.fixture(scope="module")
-def shard_data(run):
+def read_shard_data(shards_dir):
     """key -> (decoded sample, raw JPEG bytes), as the shard reader reads them."""
-    tars = sorted(run["shards_dir"].glob("subjects-*.tar"))
+    tars = sorted(shards_dir.glob("subjects-*.tar"))
     jpgs = {key: members["jpg"] for tar in tars for key, members in iter_members(tar)}
     return {s.key: (s, jpgs[s.key]) for tar in tars for s in read_shard(tar)}
+
+
+@pytest.fixture(scope="module")
+def shard_data(run):
+    return read_shard_data(run["shards_dir"])
 
 
 def _format_action(parser):
@@ -37,7 +41,8 @@ def _format_action(parser):
 
 def test_the_command_offers_exactly_the_registered_formats():
     action = _format_action(build_parser(load="export"))
-    assert tuple(action.choices) == tuple(FORMATS) == ("fastcomposer", "seg-conditioning", "subject-crops", "hf")
+    assert tuple(action.choices) == tuple(FORMATS) == (
+        "fastcomposer", "seg-conditioning", "subject-crops", "hf", "identity-pairs")
     assert action.default == "fastcomposer"
     for name, fmt in FORMATS.items():
         assert fmt.name == name and issubclass(fmt, ShardExport)
@@ -144,8 +149,30 @@ def _read_hf(out, samples):
     return keys
 
 
+def _read_identity_pairs(out, samples):
+    """Each subject's mask is its segment in the target; its references are other photos' crops."""
+    keys = set()
+    for line in (out / "metadata.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        key = entry["key"]
+        sample, jpg = samples[key]
+        assert (out / entry["target"]).read_bytes() == jpg
+        doc = json.loads((out / key / "pairs.json").read_text())
+        subject = next(x for x in doc["subjects"] if f"{key}/{x['mask']}" == entry["mask"])
+        segment = next(s for s in sample.record.segments if s.id == subject["segment_id"])
+        assert sample.record.caption[subject["start"]:subject["end"]] == subject["phrase"] == segment.word
+        mask = np.asarray(Image.open(out / entry["mask"]))
+        assert ((mask == 255) == (sample.segment_map == segment.id)).all()
+        assert subject["references"] and all(ref["key"] != key for ref in subject["references"])
+        for ref in subject["references"]:
+            crop, crop_mask = Image.open(out / key / ref["image"]), Image.open(out / key / ref["mask"])
+            assert crop.size == crop_mask.size and np.asarray(crop_mask).any()
+        keys.add(key)
+    return keys
+
+
 READ_BACK = {"fastcomposer": _read_fastcomposer, "seg-conditioning": _read_seg_conditioning,
-             "subject-crops": _read_subject_crops, "hf": _read_hf}
+             "subject-crops": _read_subject_crops, "hf": _read_hf, "identity-pairs": _read_identity_pairs}
 
 
 def test_every_registered_format_has_a_read_back_check():
@@ -153,12 +180,33 @@ def test_every_registered_format_has_a_read_back_check():
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_every_registered_format_reads_back_to_the_shards(run, shard_data, tmp_path, fmt):
-    out = tmp_path / fmt
-    summary = export(fmt, run["shards_dir"], out)
+def test_every_registered_format_reads_back_to_the_shards(run, shard_data, tmp_path, fmt, request):
+    out, shards_dir, options = tmp_path / fmt, run["shards_dir"], {}
+    if fmt == "identity-pairs":  # needs a run with identities and its reference set
+        identity_run = request.getfixturevalue("identity_run")
+        shards_dir, options = identity_run["shards_dir"], {"references": identity_run["run"]}
+        shard_data = read_shard_data(shards_dir)
+    summary = export(fmt, shards_dir, out, **options)
     assert summary.format == fmt and summary.samples_seen == len(shard_data)
     assert summary.exported + sum(summary.filtered_out.values()) == summary.samples_seen
     assert json.loads((out / SUMMARY).read_text()) == json.loads(json.dumps(summary.to_dict()))
     assert len(READ_BACK[fmt](out, shard_data)) == summary.exported > 0
     with pytest.raises(AttributeError, match="has no field 'nope'"):
         _ = summary.nope
+
+
+def test_identity_pairs_from_the_command_and_without_a_reference_set(identity_run, tmp_path, capsys):
+    shards, out = str(identity_run["shards_dir"]), tmp_path / "pairs"
+    assert main(["export", "--format", "identity-pairs", shards, str(out)]) == 2
+    assert "identity-pairs needs --references RUN" in capsys.readouterr().err and not out.exists()
+    assert main(["export", "--format", "identity-pairs", shards, str(out), "--references", str(tmp_path)]) == 2
+    assert "no reference set" in capsys.readouterr().err and not out.exists()
+    assert main(["export", "--format", "identity-pairs", shards, str(out), "--references", str(identity_run["run"]),
+                 "--max-references", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()[0]
+    saved = json.loads((out / SUMMARY).read_text())
+    assert saved["max_references"] == 1 and saved["references"] == saved["subjects"] > 0
+    assert printed.startswith(f"exported {saved['exported']} of {saved['samples_seen']} samples, "
+                              f"{saved['subjects']} subject(s) with {saved['references']} cross-image reference(s)")
+    identities = {json.loads(line)["identity"] for line in (out / "metadata.jsonl").read_text().splitlines()}
+    assert len(identities) == 3  # the bundled sample's three people

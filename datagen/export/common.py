@@ -208,6 +208,11 @@ class ShardExport:
         self.filters = filters or ExportFilters()
         self.object_types = check_object_types(object_types)
 
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Raise :class:`ExportError` for a bad value of the format's own options, before anything is
+        written (the command exits 2 on it)."""
+
     def prepare(self, keys: list[str], overwrite: bool) -> None:
         """Check OUT before anything is written (``keys``: every sample id of the shards)."""
         check_out(self.out, overwrite)

@@ -12,11 +12,12 @@ from datagen.config import DEFAULT_OBJECT_TYPES
 from datagen.export.common import ExportError, ExportFilters, ExportSummary, ShardExport, run_export
 from datagen.export.fastcomposer import FastComposerExport
 from datagen.export.hf import HFExport
+from datagen.export.identity_pairs import IdentityPairsExport
 from datagen.export.seg_conditioning import SegConditioningExport
 from datagen.export.subject_crops import SubjectCropsExport
 
 FORMATS: dict[str, type[ShardExport]] = {
-    f.name: f for f in (FastComposerExport, SegConditioningExport, SubjectCropsExport, HFExport)
+    f.name: f for f in (FastComposerExport, SegConditioningExport, SubjectCropsExport, HFExport, IdentityPairsExport)
 }
 DEFAULT_FORMAT = FastComposerExport.name
 
