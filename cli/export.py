@@ -23,6 +23,7 @@ from datagen.export.fastcomposer import SEGMAP_DTYPES, UNREADABLE_SEGMAP_DTYPES
 from datagen.export.identity_pairs import DEFAULT_MAX_REFERENCES
 from datagen.export.registry import DEFAULT_FORMAT, FORMATS, export
 from datagen.export.subject_crops import DEFAULT_PLACEHOLDER
+from datagen.identity.index import identity_lookup
 from datagen.identity.split import read_split, split_file_path
 
 
@@ -72,6 +73,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--placeholder", default=DEFAULT_PLACEHOLDER,
                         help=f"subject-crops: the token that replaces the subject's phrase in its prompt "
                              f"(default {DEFAULT_PLACEHOLDER})")
+    parser.add_argument("--identities", type=Path, default=None, metavar="RUN",
+                        help="a run folder with identities.parquet (`subject-ffhq identities`): exported faces and "
+                             "subjects carry their identity id (fastcomposer, subject-crops, hf records)")
     parser.add_argument("--references", default=None, metavar="RUN",
                         help="identity-pairs: the run folder (or its references/) that `subject-ffhq identities` "
                              "wrote the reference set to")
@@ -100,10 +104,13 @@ def run(args) -> int:
         drop_merged_persons=args.drop_merged_persons, drop_faceless_persons=args.drop_faceless_persons,
         min_face_size=args.min_face_size, require_primary_face=args.require_primary_face,
         split_file=split_file_path(args.split_file),
+        identities_from=str(args.identities) if args.identities is not None else None,
     )
     try:
         if filters.split_file is not None:
             read_split(filters.split_file)  # a missing or unreadable file stops the export before it writes
+        if filters.identities_from is not None:
+            identity_lookup(filters.identities_from)  # likewise a run without identities.parquet
         object_types = object_types_from_args(args)
         storage.probe(args.shards_dir, "SHARDS_DIR", must_exist=True)
         storage.probe(args.out, "OUT")

@@ -13,6 +13,7 @@ from PIL import Image
 from cli.main import build_parser, main
 from datagen.export.common import SUMMARY, ExportError, SampleOutcome, ShardExport
 from datagen.export.registry import FORMATS, export
+from datagen.identity.index import identity_lookup
 from datagen.shards.reader import iter_members, read_shard
 from tests.run_factory import make_run
 
@@ -210,3 +211,29 @@ def test_identity_pairs_from_the_command_and_without_a_reference_set(identity_ru
                               f"{saved['subjects']} subject(s) with {saved['references']} cross-image reference(s)")
     identities = {json.loads(line)["identity"] for line in (out / "metadata.jsonl").read_text().splitlines()}
     assert len(identities) == 3  # the bundled sample's three people
+
+
+def test_fastcomposer_and_subject_crops_carry_the_identity_with_identities(identity_run, tmp_path, capsys):
+    shards, run_dir = str(identity_run["shards_dir"]), str(identity_run["run"])
+    fc, crops = tmp_path / "fc", tmp_path / "crops"
+    assert main(["export", shards, str(fc), "--identities", run_dir]) == 0
+    assert main(["export", "--format", "subject-crops", shards, str(crops), "--identities", run_dir]) == 0
+    by_key = {}
+    for key in (fc / "image_ids.txt").read_text().split():
+        info = json.loads((fc / key[:5] / f"{key}.json").read_text())
+        by_key[key] = {s["id"]: s.get("identity") for s in info["segments"]}  # the index's ids, joined in
+    for line in (crops / "metadata.jsonl").read_text().splitlines():
+        key = json.loads(line)["key"]
+        for entry in json.loads((crops / key / "subjects.json").read_text())["subjects"]:
+            assert entry.get("identity") == by_key[key][entry["segment_id"]]
+    identities = {i for segs in by_key.values() for i in segs.values() if i is not None}
+    assert len(identities) == 3  # the bundled sample's three people, each one identity across its photos
+    lookup = identity_lookup(run_dir)
+    assert all(i == lookup.by_segment.get((k, sid)) for k, segs in by_key.items() for sid, i in segs.items())
+    # without --identities nothing changes; a run without an index is refused before anything is written
+    assert main(["export", shards, str(tmp_path / "plain")]) == 0
+    key = next(iter(by_key))
+    plain = json.loads((tmp_path / "plain" / key[:5] / f"{key}.json").read_text())
+    assert all("identity" not in s for s in plain["segments"])
+    assert main(["export", shards, str(tmp_path / "no"), "--identities", str(tmp_path)]) == 2
+    assert "no identities.parquet" in capsys.readouterr().err and not (tmp_path / "no").exists()

@@ -123,3 +123,13 @@ def test_the_identity_safe_split_file_replaces_the_records_split_in_exports(tmp_
     capsys.readouterr()
     assert main(["export", str(shards), str(tmp_path / "none"), "--split-file", str(tmp_path / "missing")]) == 2
     assert "run `subject-ffhq identities RUN` first" in capsys.readouterr().err
+
+
+def test_join_identities_fills_the_faces_the_index_knows():
+    from datagen.record.identity_faces import ImageFace, join_identities
+
+    faces = [ImageFace(box=[0, 0, 9, 9], score=0.99, size=9, segment_id=None, embedded=True),
+             ImageFace(box=[10, 0, 14, 4], score=0.95, size=4, segment_id=None, embedded=False, reason="too small")]
+    join_identities("00001", faces, {"00001/0": 7, "00002/1": 3})
+    assert [f.identity for f in faces] == ["7", None]
+    join_identities("00001", None, {"00001/0": 7})  # a record without identity faces: nothing to fill

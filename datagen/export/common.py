@@ -64,6 +64,7 @@ class ExportFilters:
     min_face_size: int | None = None  # drop samples with a matched person whose largest face is smaller (px)
     require_primary_face: bool = False  # drop samples whose source's face rect is not in a matched person
     split_file: str | None = None  # a run's identity-safe split.parquet: its split replaces the record's
+    identities_from: str | None = None  # a run with identities.parquet: exported faces and subjects carry it
 
     def split_for(self, record: Record) -> str:
         """The sample's split: the identity-safe split file's when one is given, else the record's."""
@@ -72,6 +73,23 @@ class ExportFilters:
         from datagen.identity.split import cached_split
 
         return cached_split(self.split_file).get(record.key, record.split)
+
+    def join_identities(self, record: Record) -> None:
+        """Give the record's faces their identity from the run's index (``identities_from``)."""
+        if self.identities_from is None:
+            return
+        from datagen.identity.index import identity_lookup
+        from datagen.record.identity_faces import join_identities
+
+        join_identities(record.key, record.identity_faces, identity_lookup(self.identities_from).by_face)
+
+    def segment_identity(self, key: str, segment_id: int) -> int | None:
+        """The identity of a sample's person segment in the run's index (None: unknown, or no index)."""
+        if self.identities_from is None:
+            return None
+        from datagen.identity.index import identity_lookup
+
+        return identity_lookup(self.identities_from).by_segment.get((key, segment_id))
 
     @property
     def uses_faces(self) -> bool:
@@ -291,6 +309,7 @@ def export_shard(export: ShardExport, tar_path: Path) -> list[SampleOutcome]:
             sample = TarSample(tar_path.name, key, members)
             record = sample.record()
             record.split = export.filters.split_for(record)
+            export.filters.join_identities(record)
             reason = export.filters.rejection(record, export.object_types)
             if reason is not None:
                 outcomes.append(SampleOutcome(key, record.split, reason))

@@ -47,6 +47,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +80,23 @@ UNREADABLE_SEGMAP_DTYPES = {
 EXPORTED_EXTS = ("jpg", "json", "npy")
 
 
-def fastcomposer_json(record: Record, object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES) -> dict:
+def fastcomposer_json(record: Record, object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES,
+                      identity_of: Callable[[str, int], int | None] | None = None) -> dict:
     """The record as FastComposer's loader wants it: ``segments`` = the subjects (matched segments
-    of ``object_types``), then ``other_segments`` (matched, other labels), ``unmatched_segments``."""
+    of ``object_types``, each with its ``identity`` where ``identity_of(key, segment id)`` knows it),
+    then ``other_segments`` (matched, other labels), ``unmatched_segments``."""
     subjects = {s.id for s in subject_segments(record, object_types)[0]}
     d = record.to_dict()
-    d["segments"] = [s.to_dict() for s in record.segments if s.id in subjects]
+    d["segments"] = [with_identity(s.to_dict(), record.key, identity_of) for s in record.segments if s.id in subjects]
     d["other_segments"] = [s.to_dict() for s in record.segments if s.matched and s.id not in subjects]
     d["unmatched_segments"] = [s.to_dict() for s in record.segments if not s.matched]
     return d
+
+
+def with_identity(segment: dict, key: str, identity_of: Callable[[str, int], int | None] | None) -> dict:
+    """A segment's dict, with ``identity`` when the run's index knows its person (``--identities``)."""
+    identity = identity_of(key, segment["id"]) if identity_of is not None else None
+    return {**segment, "identity": identity} if identity is not None else segment
 
 
 def segmap_array(segment_map: np.ndarray, dtype: str, record: Record) -> np.ndarray:
@@ -135,7 +144,8 @@ class FastComposerExport(ShardExport):
         atomic_write(folder / f"{key}.jpg", sample.members["jpg"])
         atomic_write(folder / f"{key}.npy", buf.getvalue())
         atomic_write(folder / f"{key}.json",
-                     json.dumps(fastcomposer_json(record, self.object_types), ensure_ascii=False).encode())
+                     json.dumps(fastcomposer_json(record, self.object_types, self.filters.segment_identity),
+                                ensure_ascii=False).encode())
         subjects = subject_segments(record, self.object_types)[0]
         matched = sum(1 for s in record.segments if s.matched)
         counts = Counter(f"subject:{s.coco_label}" for s in subjects)

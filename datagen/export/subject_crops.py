@@ -74,8 +74,10 @@ class SubjectCropsExport(ShardExport):
             subject_crop(image, segmap, s.id, s.bbox).save(buf, format="PNG")
             atomic_write(self.out / key / name, buf.getvalue())
             prompt = placeholder_caption(record.caption, s.start, s.end, self.placeholder)
-            entries.append({"file": name, "phrase": s.word, "coco_label": s.coco_label, "segment_id": s.id,
-                            "bbox": s.bbox, "prompt": prompt})
+            entry = {"file": name, "phrase": s.word, "coco_label": s.coco_label, "segment_id": s.id,
+                     "bbox": s.bbox, "prompt": prompt}
+            identity = self.filters.segment_identity(key, s.id)
+            entries.append({**entry, "identity": identity} if identity is not None else entry)
             lines.append(json.dumps({"key": key, "file": f"{key}/{name}", "phrase": s.word,
                                      "coco_label": s.coco_label, "prompt": prompt}, ensure_ascii=False) + "\n")
         doc = {"key": key, "split": record.split, "caption": record.caption, "placeholder": self.placeholder,

@@ -16,6 +16,7 @@ the cross-image reference pairs (:mod:`datagen.identity.pairs`), written beside 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,29 @@ def read_identities(run_dir: str | Path) -> pa.Table | None:
     """The run's ``identities.parquet``, or ``None`` before ``subject-ffhq identities`` ran."""
     path = Path(run_dir) / IDENTITIES_TABLE
     return pq.read_table(path) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class IdentityLookup:
+    """A run's identities by face (``"<key>/<n>"``) and by person segment (``(key, segment id)``: the
+    identity of the largest face in it)."""
+
+    by_face: dict[str, int]
+    by_segment: dict[tuple[str, int], int]
+
+
+@functools.cache
+def identity_lookup(run_dir: str) -> IdentityLookup:
+    """The run's :class:`IdentityLookup`, once per process (the exports ask per sample); a run without
+    an index is refused, naming the command that writes it."""
+    table = read_identities(run_dir)
+    if table is None:
+        raise FileNotFoundError(f"{run_dir}: no {IDENTITIES_TABLE}; run `subject-ffhq identities {run_dir}` first")
+    rows = table.select(["face", "key", "segment_id", "size", "identity"]).to_pylist()
+    by_segment: dict[tuple[str, int], int] = {}
+    for row in sorted((r for r in rows if r["segment_id"] is not None), key=lambda r: r["size"]):
+        by_segment[(row["key"], int(row["segment_id"]))] = int(row["identity"])  # the largest face last
+    return IdentityLookup({r["face"]: int(r["identity"]) for r in rows}, by_segment)
 
 
 def identity_of_faces(run_dir: str | Path) -> dict[str, int]:

@@ -41,6 +41,13 @@ class ImageFace:
         return cls(**d)
 
 
+def join_identities(key: str, faces: list[ImageFace] | None, identity_of: dict[str, int]) -> None:
+    """Fill each embedded face's ``identity`` from ``{face id: identity}`` (``identities.parquet``)."""
+    for n, f in enumerate(faces or []):
+        found = identity_of.get(face_id(key, n))
+        f.identity = str(found) if found is not None else None
+
+
 def check_identity_faces(faces: list[ImageFace] | None, version: str, persons: set[int], fail) -> None:
     """The ``identity_faces`` field: only from 1.2 on; a list of well-formed faces in person segments."""
     if faces is None:
