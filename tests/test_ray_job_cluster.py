@@ -8,6 +8,7 @@ import json
 import pytest
 
 from datagen.config import TINY_MODELS_ENV, load_profile
+from datagen.stage_table import stage_names
 from ray_jobs.job import BuildRequest, run_build
 from tests.test_ray_job_end_to_end import check_run, entries
 
@@ -20,7 +21,7 @@ CLUSTER_CONFIG = {
     "ray": {
         "images_per_call": 2,
         "scheduling_strategy": "SPREAD",
-        "stages": {name: {"num_cpus": 0.25} for name in ("captioner", "segmenter", "matcher")},
+        "stages": {name: {"num_cpus": 0.25} for name in stage_names()},  # every stage of the table
         "task_num_cpus": 0.25,
         "max_shards_in_flight": 2,  # shards 2 and 3 are still to come when the node goes
         "shard_attempts": 3,

@@ -7,6 +7,7 @@ which report, inspect and export then read from the bucket."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -130,14 +131,18 @@ def test_a_bucket_build_killed_and_resumed_gives_the_tars_of_a_local_build(local
     bucket = local_s3.bucket("out")
     command = build_command(bucket_source, f"s3://{bucket}/ds", f"s3://{bucket}/manifests", config)
     full = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *command], cwd=ROOT, env=full, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed-build.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", *command], cwd=ROOT, env=full, start_new_session=True,
+                                stdout=stderr, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     try:
         while not local_s3.keys(bucket, "manifests/run/shards/") and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        assert proc.poll() is None, f"the build ended before the kill: {log.read_text()[-2000:]}"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: kill -9
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: kill -9
         proc.wait(timeout=30)
     entries = local_s3.keys(bucket, "manifests/run/shards/")
     assert 1 <= len(entries) < 3, entries  # killed mid-run

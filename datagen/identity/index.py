@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datagen import storage
 from datagen.files import write_json_atomic, write_parquet_atomic
 from datagen.identity.cluster import centre_distances, cluster_faces
 from datagen.manifests.face_table import read_faces
@@ -114,8 +115,11 @@ def _per_identity(table: pa.Table) -> dict[int, int]:
 
 def read_identities(run_dir: str | Path) -> pa.Table | None:
     """The run's ``identities.parquet``, or ``None`` before ``subject-ffhq identities`` ran."""
-    path = Path(run_dir) / IDENTITIES_TABLE
-    return pq.read_table(path) if path.is_file() else None
+    path = storage.path(run_dir) / IDENTITIES_TABLE  # a run folder, or one on a bucket (the report reads it)
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return pq.read_table(f)
 
 
 @dataclass(frozen=True)

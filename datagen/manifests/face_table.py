@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datagen import storage
 from datagen.files import write_parquet_atomic
 from datagen.record.identity_faces import face_id
 
@@ -32,7 +33,8 @@ class FaceTableError(ValueError):
 
 
 def face_table_path(run_dir: str | Path, shard_name: str) -> Path:
-    return Path(run_dir) / FACES_DIR / f"{shard_name}.parquet"
+    """A shard's face table (a path, or a URL's path object on a bucket)."""
+    return storage.path(run_dir) / FACES_DIR / f"{shard_name}.parquet"
 
 
 def face_rows(key: str, faces: Sequence[Any]) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datagen import storage
 from datagen.report.charts import Chart, value_counts_chart
 from datagen.report.values import percent_of, show
 from datagen.shards.reader import iter_samples
@@ -52,7 +53,7 @@ def identity_section(run_dir: Path, shards: list[dict], samples: list[dict]) -> 
     table = read_identities(run_dir)
     if table is None:
         return None
-    summary = json.loads((Path(run_dir) / IDENTITIES_SUMMARY).read_text(encoding="utf-8"))
+    summary = json.loads((storage.path(run_dir) / IDENTITIES_SUMMARY).read_text(encoding="utf-8"))
     rows = table.to_pylist()
     photos = {r["identity"]: r["identity_photos"] for r in rows}
     faces = {r["identity"]: r["identity_faces"] for r in rows}
@@ -77,7 +78,7 @@ def identity_section(run_dir: Path, shards: list[dict], samples: list[dict]) -> 
     largest = [(f"#{i}" + (" (suspicious)" if photos[i] > LARGE_PHOTOS else ""), show(faces[i]), show(photos[i]))
                for i in order[:10]]
     tars = {s["shard"]: s["tar"] for s in shards if isinstance(s.get("tar"), str) and s["tar"]}
-    gallery = _gallery(rows, order[:ROWS], {r["key"]: Path(tars[r["shard"]]) for r in samples if r["shard"] in tars})
+    gallery = _gallery(rows, order[:ROWS], {r["key"]: storage.path(tars[r["shard"]]) for r in samples if r["shard"] in tars})
     note = (f"identities over more than {LARGE_PHOTOS} photos are marked suspicious (usually merged people); "
             f"each gallery row is one identity, one face per photo")
     return IdentitySection(headline, chart, largest, gallery, note)
