@@ -28,7 +28,7 @@ class EncodedSample:
     jpg: bytes
     seg_png: bytes
     json: bytes
-    faces: list = field(default_factory=list)  # its face-table rows (datagen.manifests.face_table), not in the tar
+    shard_rows: dict = field(default_factory=dict)  # stage -> its rows of that stage's shard table (not in the tar)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from datagen import stage_table, storage
 from datagen.config import Profile
 from datagen.files import remove_stale_temps
 from datagen.manifests import shard_entry
-from datagen.manifests.face_table import FACES_DIR, face_table_path, write_face_table
+from datagen.manifests.face_table import shard_table_path, write_shard_table
 from datagen.manifests.run_manifest import RunManifest, check_run_name
 from datagen.manifests.shard_entry import ManifestError, account
 from datagen.manifests.tables import SAMPLES_TABLE, write_manifest_tables
@@ -117,7 +117,8 @@ class BuildJob:
         self.out = out or sys.stdout
         self.profile = request.profile
         self.stages = stage_table.stages_for(self.profile)
-        self.embeds_faces = any(st.name == "identity" for st in self.stages)  # a face table per shard
+        # the stages that keep a table per shard beside the run (Step.shard_table), e.g. the face embeddings
+        self.tabled = [(st.name, step) for st in self.stages if (step := st.step_class()).shard_table]
         self.settings: BuildSettings = resolve_settings(self.profile, ray.cluster_resources())
         self.hooks = request.hooks
         self.digest = config_digest(self.profile)
@@ -224,8 +225,10 @@ class BuildJob:
         for spec in self.plan:
             entry = shard_entry.read_entry(req.run_dir, spec)
             done, why = shard_entry.resume_state(entry, spec, self.tar_path(spec), self.digest)
-            if done and self.embeds_faces and not face_table_path(req.run_dir, spec.name).is_file():
-                done, why = False, "face table missing"
+            missing = [step.shard_table for _, step in self.tabled
+                       if not shard_table_path(req.run_dir, step.shard_table, spec.name).is_file()]
+            if done and missing:
+                done, why = False, f"its {missing[0]} table is missing"
             if done:
                 self.entries[spec.index] = entry
             else:
@@ -237,7 +240,7 @@ class BuildJob:
     def remove_temps(self) -> list[Path]:
         """Every temp file a killed writer of this run left: tars, manifest entries, run files."""
         req = self.request
-        folders = (req.shards_dir, req.run_dir / "shards", req.run_dir, req.run_dir / FACES_DIR)
+        folders = (req.shards_dir, req.run_dir / "shards", req.run_dir, *(req.run_dir / step.shard_table for _, step in self.tabled))
         return [p for folder in folders for p in remove_stale_temps(folder)]
 
     def tar_path(self, spec: ShardSpec) -> Path:
@@ -288,9 +291,9 @@ class BuildJob:
             remove_stale_temps(tar.parent, tar.name)  # a crashed attempt's partial tar
         else:
             written = outcome.written
-            faces = written.pop("faces", None)
-            if self.embeds_faces:
-                write_face_table(self.request.run_dir, spec.name, faces or [])  # before the entry
+            rows = written.pop("shard_rows", None) or {}
+            for name, step in self.tabled:  # before the entry
+                write_shard_table(self.request.run_dir, step.shard_table, spec.name, rows.get(name, []), step.shard_schema())
             entry = shard_entry.done_entry(spec, tar, written, outcome.seconds, outcome.attempt, self.digest)
             for k, v in (written.get("cpu_seconds") or {}).items():
                 self.cpu_seconds[k] += v

@@ -11,7 +11,7 @@ A shard's non-duplicate items are cut, in plan order, into *chunks* of ``images_
    whose record cannot be built or encoded fails alone, as ``"record: <file>: <error>"``);
 4. :func:`write_shard_tar` writes every encoded sample of the shard, in plan order, into one tar
    atomically and returns the shard's sample outcomes (written / duplicate / failed + reason) and
-   its face-table rows (the driver writes them, :mod:`datagen.manifests.face_table`).
+   the rows of the stages' shard tables (``Step.shard_table``; the driver writes them).
 
 Everything here is deterministic: the same items give the same bytes.
 """
@@ -23,7 +23,6 @@ from typing import Any
 
 from datagen import storage
 from datagen.files import file_sha256, remove_stale_temps
-from datagen.manifests.face_table import face_rows
 from datagen.manifests.shard_entry import DUPLICATE, FAILED, WRITTEN
 from datagen.shards.plan import ShardSpec
 from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
@@ -76,6 +75,7 @@ def encode_chunk(
     outcomes: dict[str, tuple[str, str | None]] = {sid: (FAILED, reason) for sid, reason in chunk.failed.items()}
     samples = []
     by_stage = outputs_by_stage(stages, outputs)
+    tabled = [(st, step) for st in stages if (step := st.step_class()).shard_table]  # stages with a shard table
     for i, li in enumerate(chunk.loaded):
         sid = li.item.source_id
         image_outputs = {name: out[i] for name, out in by_stage.items()}
@@ -90,7 +90,7 @@ def encode_chunk(
                 jpg=encode_jpeg(li.image, jpeg_quality),
                 seg_png=encode_segment_map(image_outputs["segmenter"].segment_map),
                 json=record.to_json().encode("utf-8"),
-                faces=face_rows(record.key, image_outputs["identity"]) if "identity" in image_outputs else [],
+                shard_rows={st.name: step.shard_rows(record.key, image_outputs[st.name]) for st, step in tabled},
             )
         except Exception as e:  # noqa: BLE001 -- one image's record or encoding fails that image alone
             outcomes[sid] = (FAILED, failure_reason("record", li.item.rel_path, e))
@@ -139,5 +139,6 @@ def write_shard_tar(spec: ShardSpec, tar_path: str, *chunks: EncodedChunk) -> di
         "write": round(time.perf_counter() - t, 4),
     }
     return {"sha256": digest, "bytes": path.stat().st_size, "samples": samples, "cpu_seconds": timings,
-            "faces": [row for s in to_write for row in s.faces]}
+            "shard_rows": {name: [row for s in to_write for row in s.shard_rows.get(name, [])]
+                           for name in {n for s in to_write for n in s.shard_rows}}}
 

@@ -22,9 +22,8 @@ import pyarrow.parquet as pq
 
 from datagen import storage
 from datagen.files import write_parquet_atomic
-from datagen.record.identity_faces import face_id
+from datagen.stages.identity import FACES_DIR, IdentityStep, face_table_schema
 
-FACES_DIR = "faces"
 COLUMNS = ("face", "key", "n", "segment_id", "size", "score")
 
 
@@ -32,25 +31,30 @@ class FaceTableError(ValueError):
     """A run has no usable face tables; the message says what to re-run."""
 
 
+def shard_table_path(run_dir: str | Path, folder: str, shard_name: str) -> Path:
+    """A shard's table of a stage (``Step.shard_table``; a URL's path object on a bucket)."""
+    return storage.path(run_dir) / folder / f"{shard_name}.parquet"
+
+
+def write_shard_table(run_dir: str | Path, folder: str, shard_name: str, rows: Sequence[dict[str, Any]],
+                      schema: pa.Schema) -> Path:
+    """One shard's table of a stage's rows, atomically (an empty shard gets an empty table)."""
+    table = pa.table({name: [r[name] for r in rows] for name in schema.names}, schema=schema)
+    return write_parquet_atomic(shard_table_path(run_dir, folder, shard_name), table)
+
+
 def face_table_path(run_dir: str | Path, shard_name: str) -> Path:
-    """A shard's face table (a path, or a URL's path object on a bucket)."""
-    return storage.path(run_dir) / FACES_DIR / f"{shard_name}.parquet"
+    return shard_table_path(run_dir, FACES_DIR, shard_name)
 
 
 def face_rows(key: str, faces: Sequence[Any]) -> list[dict[str, Any]]:
-    """The face-table rows of one sample: its embedded faces (``IdentityFace``), numbered as in its record."""
-    return [{"face": face_id(key, n), "key": key, "n": n, "segment_id": f.segment_id, "size": int(f.size),
-             "score": float(f.score), "embedding": np.asarray(f.embedding, np.float32)}
-            for n, f in enumerate(faces) if f.embedding is not None]
+    """The face-table rows of one sample (the identity stage's)."""
+    return IdentityStep.shard_rows(key, faces)
 
 
 def write_face_table(run_dir: str | Path, shard_name: str, rows: Sequence[dict[str, Any]]) -> Path:
-    """One shard's face table, atomically (an empty shard gets an empty table)."""
-    columns: dict[str, Any] = {c: [r[c] for r in rows] for c in COLUMNS}
-    schema = pa.schema([("face", pa.string()), ("key", pa.string()), ("n", pa.int32()), ("segment_id", pa.int32()),
-                        ("size", pa.int32()), ("score", pa.float32()), ("embedding", pa.list_(pa.float32()))])
-    columns["embedding"] = [r["embedding"].tolist() for r in rows]
-    return write_parquet_atomic(face_table_path(run_dir, shard_name), pa.table(columns, schema=schema))
+    """One shard's face table (what the job writes for the identity stage)."""
+    return write_shard_table(run_dir, FACES_DIR, shard_name, rows, face_table_schema())
 
 
 def read_faces(run_dir: str | Path, shard_names: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:

@@ -17,13 +17,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from datagen.stages.identity import face_id
+
 IDENTITY_SINCE = "1.2"
 OLDER_VERSIONS = ("1.0", "1.1")
-
-
-def face_id(key: str, n: int) -> str:
-    """The run-wide name of face ``n`` of sample ``key``."""
-    return f"{key}/{n}"
 
 
 @dataclass

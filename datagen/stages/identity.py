@@ -250,10 +250,38 @@ class IdentityFinder:
         return faces
 
 
+FACES_DIR = "faces"  # the run's face tables: manifests/<run>/faces/<shard>.parquet (datagen.manifests.face_table)
+
+
+def face_id(key: str, n: int) -> str:
+    """The run-wide name of face ``n`` of sample ``key``."""
+    return f"{key}/{n}"
+
+
+def face_table_schema():
+    import pyarrow as pa
+
+    return pa.schema([("face", pa.string()), ("key", pa.string()), ("n", pa.int32()), ("segment_id", pa.int32()),
+                      ("size", pa.int32()), ("score", pa.float32()), ("embedding", pa.list_(pa.float32()))])
+
+
 class IdentityStep(Step):
-    """The build's identity stage: a list of :class:`IdentityFace` per image (or a ``StageFailure``)."""
+    """The build's identity stage: a list of :class:`IdentityFace` per image (or a ``StageFailure``);
+    the embeddings go to the run's face tables, one per shard (:attr:`shard_table`)."""
 
     name = "identity"
+    shard_table = FACES_DIR
+
+    @classmethod
+    def shard_schema(cls) -> Any:
+        return face_table_schema()
+
+    @classmethod
+    def shard_rows(cls, key: str, output: Sequence[Any]) -> list[dict[str, Any]]:
+        """The face-table rows of one sample: its embedded faces, numbered as in its record."""
+        return [{"face": face_id(key, n), "key": key, "n": n, "segment_id": f.segment_id, "size": int(f.size),
+                 "score": float(f.score), "embedding": np.asarray(f.embedding, np.float32).tolist()}
+                for n, f in enumerate(output) if f.embedding is not None]
 
     def __init__(self, profile, device: str):
         super().__init__(profile, device)

@@ -38,6 +38,10 @@ class Step:
     :meth:`process`; :attr:`images` counts the images processed (the stage's rate)."""
 
     name = ""
+    # A folder under the run's manifests where the job writes, per shard and before its entry, one
+    # Parquet table of this stage's shard_rows with this schema (a shard without it is redone on
+    # resume); kept out of the tar. None: the stage has no such table.
+    shard_table: str | None = None
 
     def __init__(self, profile: Profile, device: str):
         self.profile = profile
@@ -79,6 +83,16 @@ class Step:
         """This stage's outputs (one per image) as those of stage ``name``, which its table row
         ``provides`` (a stage standing in for others); failures pass through. Default: unchanged."""
         return outputs
+
+    @classmethod
+    def shard_schema(cls) -> Any:
+        """The pyarrow schema of :attr:`shard_table`."""
+        return None
+
+    @classmethod
+    def shard_rows(cls, key: str, output: Any) -> list[dict[str, Any]]:
+        """The :attr:`shard_table` rows this stage's output for sample ``key`` adds."""
+        return []
 
     @classmethod
     def record_fields(cls, output: Any) -> dict[str, Any]:
