@@ -76,6 +76,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--identities", type=Path, default=None, metavar="RUN",
                         help="a run folder with identities.parquet (`subject-ffhq identities`): exported faces and "
                              "subjects carry their identity id (fastcomposer, subject-crops, hf records)")
+    parser.add_argument("--drop-merged-identities", action="store_true",
+                        help="drop samples with a person segment holding faces of two identities (two people in "
+                             "one mask; needs --identities RUN)")
     parser.add_argument("--references", default=None, metavar="RUN",
                         help="identity-pairs: the run folder (or its references/) that `subject-ffhq identities` "
                              "wrote the reference set to")
@@ -95,8 +98,8 @@ def object_types_from_args(args) -> tuple[str, ...]:
     return profile.subjects.object_types
 
 
-def run(args) -> int:
-    filters = ExportFilters(
+def export_filters(args) -> ExportFilters:
+    return ExportFilters(
         min_match_score=args.min_match_score, min_margin=args.min_margin, require_subject=args.require_subject,
         min_subjects=args.min_subjects, max_subjects=args.max_subjects,
         exclude_unmatched_subject=args.exclude_unmatched_subject,
@@ -105,8 +108,13 @@ def run(args) -> int:
         min_face_size=args.min_face_size, require_primary_face=args.require_primary_face,
         split_file=split_file_path(args.split_file),
         identities_from=str(args.identities) if args.identities is not None else None,
+        drop_merged_identities=args.drop_merged_identities,
     )
+
+
+def run(args) -> int:
     try:
+        filters = export_filters(args)
         if filters.split_file is not None:
             read_split(filters.split_file)  # a missing or unreadable file stops the export before it writes
         if filters.identities_from is not None:

@@ -237,3 +237,51 @@ def test_fastcomposer_and_subject_crops_carry_the_identity_with_identities(ident
     assert all("identity" not in s for s in plain["segments"])
     assert main(["export", shards, str(tmp_path / "no"), "--identities", str(tmp_path)]) == 2
     assert "no identities.parquet" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_merged_identities_flag_the_record_and_drop_the_sample_where_asked(identity_run, tmp_path, capsys):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datagen.report.identities import merged_identities
+
+    shards, run = str(identity_run["shards_dir"]), tmp_path / "run"
+    shutil.copytree(identity_run["run"], run)
+    table = pq.read_table(run / "identities.parquet")
+    assert merged_identities(table) == 0  # every hand-drawn person segment holds one person
+    rows = table.to_pylist()
+    # a composite whose two people the identity stage linked to one person segment (a merged mask)
+    first, second = next((a, b) for a in rows for b in rows if a["key"] == b["key"] and a["identity"] != b["identity"]
+                         and None not in (a["segment_id"], b["segment_id"]) and a["segment_id"] != b["segment_id"])
+    merged_key, merged_segment = first["key"], first["segment_id"]
+    segments = [merged_segment if r["face"] == second["face"] else r["segment_id"] for r in rows]
+    table = table.set_column(table.schema.get_field_index("segment_id"), "segment_id", pa.array(segments, pa.int32()))
+    pq.write_table(table, run / "identities.parquet")
+    assert merged_identities(table) == 1  # the report's figure, from the same rule
+
+    fc = tmp_path / "fc"
+    assert main(["export", shards, str(fc), "--identities", str(run)]) == 0
+    checks = {key: json.loads((fc / key[:5] / f"{key}.json").read_text())["identity_checks"]
+              for key in (fc / "image_ids.txt").read_text().split()}
+    assert checks.pop(merged_key) == {"merged_identities": [merged_segment], "flags": ["merged_identities"]}
+    assert checks and all(c == {"merged_identities": [], "flags": []} for c in checks.values())
+
+    kept = tmp_path / "kept"
+    assert main(["export", shards, str(kept), "--identities", str(run), "--drop-merged-identities"]) == 0
+    saved = json.loads((kept / SUMMARY).read_text())
+    assert saved["filtered_out"] == {"merged_identities": 1} and saved["exported"] == len(checks)
+    assert merged_key not in (kept / "image_ids.txt").read_text().split()
+
+    hf = tmp_path / "hf"
+    assert main(["export", "--format", "hf", shards, str(hf), "--identities", str(run)]) == 0
+    hf_rows = pq.read_table(hf / "data").select(["key", "identity_flags", "subject_identities"]).to_pylist()
+    flagged = {r["key"] for r in hf_rows if r["identity_flags"]}
+    assert flagged == {merged_key}
+    lookup = identity_lookup(str(run))
+    assert all(s["identity"] == lookup.by_segment[(r["key"], s["segment_id"])]
+               for r in hf_rows for s in r["subject_identities"])
+    capsys.readouterr()
+    assert main(["export", shards, str(tmp_path / "no"), "--drop-merged-identities"]) == 2
+    assert "needs the run whose identities.parquet" in capsys.readouterr().err and not (tmp_path / "no").exists()

@@ -133,3 +133,35 @@ def test_join_identities_fills_the_faces_the_index_knows():
     join_identities("00001", faces, {"00001/0": 7, "00002/1": 3})
     assert [f.identity for f in faces] == ["7", None]
     join_identities("00001", None, {"00001/0": 7})  # a record without identity faces: nothing to fill
+
+
+def test_merged_identities_are_person_segments_holding_two_identities():
+    from datagen.record.identity_faces import IdentityChecks, merged_segments
+
+    # segment 1 holds identities 4 and 5; segment 2 one identity twice; faces in no segment or of no
+    # known identity count for nothing
+    pairs = [(1, 4), (2, 7), (1, 5), (2, 7), (None, 8), (None, 9), (3, None), (3, 6)]
+    assert merged_segments(pairs) == [1]
+    assert merged_segments([(2, 1), (1, 3), (2, 0), (1, 2)]) == [1, 2]
+    assert IdentityChecks.of([1]) == IdentityChecks([1], ["merged_identities"])
+    assert IdentityChecks.of([]) == IdentityChecks([], [])
+
+
+def test_identity_checks_round_trip_and_are_checked():
+    from datagen.record.identity_faces import IdentityChecks
+
+    record = _with_faces()
+    assert "identity_checks" not in record.to_dict()  # the tar's record: written before the index
+    record.identity_checks = IdentityChecks.of([2])
+    d = json.loads(record.to_json())
+    assert d["identity_checks"] == {"merged_identities": [2], "flags": ["merged_identities"]}
+    assert Record.from_dict(d) == record
+    for checks, problem in (({"merged_identities": [7], "flags": ["merged_identities"]}, "must list person segment ids"),
+                            ({"merged_identities": [1], "flags": []}, "must be .* exactly when merged_identities lists"),
+                            ({"merged_identities": [], "flags": ["merged_identities"]}, "must be .* exactly when"),
+                            ({"merged": [1]}, "is malformed")):
+        with pytest.raises(RecordError, match=f"field 'identity_checks[^']*' {problem}"):
+            Record.from_dict({**d, "identity_checks": checks})
+    old = {k: v for k, v in d.items() if k != "identity_faces"} | {"schema_version": "1.1"}
+    with pytest.raises(RecordError, match="field 'identity_checks' is a schema 1.2 field"):
+        Record.from_dict(old)

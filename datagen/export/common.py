@@ -18,7 +18,9 @@ matched person segment without a face), ``min_face_size`` (a matched person whos
 smaller, px; matched persons without a face are left to ``drop_faceless_persons``) and
 ``require_primary_face`` (the source's face rect is not in a matched person segment; samples whose
 source gives no face rect pass). A record whose faces were never checked (schema 1.0) cannot pass a
-face filter and is counted as ``faces_not_checked``.
+face filter and is counted as ``faces_not_checked``. ``drop_merged_identities`` (a person segment
+holding faces of two identities in the run's index: the record's ``identity_checks``,
+:mod:`datagen.record.identity_faces`) needs that index (``identities_from``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ class ExportFilters:
     require_primary_face: bool = False  # drop samples whose source's face rect is not in a matched person
     split_file: str | None = None  # a run's identity-safe split.parquet: its split replaces the record's
     identities_from: str | None = None  # a run with identities.parquet: exported faces and subjects carry it
+    drop_merged_identities: bool = False  # drop samples with a person segment holding two identities' faces
+
+    def __post_init__(self) -> None:
+        if self.drop_merged_identities and self.identities_from is None:
+            raise ExportError("dropping merged identities needs the run whose identities.parquet says who is who "
+                              "(--identities RUN, identities_from)")
 
     def split_for(self, record: Record) -> str:
         """The sample's split: the identity-safe split file's when one is given, else the record's."""
@@ -75,13 +83,16 @@ class ExportFilters:
         return cached_split(self.split_file).get(record.key, record.split)
 
     def join_identities(self, record: Record) -> None:
-        """Give the record's faces their identity from the run's index (``identities_from``)."""
+        """Give the record's faces their identity, and the record its ``identity_checks``, from the run's
+        index (``identities_from``)."""
         if self.identities_from is None:
             return
         from datagen.identity.index import identity_lookup
-        from datagen.record.identity_faces import join_identities
+        from datagen.record.identity_faces import IdentityChecks, join_identities
 
-        join_identities(record.key, record.identity_faces, identity_lookup(self.identities_from).by_face)
+        lookup = identity_lookup(self.identities_from)
+        join_identities(record.key, record.identity_faces, lookup.by_face)
+        record.identity_checks = IdentityChecks.of(lookup.merged.get(record.key, []))
 
     def segment_identity(self, key: str, segment_id: int) -> int | None:
         """The identity of a sample's person segment in the run's index (None: unknown, or no index)."""
@@ -115,6 +126,8 @@ class ExportFilters:
             return "min_margin"
         if self.exclude_unmatched_subject and unmatched:
             return "unmatched_subject_segment"
+        if self.drop_merged_identities and record.identity_checks is not None and record.identity_checks.flags:
+            return "merged_identities"
         return self.face_rejection(record) if self.uses_faces else None
 
     def face_rejection(self, record: Record) -> str | None:

@@ -14,7 +14,10 @@ typed as in :func:`datagen.shards.hf_features.segment_feature`: an unmatched seg
 ``start`` / ``end`` are None), the match-quality fields of :mod:`datagen.record.quality`
 (``n_matched``, ``n_subjects``, ``min_match_score``, ``mean_match_score``, ``min_margin``,
 ``quality_flags``), the face fields of :mod:`datagen.record.face_quality` (``faces_checked``,
-``n_faces``, ``min_matched_face_size``, ``face_flags``), ``provenance`` and ``models``.
+``n_faces``, ``min_matched_face_size``, ``face_flags``), ``provenance`` and ``models``; with the
+run's identity index (``export --identities RUN``) ``subject_identities`` (``{segment_id, identity}``
+of each subject whose person the index knows) and ``identity_flags`` (the record's
+``identity_checks.flags``, e.g. ``merged_identities``), both None without it.
 
 Shards, filters, checks and the summary: :mod:`datagen.export.common`. Each Parquet file is written
 atomically when its shard ends (:meth:`end_shard`), the card and the summary last.
@@ -23,6 +26,7 @@ atomically when its shard ends (:meth:`end_shard`), the card and the summary las
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +59,14 @@ def hf_features():
         "quality_flags": d.List(text), "faces_checked": d.Value("bool"), "n_faces": i64,
         "min_matched_face_size": i64, "face_flags": d.List(text), "provenance": provenance_feature(),
         "models": d.Json(),
+        "subject_identities": d.List({"segment_id": i64, "identity": i64}), "identity_flags": d.List(text),
     })
 
 
-def hf_row(sample: TarSample, record: Record, object_types: tuple[str, ...]) -> dict[str, Any]:
-    """One sample as a row of :func:`hf_features` (images as their shard bytes)."""
+def hf_row(sample: TarSample, record: Record, object_types: tuple[str, ...],
+           identity_of: Callable[[str, int], int | None] | None = None) -> dict[str, Any]:
+    """One sample as a row of :func:`hf_features` (images as their shard bytes); ``identity_of(key,
+    segment id)``: the run's index, when the export joined one."""
     q = match_quality(record, AMBIGUOUS_MARGIN)
     f = face_quality(record)
     subjects, _ = subject_segments(record, object_types)
@@ -74,6 +81,9 @@ def hf_row(sample: TarSample, record: Record, object_types: tuple[str, ...]) -> 
         "faces_checked": f.checked, "n_faces": f.n_faces, "min_matched_face_size": f.min_matched_face_size,
         "face_flags": [name for name, on in f.flags.items() if on], "provenance": d["provenance"],
         "models": dict(record.models),
+        "subject_identities": None if record.identity_checks is None or identity_of is None else [
+            {"segment_id": s.id, "identity": i} for s in subjects if (i := identity_of(record.key, s.id)) is not None],
+        "identity_flags": None if record.identity_checks is None else list(record.identity_checks.flags),
     }
 
 
@@ -100,7 +110,8 @@ class HFExport(ShardExport):
 
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
         sample.checked_segment_map(record)  # the map decodes and fits the image before it is exported
-        self.rows.setdefault(record.split, []).append(hf_row(sample, record, self.object_types))
+        self.rows.setdefault(record.split, []).append(hf_row(sample, record, self.object_types,
+                                                                 self.filters.segment_identity))
         licence = " ".join((record.provenance.license or "unknown").split())  # one line in the card
         counts = {f"licence:{licence}": 1, **{f"model:{k}={v}": 1 for k, v in record.models.items()}}
         return SampleOutcome(sample.key, record.split, counts=counts)

@@ -125,10 +125,12 @@ def read_identities(run_dir: str | Path) -> pa.Table | None:
 @dataclass(frozen=True)
 class IdentityLookup:
     """A run's identities by face (``"<key>/<n>"``) and by person segment (``(key, segment id)``: the
-    identity of the largest face in it)."""
+    identity of the largest face in it), and per sample the person segments holding faces of two
+    identities or more (``merged``: the records' ``identity_checks.merged_identities``)."""
 
     by_face: dict[str, int]
     by_segment: dict[tuple[str, int], int]
+    merged: dict[str, list[int]]
 
 
 @functools.cache
@@ -142,7 +144,17 @@ def identity_lookup(run_dir: str) -> IdentityLookup:
     by_segment: dict[tuple[str, int], int] = {}
     for row in sorted((r for r in rows if r["segment_id"] is not None), key=lambda r: r["size"]):
         by_segment[(row["key"], int(row["segment_id"]))] = int(row["identity"])  # the largest face last
-    return IdentityLookup({r["face"]: int(r["identity"]) for r in rows}, by_segment)
+    return IdentityLookup({r["face"]: int(r["identity"]) for r in rows}, by_segment, merged_by_key(table))
+
+
+def merged_by_key(table: pa.Table) -> dict[str, list[int]]:
+    """``{key: person segment ids holding faces of two identities or more}``, the samples with any."""
+    from datagen.record.identity_faces import merged_segments
+
+    per_key: dict[str, list[tuple[int | None, int]]] = {}
+    for key, sid, identity in zip(*(table.column(c).to_pylist() for c in ("key", "segment_id", "identity")), strict=True):
+        per_key.setdefault(key, []).append((sid, identity))
+    return {key: merged for key, faces in per_key.items() if (merged := merged_segments(faces))}
 
 
 def identity_of_faces(run_dir: str | Path) -> dict[str, int]:

@@ -9,18 +9,28 @@ numbered by their place in the list: face ``n`` of sample ``key`` is ``"<key>/<n
 run's faces are clustered (``subject-ffhq identities``): readers join it from ``identities.parquet``
 (:func:`datagen.identity.index.identity_of_faces`) and exported records carry it as ``identity``;
 the tar's record, written before, says ``identity: null``.
+
+**Identity checks.** A record joined with the run's index (``export --identities RUN``) also carries
+``identity_checks``: ``merged_identities``, the person segments holding faces of two identities or
+more according to the index (two different people in one mask: proof, where the face stage's
+``merged_persons`` flag only counts faces; :func:`merged_segments`), and ``flags``
+(``["merged_identities"]`` when there is one). The tar's record has no ``identity_checks`` key: the
+index did not exist when it was written.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from datagen.stages.identity import face_id
 
 IDENTITY_SINCE = "1.2"
 OLDER_VERSIONS = ("1.0", "1.1")
+IDENTITY_FLAG_NAMES = ("merged_identities",)
 
 
 @dataclass
@@ -38,11 +48,52 @@ class ImageFace:
         return cls(**d)
 
 
+@dataclass
+class IdentityChecks:
+    """What the run's identity index says about one record (module doc)."""
+
+    merged_identities: list[int] = field(default_factory=list)  # person segments holding 2+ identities' faces
+    flags: list[str] = field(default_factory=list)  # in IDENTITY_FLAG_NAMES order
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IdentityChecks:
+        return cls(**d)
+
+    @classmethod
+    def of(cls, merged_identities: list[int]) -> IdentityChecks:
+        return cls(list(merged_identities), ["merged_identities"] if merged_identities else [])
+
+
+def merged_segments(faces: Iterable[tuple[int | None, Any]]) -> list[int]:
+    """The person segments holding faces of two identities or more, from ``(segment id, identity)``
+    pairs (faces in no segment, or of no known identity, count for nothing)."""
+    found: dict[int, set] = defaultdict(set)
+    for segment_id, identity in faces:
+        if segment_id is not None and identity is not None:
+            found[segment_id].add(identity)
+    return sorted(sid for sid, identities in found.items() if len(identities) >= 2)
+
+
 def join_identities(key: str, faces: list[ImageFace] | None, identity_of: dict[str, int]) -> None:
     """Fill each embedded face's ``identity`` from ``{face id: identity}`` (``identities.parquet``)."""
     for n, f in enumerate(faces or []):
         found = identity_of.get(face_id(key, n))
         f.identity = str(found) if found is not None else None
+
+
+def check_identity_checks(checks: IdentityChecks | None, version: str, persons: set[int], fail) -> None:
+    """``identity_checks``: only from 1.2 on; merged segments are person segments; the flag is set
+    exactly when there is one."""
+    if checks is None:
+        return
+    if version in OLDER_VERSIONS:
+        fail("identity_checks", f"is a schema {IDENTITY_SINCE} field; a {version} record has none")
+    if not isinstance(checks.merged_identities, list) or any(s not in persons for s in checks.merged_identities):
+        fail("identity_checks.merged_identities", f"must list person segment ids of the record, got "
+                                                  f"{checks.merged_identities!r}")
+    if checks.flags != (["merged_identities"] if checks.merged_identities else []):
+        fail("identity_checks.flags", f"must be ['merged_identities'] exactly when merged_identities lists a "
+                                      f"segment, got {checks.flags!r}")
 
 
 def check_identity_faces(faces: list[ImageFace] | None, version: str, persons: set[int], fail) -> None:

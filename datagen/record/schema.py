@@ -46,7 +46,13 @@ from typing import Any
 
 from datagen.config import PERSON_LABEL
 from datagen.record.face_fields import FaceChecks, SegmentFace
-from datagen.record.identity_faces import OLDER_VERSIONS, ImageFace, check_identity_faces
+from datagen.record.identity_faces import (
+    OLDER_VERSIONS,
+    IdentityChecks,
+    ImageFace,
+    check_identity_checks,
+    check_identity_faces,
+)
 
 SCHEMA_VERSION = "1.2"
 READABLE_VERSIONS = ("1.0", "1.1", "1.2")  # 1.0: before the face checks; 1.1: before identity_faces
@@ -59,7 +65,7 @@ OPTIONAL_PROVENANCE = ("source_tar", "source_key", "alt_text")  # absent from a 
 CONTRACT_FIELDS = frozenset((
     "schema_version", "key", "caption", "caption_raw", "width", "height", "segments", "phrases", "scores",
     "unmatched_phrases", "unmatched_person_segments", "caption_flags", "provenance", "split", "models", "face_checks",
-    "identity_faces",
+    "identity_faces", "identity_checks",
 ))  # what Record.to_dict writes; any other top-level field is a stage's (Record.extra)
 
 
@@ -179,6 +185,7 @@ class Record:
     caption_flags: list[str] = field(default_factory=list)  # e.g. "empty", "degenerate"
     face_checks: FaceChecks | None = None  # None: not checked (a 1.0 record, or the face stage did not run)
     identity_faces: list[ImageFace] | None = None  # schema 1.2 (datagen.record.identity_faces); None: not looked for
+    identity_checks: IdentityChecks | None = None  # set where a run's identity index was joined (export --identities)
     schema_version: str = SCHEMA_VERSION
     # Top-level fields that stages outside the contract add (Step.record_fields); kept as read
     extra: dict[str, Any] = field(default_factory=dict)
@@ -206,6 +213,8 @@ class Record:
             d["face_checks"] = asdict(self.face_checks) if self.face_checks is not None else None
         if self.schema_version not in OLDER_VERSIONS:
             d["identity_faces"] = [asdict(f) for f in self.identity_faces] if self.identity_faces is not None else None
+        if self.identity_checks is not None:  # absent from the tar's record (written before the index)
+            d["identity_checks"] = asdict(self.identity_checks)
         clash = sorted(set(self.extra) & CONTRACT_FIELDS)
         if clash:
             raise RecordError(clash[0], "is a field of the record contract; a stage cannot add it", self.key)
@@ -251,6 +260,10 @@ class Record:
             faces = [ImageFace.from_dict(f) for f in d["identity_faces"]] if d.get("identity_faces") is not None else None
         except (TypeError, AttributeError) as e:
             raise RecordError("identity_faces", f"is malformed: {e}", key) from e
+        try:
+            checks = IdentityChecks.from_dict(d["identity_checks"]) if d.get("identity_checks") is not None else None
+        except (TypeError, AttributeError) as e:
+            raise RecordError("identity_checks", f"is malformed: {e}", key) from e
         rec = cls(
             key=d["key"], caption=d["caption"], caption_raw=d["caption_raw"], width=d["width"],
             height=d["height"], segments=segments, phrases=phrases, scores=scores,
@@ -258,7 +271,7 @@ class Record:
             unmatched_phrases=d.get("unmatched_phrases", []),
             unmatched_person_segments=d.get("unmatched_person_segments", []),
             caption_flags=d.get("caption_flags", []),
-            face_checks=face_checks, identity_faces=faces,
+            face_checks=face_checks, identity_faces=faces, identity_checks=checks,
             schema_version=d.get("schema_version", SCHEMA_VERSION),
             extra={k: v for k, v in d.items() if k not in CONTRACT_FIELDS},
         )
@@ -287,8 +300,9 @@ class Record:
         matched_by_seg = {s.id: s for s in self.segments if s.matched}
         self._check_matches(fail, seen_ids, matched_by_seg)
         self._check_faces(fail, matched_by_seg)
-        check_identity_faces(self.identity_faces, self.schema_version,
-                             {s.id for s in self.segments if s.coco_label == PERSON_LABEL}, fail)
+        persons = {s.id for s in self.segments if s.coco_label == PERSON_LABEL}
+        check_identity_faces(self.identity_faces, self.schema_version, persons, fail)
+        check_identity_checks(self.identity_checks, self.schema_version, persons, fail)
         self._check_scores(fail, seen_ids)
         self._check_provenance(fail)
         return self

@@ -38,12 +38,11 @@ class IdentitySection:
 
 
 def merged_identities(table) -> int:
-    """Person segments (key, segment) holding faces of two identities or more."""
-    ids: dict[tuple[str, int], set[int]] = defaultdict(set)
-    for key, sid, identity in zip(*(table.column(c).to_pylist() for c in ("key", "segment_id", "identity")), strict=True):
-        if sid is not None:
-            ids[(key, sid)].add(identity)
-    return sum(1 for s in ids.values() if len(s) >= 2)
+    """Person segments (key, segment) holding faces of two identities or more (the records'
+    ``identity_checks.merged_identities``, :func:`datagen.identity.index.merged_by_key`)."""
+    from datagen.identity.index import merged_by_key
+
+    return sum(len(segments) for segments in merged_by_key(table).values())
 
 
 def identity_section(run_dir: Path, shards: list[dict], samples: list[dict]) -> IdentitySection | None:
