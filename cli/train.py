@@ -89,6 +89,14 @@ def config_from_args(args: argparse.Namespace):
                                     **overrides)
 
 
+def check_split_file(cfg) -> None:
+    """A ``--split-file`` must be readable now: the loader reads it per sample, in its workers."""
+    from datagen.identity.split import read_split
+
+    if cfg.split_file is not None:
+        read_split(cfg.split_file)
+
+
 def check_models(cfg) -> None:
     """Check now, before Ray starts, that both models load: a folder or a cached snapshot must hold what
     the loader reads (configs, whole weights, the SD parts); one error line names what is missing."""
@@ -110,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
+        check_split_file(cfg)
         check_models(cfg)
-    except (ConfigError, ProfileError, ModelNotFoundError, ValueError) as e:
+    except (ConfigError, ProfileError, ModelNotFoundError, ValueError, FileNotFoundError) as e:
         return fail(COMMAND, e)
 
     from ray_jobs.cluster import RayConnectError, forwarded_env, ray_session

@@ -234,8 +234,10 @@ def test_failed_shards_are_recorded_then_resumed_to_identical_bytes(reference, p
     assert [i["status"] for i in run["invocations"]] == ["incomplete", "complete"]
 
 
-def test_interrupted_run_resumes_to_identical_bytes(reference, pools, profile, sample_source, tmp_path):
-    ref_root, _ = reference
+def test_interrupted_run_resumes_to_identical_bytes(reference, pools, profile, sample_source, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    ref_root, ref = reference
     stopped = build(sample_source, tmp_path, profile, pools, stop_after_shards=1)
     assert stopped.status == "interrupted" and stopped.exit_code == 130
     assert stopped.counts["pending"] > 0
@@ -244,10 +246,18 @@ def test_interrupted_run_resumes_to_identical_bytes(reference, pools, profile, s
     # a crash can leave a half-written temp file: plant one, resume must clear it
     shards_dir = tmp_path / "out" / "shards"
     (shards_dir / "subjects-00003.tar.tmp-99999").write_bytes(b"partial")
+    # a finished shard whose face table is gone (deleted by hand, a lost upload) is redone, not skipped
+    lost = f"subjects-{min(done_before):05d}"
+    (stopped.run_dir / "faces" / f"{lost}.parquet").unlink()
+    capsys.readouterr()
     resumed = build(sample_source, tmp_path, profile, pools)
     assert resumed.status == "complete"
-    assert resumed.shards_skipped == len(done_before) and resumed.shards_run == 4 - len(done_before)
+    assert f"{lost}: redoing (its faces table is missing)" in "".join(capsys.readouterr())
+    assert resumed.shards_skipped == len(done_before) - 1 and resumed.shards_run == 4 - len(done_before) + 1
     assert_same_shards(tmp_path, ref_root)
+    for k in range(4):  # every face table back, equal to the uninterrupted run's
+        name = f"subjects-{k:05d}.parquet"
+        assert pq.read_table(resumed.run_dir / "faces" / name).equals(pq.read_table(ref.run_dir / "faces" / name))
 
 
 def test_a_kill_at_the_first_shard_write_then_a_resume_leaves_no_temp_file(reference, pools, profile, sample_source, tmp_path):

@@ -109,3 +109,34 @@ def test_mixed_draws_the_share_and_same_image_loads_nothing(identity_run, model_
     share = sum(d is not None and d is not False for d in drawn) / len(drawn)
     assert abs(share - 0.3) < 0.05
     assert CrossImageReferences.from_config(config(model_paths, identity_run, tmp_path, reference="same-image")) is None
+
+
+def test_the_trainer_trains_on_the_identity_safe_split_file(model_paths, identity_run, tiny_model, tmp_path, capsys):
+    """``--split-file``: the run's identity-safe split replaces each record's (the composites tie the
+    two photos the records put in test to people in train, so the split moves them to train)."""
+    from transformers import CLIPTokenizer
+
+    from cli.main import main
+    from datagen.identity.split import read_split
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model("stable-diffusion") / "tokenizer")
+    records = {key: r for key, (_, _, r) in identity_run["records"].items()}
+    safe = read_split(identity_run["run"])
+    moved = {key for key, r in records.items() if safe.get(key, r.split) != r.split}
+    assert moved and all(records[k].split == "test" for k in moved)
+
+    def trained_on(**kwargs) -> set[str]:
+        cfg = config(model_paths, identity_run, tmp_path, reference="same-image", reference_set=None, **kwargs)
+        pre = ExamplePreprocessor.from_config(cfg, copy.deepcopy(tokenizer), 32, seed=0, device_type="cpu")
+        batches = iter(loader_from_config(cfg, pre, seed=0))
+        return {key for _ in range(2 * len(records)) for key in next(batches)["key"]}  # every shard, twice over
+
+    assert trained_on() == {key for key, r in records.items() if r.split == "train"}
+    assert trained_on(split_file=str(identity_run["run"])) == {k for k, r in records.items() if safe.get(k, r.split) == "train"}
+    assert moved <= trained_on(split_file=str(identity_run["run"] / "split.parquet"))
+    # a split file that is not there stops the command before Ray starts, naming the file
+    capsys.readouterr()
+    code = main(["train", "--shards", *identity_run["shards"], "--profile", "tiny", "--out", str(tmp_path / "o"),
+                 "--split-file", str(tmp_path / "nowhere.parquet")])
+    assert code == 2 and "nowhere.parquet: no identity-safe split" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datagen import storage
 from datagen.files import write_parquet_atomic
 from datagen.manifests.tables import SAMPLES_TABLE
 
@@ -88,8 +89,8 @@ def split_file_path(path: str | Path | None) -> str | None:
     """The split file a ``--split-file`` names: the file, or a run folder's ``split.parquet``."""
     if path is None:
         return None
-    path = Path(path)
-    return str((path / SPLIT_TABLE) if path.is_dir() else path)
+    where = storage.path(path)  # a local path, or a bucket URL beside a bucket run
+    return str(where / SPLIT_TABLE) if where.is_dir() else str(where)
 
 
 @functools.cache
@@ -100,8 +101,9 @@ def cached_split(path: str) -> dict[str, str]:
 
 def read_split(path: str | Path) -> dict[str, str]:
     """``{key: split}`` of a ``split.parquet`` (a run folder holding one is accepted too)."""
-    path = Path(split_file_path(path))
+    path = storage.path(split_file_path(path))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no identity-safe split; run `subject-ffhq identities RUN` first")
-    t = pq.read_table(path, columns=["key", "split"])
+    with path.open("rb") as f:
+        t = pq.read_table(f, columns=["key", "split"])
     return dict(zip(t.column("key").to_pylist(), t.column("split").to_pylist(), strict=True))
