@@ -105,3 +105,24 @@ def test_a_label_no_node_has_and_a_folder_the_node_cannot_see_are_refused(cluste
     code, _ = identities(str(run_copy), "--ray-address", c.address, "--ray-resources", '{"data": -1}')
     err = capsys.readouterr().err
     assert code == 2 and "--ray-resources: must be a JSON object of positive numbers" in err, err
+
+
+def test_on_a_bucket_the_task_reads_and_writes_the_run_folder_there(identity_run, run_copy, local_s3, capsys):
+    """``local``: a private Ray here, which forwards the bucket's endpoint and credentials to its worker."""
+    import fsspec
+
+    from tests.local_s3 import clear_fs_cache
+
+    bucket = local_s3.bucket("runs")
+    clear_fs_cache()
+    fs = fsspec.filesystem("s3")
+    fs.put(f"{run_copy}/", f"s3://{bucket}/run/", recursive=True)
+    fs.put(f"{identity_run['shards_dir']}/", f"s3://{bucket}/shards/", recursive=True)
+    code, _ = identities(f"s3://{bucket}/run", "--shards-dir", f"s3://{bucket}/shards", "--ray-address", "local")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() == f"s3://{bucket}/run/identities.parquet" and "on node" in err
+    for name in OUTPUTS:
+        with fs.open(f"s3://{bucket}/run/{name}", "rb") as f:
+            ours = pq.read_table(f)
+        assert ours.equals(pq.read_table(identity_run["run"] / name)), name
