@@ -79,7 +79,7 @@ demo: install
 		--overwrite --format seg-conditioning
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq export out/demo/shards out/demo-exports/subject-crops --profile tiny \
 		--overwrite --format subject-crops
-	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq identities manifests/demo
+	$(OFFLINE) $(QUIET) env -u RAY_ADDRESS $(BIN)/subject-ffhq identities manifests/demo
 	$(OFFLINE) $(QUIET) $(BIN)/subject-ffhq report manifests/demo
 
 dataset: install
@@ -103,9 +103,10 @@ evaluate: install
 report: install
 	$(BIN)/subject-ffhq report $(RUN)
 
-# the run's faces clustered into identities: RUN/identities.parquet, RUN/split.parquet (identity-safe)
+# the run's faces clustered into identities: RUN/identities.parquet, RUN/split.parquet (identity-safe);
+# RAY_ADDRESS=ADDR runs the step as one task on that cluster (RUN as its nodes see it)
 identities: install
-	$(BIN)/subject-ffhq identities $(RUN)
+	$(BIN)/subject-ffhq identities $(RUN) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 lint: install
 	$(BIN)/ruff check cli datagen ray_jobs training fixtures tests bench

@@ -53,7 +53,7 @@ class IdentitySummary:
 
 def run_identity_settings(run_dir: str | Path) -> dict[str, Any]:
     """The run's ``identity`` section as ``run.json`` recorded it (``{}``: an older run)."""
-    return dict((load_run_manifest(Path(run_dir)).get("config") or {}).get("identity") or {})
+    return dict((load_run_manifest(storage.path(run_dir)).get("config") or {}).get("identity") or {})
 
 
 def cluster_run(run_dir: str | Path, threshold: float | None = None) -> tuple[pa.Table, np.ndarray, str, float]:
@@ -91,7 +91,7 @@ def build_identities(run_dir: str | Path, threshold: float | None = None) -> Ide
     from datagen.identity.split import identity_safe_split
 
     t = time.perf_counter()
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)  # a run folder, or one on a bucket
     table, embeddings, embedder, threshold = cluster_run(run_dir, threshold)
     write_parquet_atomic(run_dir / IDENTITIES_TABLE, table)
     split = identity_safe_split(run_dir, table)

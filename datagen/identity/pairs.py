@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from datagen import storage
 from datagen.files import write_parquet_atomic
 
 REFERENCES = 8  # references kept per face
@@ -59,5 +60,5 @@ def reference_pairs(identities: pa.Table, embeddings: np.ndarray) -> pa.Table:
 def write_pairs(run_dir: str | Path, identities: pa.Table, embeddings: np.ndarray) -> tuple[Path, int]:
     """Write ``pairs.parquet``; return its path and how many faces have a reference."""
     table = reference_pairs(identities, embeddings)
-    path = write_parquet_atomic(Path(run_dir) / PAIRS_TABLE, table)
+    path = write_parquet_atomic(storage.path(run_dir) / PAIRS_TABLE, table)
     return path, len(set(table.column("face").to_pylist()))

@@ -36,6 +36,7 @@ from datagen import storage
 from datagen.files import write_parquet_atomic
 from datagen.identity.pairs import PAIRS_TABLE
 from datagen.manifests.face_table import FACES_DIR
+from datagen.manifests.tables import read_table
 from datagen.shards.reader import iter_samples
 
 REFERENCES_DIR = "references"
@@ -120,13 +121,13 @@ def write_reference_set(run_dir: str | Path, shards_dir: str | Path, per_identit
     and ``identities.parquet``, reading each needed sample once, shard by shard."""
     from datagen.identity.index import identity_of_faces
 
-    run_dir, shards_dir = Path(run_dir), storage.path(shards_dir)
+    run_dir, shards_dir = storage.path(run_dir), storage.path(shards_dir)
     if not (run_dir / PAIRS_TABLE).is_file():
         raise FileNotFoundError(f"{run_dir}: no {PAIRS_TABLE}; run `subject-ffhq identities RUN` first")
     tars = sorted(shards_dir.glob("subjects-*.tar"), key=lambda p: p.name)
     if not tars:
         raise FileNotFoundError(f"{shards_dir}: no subjects-*.tar shards to cut the reference crops from")
-    crops, targets = choose_crops(pq.read_table(run_dir / PAIRS_TABLE), identity_of_faces(run_dir), per_identity)
+    crops, targets = choose_crops(read_table(run_dir / PAIRS_TABLE), identity_of_faces(run_dir), per_identity)
     segments_of: dict[str, list[int]] = {}
     for key, sid in sorted(crops):
         segments_of.setdefault(key, []).append(sid)
@@ -156,8 +157,8 @@ def write_reference_set(run_dir: str | Path, shards_dir: str | Path, per_identit
 def _keys_by_shard(run_dir: Path, keys: set[str]) -> dict[str, set[str]]:
     """``{shard name: the wanted keys it holds}``, from the run's per-shard face tables."""
     out: dict[str, set[str]] = {}
-    for path in sorted((run_dir / FACES_DIR).glob("*.parquet")):
-        held = keys.intersection(pq.read_table(path, columns=["key"]).column("key").to_pylist())
+    for path in sorted((run_dir / FACES_DIR).glob("*.parquet"), key=lambda p: p.name):
+        held = keys.intersection(read_table(path, columns=["key"]).column("key").to_pylist())
         if held:
             out[path.stem] = held
     return out

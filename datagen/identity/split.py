@@ -22,17 +22,17 @@ import pyarrow.parquet as pq
 
 from datagen import storage
 from datagen.files import write_parquet_atomic
-from datagen.manifests.tables import SAMPLES_TABLE
+from datagen.manifests.tables import SAMPLES_TABLE, read_table
 
 SPLIT_TABLE = "split.parquet"
 
 
 def written_splits(run_dir: Path) -> dict[str, str]:
     """``{key: split}`` of the run's written samples (its ``samples.parquet``)."""
-    path = Path(run_dir) / SAMPLES_TABLE
+    path = storage.path(run_dir) / SAMPLES_TABLE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {SAMPLES_TABLE}; the build did not finish writing its tables")
-    t = pq.read_table(path, columns=["key", "split", "status"])
+    t = read_table(path, columns=["key", "split", "status"])
     return {k: s for k, s, st in zip(*(t.column(c).to_pylist() for c in ("key", "split", "status")), strict=True)
             if st == "written"}
 
@@ -72,7 +72,7 @@ def identity_safe_split(run_dir: Path, faces: pa.Table) -> dict[str, Any]:
     moved = [build[k] != s for k, s in zip(keys, new, strict=True)]
     table = pa.table({"key": keys, "split": new, "build_split": [build[k] for k in keys], "moved": moved,
                       "group": [group[k] for k in keys]})
-    write_parquet_atomic(Path(run_dir) / SPLIT_TABLE, table)
+    write_parquet_atomic(storage.path(run_dir) / SPLIT_TABLE, table)
     moved_keys = {k for k, m in zip(keys, moved, strict=True) if m}
     face_keys, ids = faces.column("key").to_pylist(), faces.column("identity").to_pylist()
     return {

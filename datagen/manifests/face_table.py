@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from datagen import storage
 from datagen.files import write_parquet_atomic
+from datagen.manifests.tables import read_table
 from datagen.stages.identity import FACES_DIR, IdentityStep, face_table_schema
 
 COLUMNS = ("face", "key", "n", "segment_id", "size", "score")
@@ -57,19 +58,36 @@ def write_face_table(run_dir: str | Path, shard_name: str, rows: Sequence[dict[s
     return write_shard_table(run_dir, FACES_DIR, shard_name, rows, face_table_schema())
 
 
-def read_faces(run_dir: str | Path, shard_names: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:
-    """Every face of the run (``shard_names``' tables, default all, in name order): the table without
-    its embeddings, and the ``N x d`` float32 embeddings in the same order."""
-    folder = Path(run_dir) / FACES_DIR
+def face_table_paths(run_dir: str | Path, shard_names: Sequence[str] | None = None) -> list[Path]:
+    """The run's face tables (``shard_names``' tables, default all, in name order; local or on a
+    bucket); :class:`FaceTableError` saying what to re-run when there are none or some are missing."""
+    folder = storage.path(run_dir) / FACES_DIR
     paths = [face_table_path(run_dir, n) for n in shard_names] if shard_names is not None \
-        else sorted(folder.glob("*.parquet"))
+        else sorted(folder.glob("*.parquet"), key=lambda p: p.name)
     missing = [p.name for p in paths if not p.is_file()]
     if not paths or missing:
         raise FaceTableError(
             f"{run_dir}: no face embeddings ({'missing: ' + ', '.join(missing[:3]) if missing else 'no ' + str(folder)}); "
             "the run was built before the identity stage (schema 1.1 records) or with it failing. Re-run "
             "`subject-ffhq build` with this version (a new --run-name and --out) so every face is embedded.")
-    table = pa.concat_tables([pq.read_table(p) for p in paths])
+    return paths
+
+
+def count_faces(run_dir: str | Path) -> int:
+    """How many embedded faces the run's face tables hold, from their Parquet footers (the
+    embeddings are not read): what sizes the identity step's memory."""
+    total = 0
+    for path in face_table_paths(run_dir):
+        with path.open("rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def read_faces(run_dir: str | Path, shard_names: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+    """Every face of the run (``shard_names``' tables, default all, in name order): the table without
+    its embeddings, and the ``N x d`` float32 embeddings in the same order."""
+    paths = face_table_paths(run_dir, shard_names)
+    table = pa.concat_tables([read_table(p) for p in paths])
     embeddings = table.column("embedding").combine_chunks()
     n = len(table)
     matrix = embeddings.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)

@@ -427,10 +427,10 @@ def write_manifest_tables(
     return out
 
 
-def read_table(path) -> pa.Table:
-    """One of the run's Parquet tables, from a path or a URL."""
+def read_table(path, columns: list[str] | None = None) -> pa.Table:
+    """One of the run's Parquet tables (``columns`` of it, default all), from a path or a URL."""
     with storage.path(path).open("rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)
 
 
 def tables_are_current(run_dir: Path) -> bool:
