@@ -28,6 +28,7 @@ SUBJECTS ?= out/eval-subjects
 PROMPTS ?=
 EVAL_OUT ?= out/evaluation
 EVAL_ARGS ?=
+IDENTITIES ?=
 # facenet-pytorch pins old torch/numpy in its metadata: installed without its dependencies (it needs
 # only torch, torchvision, numpy and Pillow, which the lock file already has).
 FACENET := facenet-pytorch==2.6.0
@@ -93,11 +94,13 @@ train: install
 		--profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG)) --out $(if $(filter command line,$(origin OUT)),$(OUT),$(TRAIN_OUT)) \
 		--steps $(STEPS) --workers $(WORKERS) $(if $(filter 1 yes true,$(GPU)),--gpu) $(TRAIN_ARGS)
 
-# PROFILE=tiny evaluates with the tiny face/CLIP models (offline); SHARDS adds the leak check.
+# PROFILE=tiny evaluates with the tiny face/CLIP models (offline); SHARDS adds the leak check on the
+# shards, IDENTITIES=manifests/<run> the leak check through that run's identity index.
 evaluate: install
 	$(if $(filter tiny,$(PROFILE)),$(OFFLINE)) $(QUIET) $(BIN)/subject-ffhq evaluate --checkpoint $(CHECKPOINT) \
 		--subjects $(SUBJECTS) --out $(EVAL_OUT) --profile $(PROFILE) $(if $(PROMPTS),--prompts $(PROMPTS)) \
 		$(if $(filter command line,$(origin SHARDS)),--shards '$(SHARDS)') \
+		$(if $(IDENTITIES),--identities $(IDENTITIES)) \
 		$(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(EVAL_ARGS)
 
 report: install

@@ -2,13 +2,16 @@
 
     subject-ffhq evaluate --checkpoint out/train --subjects photos/ --out out/eval \\
         [--prompts FILE] [--multi] [--protocol ours|released] [--images-per-prompt 4] [--alpha 0.7] \\
-        [--shards 'out/dataset/shards/*.tar'] [--profile paper] [--ray-address ADDR]
+        [--shards 'out/dataset/shards/*.tar'] [--identities RUN [--leak-distance D]] [--profile paper] \
+        [--ray-address ADDR]
 
 Generates every (subject(s), prompt, seed) image with the checkpoint and with the text-only Stable
 Diffusion baseline of the same base model, scores identity preservation (MTCNN + FaceNet) and prompt
 consistency (CLIP), and writes ``OUT/results.parquet``, ``OUT/summary.json``, ``OUT/evaluation.html``,
 the images (``OUT/images/``) and reference thumbnails (``OUT/references/``). ``--shards`` adds the leak
-check. ``--protocol released`` scores as FastComposer's released evaluation scripts do (alpha 0.5, JPEG
+check by re-detecting every face of the shards; ``--identities RUN`` adds it through the run's face
+tables and identity index (the run's embedder, euclidean, only train-side hits flagged;
+``training/evaluation/leak.py``). ``--protocol released`` scores as FastComposer's released evaluation scripts do (alpha 0.5, JPEG
 q75 files, the largest face, 4 images per prompt; ``docs/evaluation.md``). Without ``--prompts`` the built-in list of the protocol is used (30 single-subject prompts, or
 21 two-subject prompts with ``--multi``). Runs on Ray when ``--ray-address`` or ``RAY_ADDRESS`` is
 set (``local`` starts Ray on this machine), in this process otherwise.
@@ -23,6 +26,7 @@ import os
 from pathlib import Path
 
 from cli.errors import fail
+from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,9 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, help="image size (default: the checkpoint's training resolution)")
     parser.add_argument("--subject-word", default=None, help="class word of subjects without word.txt (default person)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the text-only Stable Diffusion baseline")
-    parser.add_argument("--shards", nargs="+", metavar="GLOB", help="training shards for the leak check")
-    parser.add_argument("--leak-threshold", type=float, help="FaceNet cosine at which a training face counts as the "
-                        "subject (default: the profile's evaluation.leak_threshold)")
+    parser.add_argument("--shards", nargs="+", metavar="GLOB", help="training shards for the leak check (every face "
+                        "re-detected and embedded with the evaluation's face embedder)")
+    parser.add_argument("--leak-threshold", type=float, help="--shards leak check: the evaluation embedder's cosine at "
+                        "which a training face counts as the subject (default: the profile's evaluation.leak_threshold)")
+    parser.add_argument("--identities", metavar="RUN", help="leak check through a build run's face tables and "
+                        "identities.parquet (run folder, or a run name under --manifests-root): the reference photos "
+                        "embedded with the run's own embedder; only hits on the train side of split.parquet are flagged")
+    parser.add_argument("--manifests-root", default=DEFAULT_MANIFESTS_ROOT, help="where --identities run names are "
+                        "looked up")
+    parser.add_argument("--leak-distance", type=float, help="--identities leak check: the euclidean distance, in the "
+                        "run's embedding space, under which a run face counts as the subject (default: the distance "
+                        "the run's identities were clustered at; dlib 0.5, vggface2 1.0)")
     parser.add_argument("--face-embedder", help="identity scoring and the leak check: 'dlib' (dlib's descriptor, real "
                         "weights, offline; cosine of the same person ~0.93+) or 'vggface2' / a FaceNet folder "
                         "(default: the profile's evaluation.face_embedder)")
@@ -98,11 +111,21 @@ def request_from_args(args: argparse.Namespace):
     from training.evaluation.runner import EvaluationRequest
 
     storage.probe(args.out, "--out")  # a bucket URL: reachable, in seconds (exit 2 otherwise)
+    identities = None
+    if args.identities:
+        from datagen.manifests.run_manifest import resolve_run_dir
+
+        identities = str(resolve_run_dir(args.identities, args.manifests_root))
+    if args.leak_distance is not None and not args.leak_distance > 0:
+        raise ValueError(f"--leak-distance must be a positive euclidean distance, got {args.leak_distance}")
+    if args.leak_distance is not None and not identities:
+        raise ValueError("--leak-distance applies to the --identities leak check; give --identities RUN")
     return EvaluationRequest(
         checkpoint=str(args.checkpoint), subjects=str(args.subjects), out=args.out,
         prompts=str(args.prompts) if args.prompts else None, multi=args.multi, resolution=args.resolution,
         baseline=not args.no_baseline, subject_word=args.subject_word or DEFAULT_WORD,
         evaluation=evaluation_settings(args), shards=expand_shards(args.shards) if args.shards else [],
+        identities=identities, leak_distance=args.leak_distance,
         device=args.device, pretrained=args.pretrained, image_encoder=args.image_encoder,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None, workers=args.workers,
         threads=args.threads,
@@ -135,9 +158,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{method:>14}: identity {m['identity']:.4f}  prompt consistency {m['prompt_consistency']:.4f}  "
                   f"({m['images']} images, {m['images_with_a_face']} with a face, {m['seconds_per_image']:.2f} s/image)")
     leak = summary.get("leak_check")
-    if leak is not None:
-        flagged = [f["subject"] for f in leak["flagged"]]
-        print(f"leak check: {len(flagged)} subject(s) found in the training shards" + (f": {', '.join(flagged)}" if flagged else ""))
+    for way, where in (("shards", "the training shards"), ("identities", "the run's identity index (train side)")):
+        if leak and leak[way] is not None:
+            flagged = [f["subject"] if isinstance(f, dict) else f for f in leak[way]["flagged"]]
+            print(f"leak check ({way}): {len(flagged)} subject(s) found in {where}"
+                  + (f": {', '.join(flagged)}" if flagged else ""))
     for name, path in summary["outputs"].items():
         print(f"{name}: {path}")
     return 0

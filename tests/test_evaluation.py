@@ -198,9 +198,10 @@ def test_tiny_facenet_loads_and_tells_photos_apart(tiny_model, detector, sample_
 
 # ------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def evaluation(tiny_model, sample_source, tmp_path_factory):
-    """2 subjects x 2 prompts x 1 image (+ the baseline), tiny models, with the leak check on shards that
-    hold the astronaut's photo (and the cameraman's) but not Grace Hopper's."""
+def evaluation(tiny_model, sample_source, identity_run, tmp_path_factory):
+    """2 subjects x 2 prompts x 1 image (+ the baseline), tiny models, with the leak check both ways: on
+    shards that hold the astronaut's photo (and the cameraman's) but not Grace Hopper's, and through the
+    identity index of the sample's run (``identity_run``: every photo of the three people, real dlib)."""
     from cli.main import main
     from datagen.config import TINY_MODELS_ENV
     from datagen.shards.writer import ShardWriter
@@ -237,7 +238,7 @@ def evaluation(tiny_model, sample_source, tmp_path_factory):
     try:
         code = main(["evaluate", "--checkpoint", str(root / "train"), "--subjects", str(subjects), "--prompts",
                      str(prompts), "--out", str(out), "--profile", "tiny", "--images-per-prompt", "1", "--steps", "2",
-                     "--shards", str(shard), "--device", "cpu"])
+                     "--shards", str(shard), "--identities", str(identity_run["run"]), "--device", "cpu"])
     finally:
         mp.undo()
     assert code == 0
@@ -278,13 +279,35 @@ def test_evaluation_writes_table_summary_page_and_images(evaluation):
 def test_leak_check_flags_the_subject_whose_photo_is_in_the_shards(evaluation):
     summary = json.loads((evaluation / "summary.json").read_text())
     leak = summary["leak_check"]
-    assert leak["images_checked"] == 2 and leak["faces_checked"] == 2
-    assert [f["subject"] for f in leak["flagged"]] == ["astronaut"]
-    match = leak["flagged"][0]["matches"][0]
+    assert leak["checked_with"] == ["shards", "identities"]
+    assert leak["flagged"] == ["astronaut", "hopper"]  # either way
+    shards = leak["shards"]
+    assert shards["images_checked"] == 2 and shards["faces_checked"] == 2
+    assert [f["subject"] for f in shards["flagged"]] == ["astronaut"]
+    match = shards["flagged"][0]["matches"][0]
     assert (match["shard"], match["key"]) == ("subjects-00000.tar", "00000") and match["similarity"] >= 0.95
-    assert leak["max_similarity"]["hopper"] < leak["threshold"]
+    assert shards["max_similarity"]["hopper"] < shards["threshold"]
     page = (evaluation / "evaluation.html").read_text()
-    assert 'class="flagged"><strong>astronaut</strong>' in page and "<strong>hopper</strong>" not in page
+    section = page.split('id="leak-shards"', 1)[1].split("</div>", 1)[0]
+    assert 'class="flagged"><strong>astronaut</strong>' in section and "<strong>hopper</strong>" not in section
+
+
+def test_leak_check_through_the_identity_index_names_each_identity(evaluation, identity_run):
+    import pyarrow.parquet as pq
+
+    summary = json.loads((evaluation / "summary.json").read_text())
+    index = summary["leak_check"]["identities"]
+    assert (index["run"], index["embedder"], index["metric"], index["threshold"]) == (
+        str(identity_run["run"]), "dlib", "euclidean", 0.5)
+    assert index["flagged"] == ["astronaut", "hopper"] and index["faces_checked"] == 17
+    faces = {r["face"]: r["identity"] for r in pq.read_table(identity_run["run"] / "identities.parquet").to_pylist()}
+    assert [s["identities"][0]["identity"] for s in index["subjects"]] == [faces["00000/0"], faces["00002/0"]]
+    assert summary["models"]["leak check embedder (the run's)"] == "dlib"
+    page = (evaluation / "evaluation.html").read_text()
+    assert "Leak check (shards and identities)" in page
+    table = page.split('id="leak-identities"', 1)[1]
+    assert f"<td>{faces['00002/0']}</td>" in table and "<code>00002/0</code>" in table
+    assert table.count('<tr class="flagged">') == 2
 
 
 def test_every_output_of_random_weights_says_so_first(evaluation):

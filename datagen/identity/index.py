@@ -163,3 +163,18 @@ def identity_of_faces(run_dir: str | Path) -> dict[str, int]:
     if table is None:
         return {}
     return dict(zip(table.column("face").to_pylist(), table.column("identity").to_pylist(), strict=True))
+
+
+def identities_of(run_dir: str | Path, faces: list[str]) -> dict[str, dict[str, int]]:
+    """``{face id: {"identity", "identity_faces", "identity_photos"}}`` for the given faces only (the
+    index read with a filter, so a run of a million faces is not loaded whole); a face missing from
+    the index (built before the faces were) is left out. ``FileNotFoundError`` before the index exists."""
+    path = storage.path(run_dir) / IDENTITIES_TABLE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {IDENTITIES_TABLE}; run `subject-ffhq identities {run_dir}` first")
+    if not faces:
+        return {}
+    columns = ["face", "identity", "identity_faces", "identity_photos"]
+    with path.open("rb") as f:
+        rows = pq.read_table(f, columns=columns, filters=[("face", "in", sorted(set(faces)))]).to_pylist()
+    return {r["face"]: {c: int(r[c]) for c in columns[1:]} for r in rows}

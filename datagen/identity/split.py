@@ -99,11 +99,15 @@ def cached_split(path: str) -> dict[str, str]:
     return read_split(path)
 
 
-def read_split(path: str | Path) -> dict[str, str]:
-    """``{key: split}`` of a ``split.parquet`` (a run folder holding one is accepted too)."""
+def read_split(path: str | Path, keys: list[str] | None = None) -> dict[str, str]:
+    """``{key: split}`` of a ``split.parquet`` (a run folder holding one is accepted too; local or on a
+    bucket); ``keys``: only those (read with a filter)."""
     path = storage.path(split_file_path(path))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no identity-safe split; run `subject-ffhq identities RUN` first")
+    if keys is not None and not keys:
+        return {}
+    filters = None if keys is None else [("key", "in", sorted(set(keys)))]
     with path.open("rb") as f:
-        t = pq.read_table(f, columns=["key", "split"])
+        t = pq.read_table(f, columns=["key", "split"], filters=filters)
     return dict(zip(t.column("key").to_pylist(), t.column("split").to_pylist(), strict=True))

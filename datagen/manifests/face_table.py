@@ -7,12 +7,14 @@ entry exists has its face table; resume redoes a shard whose table is missing), 
 write task returns. ``face`` is ``"<key>/<n>"`` (:func:`datagen.record.identity_faces.face_id`),
 ``n`` the face's place in the record's ``identity_faces``; faces that were not embedded are in the
 record (with the reason), not here. :func:`read_faces` loads a whole run's faces in shard order, as
-one ``N x d`` float32 matrix: what ``subject-ffhq identities`` clusters, without opening a tar.
+one ``N x d`` float32 matrix: what ``subject-ffhq identities`` clusters, without opening a tar;
+:func:`iter_faces` streams them in bounded batches (the evaluation's leak check,
+:mod:`datagen.identity.search`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +85,30 @@ def count_faces(run_dir: str | Path) -> int:
     return total
 
 
-def read_faces(run_dir: str | Path, shard_names: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:
-    """Every face of the run (``shard_names``' tables, default all, in name order): the table without
-    its embeddings, and the ``N x d`` float32 embeddings in the same order."""
-    paths = face_table_paths(run_dir, shard_names)
-    table = pa.concat_tables([read_table(p) for p in paths])
-    embeddings = table.column("embedding").combine_chunks()
-    n = len(table)
-    matrix = embeddings.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+def embedding_matrix(run_dir: str | Path, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A face table's ``embedding`` column as an ``N x d`` float32 matrix."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     dim = matrix.size // n if n else 0
     if n and matrix.size != n * dim:
         raise FaceTableError(f"{run_dir}: face embeddings of different lengths; the face tables mix two embedders")
-    return table.drop_columns(["embedding"]), matrix.reshape(n, dim)
+    return matrix.reshape(n, dim)
+
+
+def read_faces(run_dir: str | Path, shard_names: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:
+    """Every face of the run (``shard_names``' tables, default all, in name order): the table without
+    its embeddings, and the ``N x d`` float32 embeddings in the same order."""
+    table = pa.concat_tables([read_table(p) for p in face_table_paths(run_dir, shard_names)])
+    return table.drop_columns(["embedding"]), embedding_matrix(run_dir, table.column("embedding"))
+
+
+def iter_faces(run_dir: str | Path, rows: int = 65_536, columns: Sequence[str] = ("face", "key")
+               ) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+    """The run's faces in batches of at most ``rows`` (in :func:`read_faces`' order): each batch's
+    ``columns`` and its ``rows x d`` embeddings. Memory stays at one batch, whatever the run's size."""
+    for path in face_table_paths(run_dir):
+        with path.open("rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=[*columns, "embedding"]):
+                yield batch.drop_columns(["embedding"]), embedding_matrix(run_dir, batch.column("embedding"))

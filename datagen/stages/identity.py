@@ -218,14 +218,19 @@ class IdentityFinder:
                                      min_score=section.min_score)
         self.embedder = make_embedder(section.embedder, device or section.device)
 
-    def find(self, images: Sequence[Any], panoptics: Sequence[PanopticResult]) -> list[list[IdentityFace]]:
+    def find(self, images: Sequence[Any], panoptics: Sequence[PanopticResult | None] | None = None
+             ) -> list[list[IdentityFace]]:
+        """``panoptics`` ``None``: no segments to link (``segment_id`` ``None``), as for a photo outside
+        the run (the evaluation's reference photos, embedded exactly as the build embeds faces)."""
+        if panoptics is None:
+            panoptics = [None] * len(images)
         if len(images) != len(panoptics):
             raise ValueError(f"identity: {len(images)} images and {len(panoptics)} segmentations; they must pair up")
         rgbs = [np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im) for im in images]
         found = self.detector.detect([Image.fromarray(a) for a in rgbs], crops=False)
         return [self._faces(rgb, pan, faces) for rgb, pan, faces in zip(rgbs, panoptics, found, strict=True)]
 
-    def _faces(self, rgb: np.ndarray, pan: PanopticResult, detected: list) -> list[IdentityFace]:
+    def _faces(self, rgb: np.ndarray, pan: PanopticResult | None, detected: list) -> list[IdentityFace]:
         s, (h, w) = self.section, rgb.shape[:2]
         faces = []
         for f in detected:
@@ -234,7 +239,7 @@ class IdentityFinder:
                 continue
             box = tuple(round(v, BOX_DIGITS) for v in (x0, y0, x1, y1))
             faces.append(IdentityFace(box, round(float(f.score), SCORE_DIGITS), int(round(max(x1 - x0, y1 - y0))),
-                                      linked_segment(box, pan, s.min_inside)))
+                                      None if pan is None else linked_segment(box, pan, s.min_inside)))
         faces.sort(key=lambda f: (f.box, -f.score))
         todo = []
         for face in faces:

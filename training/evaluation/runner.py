@@ -37,6 +37,7 @@ from training.evaluation.report import random_notice, write_outputs
 from training.evaluation.worker import Worker, WorkerSettings
 
 if TYPE_CHECKING:
+    from training.evaluation.leak import RunIndex
     from training.evaluation.scoring import EvaluationModels
 
 REFERENCE_SIZE = 256
@@ -58,7 +59,9 @@ class EvaluationRequest:
     subject_word: str = DEFAULT_WORD
     # the profile's evaluation section, the command's options applied: models, protocol, leak threshold
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
-    shards: list[str] = field(default_factory=list)  # training shards for the leak check
+    shards: list[str] = field(default_factory=list)  # training shards for the leak check (re-detects faces)
+    identities: str | None = None  # a run folder: the leak check through its face tables and identity index
+    leak_distance: float | None = None  # the index check's euclidean distance (None: the run's threshold)
     device: str | None = None
     pretrained: str | None = None
     image_encoder: str | None = None
@@ -81,6 +84,7 @@ class Inputs:
     models: dict[str, str | None]  # every model it loads, by role
     random_models: list[str]  # those of them with random weights
     notice: str | None  # what the outputs say first when a model has random weights
+    run_index: RunIndex | None = None  # --identities: the run's index, checked
 
 
 def write_file(path: Path, data: bytes | str) -> Path:
@@ -135,22 +139,33 @@ def read_inputs(request: EvaluationRequest) -> Inputs:
     checkpoint = resolve_checkpoint(request.checkpoint)
     models = model_references(request)
     randoms = random_models(models)
+    run_index = None
+    if request.identities:
+        from training.evaluation.leak import open_run_index
+
+        run_index = open_run_index(request.identities)
+        models["leak check embedder (the run's)"] = run_index.section.embedder
     return Inputs(subjects, str(prompts_path), prompts, units, checkpoint, read_state(checkpoint), models, randoms,
-                  random_notice(randoms) if randoms else None)
+                  random_notice(randoms) if randoms else None, run_index)
+
+
+def read_photos(subject: SubjectSpec) -> list[Image.Image]:
+    """The subject's photos, RGB; a photo that cannot be read is refused, naming it."""
+    images = []
+    for path in subject.photos:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except OSError as e:
+            raise EvaluationError(f"subject {subject.name}: cannot read the photo {path} ({e})") from e
+    return images
 
 
 def reference_faces(subjects, detector, embedder) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """Per subject: (photos x D) face embeddings (the largest face of each photo) and notes."""
     embeddings, notes = {}, {}
     for subject in subjects:
-        images = []
-        for path in subject.photos:
-            try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            except OSError as e:
-                raise EvaluationError(f"subject {subject.name}: cannot read the photo {path} ({e})") from e
-        found = detector.detect(images)
+        found = detector.detect(read_photos(subject))
         chosen = []
         for path, faces in zip(subject.photos, found, strict=True):
             if not faces:
@@ -161,6 +176,29 @@ def reference_faces(subjects, detector, embedder) -> tuple[dict[str, np.ndarray]
             chosen.append(max(faces, key=lambda f: f.area))
         embeddings[subject.name] = embedder.embed(chosen)
     return embeddings, notes
+
+
+def run_reference_faces(subjects: list[SubjectSpec], index: RunIndex, device: str) -> dict[str, np.ndarray]:
+    """Per subject: (photos x d) raw embeddings of the largest face of each photo, made as the run's
+    build made its faces (its MTCNN settings, its box embedder): what the index leak check compares."""
+    from datagen.stages.identity import IdentityFinder
+
+    finder = IdentityFinder(index.section, index.detector, device)
+    embeddings = {}
+    for subject in subjects:
+        vectors = []
+        for path, faces in zip(subject.photos, finder.find(read_photos(subject)), strict=True):
+            if not faces:
+                raise EvaluationError(f"subject {subject.name}: MTCNN (the run's identity settings: min_face_size "
+                                      f"{index.section.min_face_size}, min_score {index.section.min_score}) finds no "
+                                      f"face in the reference photo {path}")
+            face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+            if face.embedding is None:
+                raise EvaluationError(f"subject {subject.name}: the largest face of {path} is {face.reason}; "
+                                      "use a larger, sharper photo")
+            vectors.append(face.embedding)
+        embeddings[subject.name] = np.asarray(vectors, np.float32)
+    return embeddings
 
 
 def write_reference_thumbnails(subjects: list[SubjectSpec], out: Path) -> dict[str, str]:
@@ -177,15 +215,47 @@ def write_reference_thumbnails(subjects: list[SubjectSpec], out: Path) -> dict[s
     return paths
 
 
-def check_for_leaks(request: EvaluationRequest, per_photo: dict[str, np.ndarray], models: EvaluationModels,
-                    log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The leak check against the training shards, when the request names them."""
+def check_for_leaks(request: EvaluationRequest, inputs: Inputs, per_photo: dict[str, np.ndarray],
+                    models: EvaluationModels, device: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The leak check, each way the request asks for (``--shards``, ``--identities``), or ``None``:
+    ``checked_with`` (the ways), ``flagged`` (subjects either way flagged), and each way's result."""
+    checks: dict[str, Any] = {}
+    if request.shards:
+        checks["shards"] = shards_leak_check(request, per_photo, models, log)
+    if inputs.run_index is not None:
+        checks["identities"] = identities_leak_check(request, inputs, device, log)
+    if not checks:
+        return None
+    flagged = set(checks.get("identities", {}).get("flagged", []))
+    flagged |= {f["subject"] for f in checks.get("shards", {}).get("flagged", [])}
+    return {"checked_with": list(checks), "flagged": [s.name for s in inputs.subjects if s.name in flagged],
+            "shards": checks.get("shards"), "identities": checks.get("identities")}
+
+
+def identities_leak_check(request: EvaluationRequest, inputs: Inputs, device: str,
+                          log: Callable[[str], None]) -> dict[str, Any]:
+    """The leak check through the run's face tables and identity index (``training.evaluation.leak``)."""
+    from training.evaluation.leak import index_leak_check
+
+    index = inputs.run_index
+    references = run_reference_faces(inputs.subjects, index, device)
+    leak = index_leak_check(index, references, request.leak_distance)
+    for hit in leak["subjects"]:
+        ids = ", ".join(f"{e['identity']} ({e['photos']} photos, {e['train_faces_hit']} train / "
+                        f"{e['reserve_faces_hit']} reserve faces)" for e in hit["identities"])
+        what = "LEAK" if hit["flagged"] else "reserve only (not a leak)"
+        log(f"{what}: subject {hit['subject']} is identity {ids} of {index.run_dir.name} "
+            f"(distance {hit['min_distance']} < {leak['threshold']}, {leak['embedder']})")
+    return leak
+
+
+def shards_leak_check(request: EvaluationRequest, per_photo: dict[str, np.ndarray], models: EvaluationModels,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """The leak check against the training shards: every face re-detected and embedded."""
     from tqdm import tqdm
 
     from training.evaluation.leak import leak_check
 
-    if not request.shards:
-        return None
     threshold = request.evaluation.leak_threshold
     bar = tqdm(desc="leak check (training images)", unit="img", dynamic_ncols=True)
     leak = leak_check(request.shards, per_photo, models.detector, models.embedder, float(threshold),
@@ -285,7 +355,7 @@ def evaluate(
     for name, lines in notes.items():
         log(f"subject {name}: " + "; ".join(lines))
     ref_paths = write_reference_thumbnails(inputs.subjects, out)
-    leak = check_for_leaks(request, per_photo, models, log)
+    leak = check_for_leaks(request, inputs, per_photo, models, device, log)
 
     settings = WorkerSettings(
         checkpoint=str(inputs.checkpoint), pretrained=request.pretrained, image_encoder=request.image_encoder,
