@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from datagen.manifests.face_table import FaceTableError, iter_faces
 
@@ -66,8 +67,6 @@ def faces_within(run_dir: str | Path, queries: np.ndarray, groups: np.ndarray, t
         nearest[present] = np.minimum(nearest[present], per_group.min(axis=0))
         r, c = np.nonzero(per_group < threshold * threshold)
         if len(r):
-            import pyarrow as pa
-
             take = pa.array(r)
             parts.append((present[c], batch.column("face").take(take).to_pylist(),
                           batch.column("key").take(take).to_pylist(), per_group[r, c]))
