@@ -25,15 +25,17 @@ from datagen.config import RaySettings
 
 DEFAULT_CONNECT_TIMEOUT_S = RaySettings().connect_timeout_s
 
-# Environment variables a local run forwards to its Ray workers, so that they see the same model
-# cache and offline switches as the command, and the same object store (endpoint, region, the
-# standard credential variables and files: datagen/storage.py).
+# Environment variables forwarded to Ray workers (a local Ray's, and the Ray Train workers), so that
+# they see the same model cache and offline switches as the command, and the same object store
+# (endpoint, region, profile, credential *files*: datagen/storage.py). Secrets are never forwarded: a
+# runtime env is written to Ray's logs and job table, and a joined cluster would receive them. A local
+# Ray's workers inherit the command's environment, credentials included; a cluster's nodes have their
+# own (cluster.example.yaml).
 FORWARDED_ENV = (
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
     "HUGGINGFACE_HUB_CACHE", "TORCH_HOME", "TOKENIZERS_PARALLELISM", "SUBJECT_FFHQ_TINY_MODELS",
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "FSSPEC_S3_ENDPOINT_URL",
+    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "FSSPEC_S3_ENDPOINT_URL",
     "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME",
 )
 

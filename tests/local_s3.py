@@ -1,6 +1,7 @@
 """A real S3-protocol server for the bucket tests: moto in server mode on 127.0.0.1 (a free port),
 started by a fixture and stopped by its handle. The environment points the AWS SDKs (and so s3fs and
-the CLI's Ray workers, ``ray_jobs/cluster.py`` FORWARDED_ENV) at it, with test credentials."""
+the CLI's Ray workers: the endpoint through ``ray_jobs/cluster.py`` FORWARDED_ENV, the test credentials
+by inheritance, as a local Ray's workers get them) at it."""
 
 from __future__ import annotations
 
