@@ -61,7 +61,7 @@ def run(args) -> int:
     try:
         run_dir = resolve_run_dir(args.run, args.manifests_root)
         path = inspect_sample(run_dir, args.id, args.out, args.shards)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, OSError) as e:  # OSError: an unreadable tar, an unwritable --out
         return fail("inspect", e.args[0] if isinstance(e, KeyError) else e, code=1)
     print(path)
     return 0

@@ -27,23 +27,32 @@ def add_arguments(parser) -> None:
                         help=f"most MiB of embedded thumbnails (default {GALLERY_BUDGET / 2**20:g}); bounds the file size")
     parser.add_argument("--rebuild-tables", action="store_true", help="rebuild the run's tables even if current")
     parser.add_argument("--object-types", default=None, metavar="LABELS",
-                        help="comma-separated COCO labels of the per-type figures, e.g. person,dog,cat "
+                        help="comma-separated labels of the per-type figures, e.g. person,dog,cat (COCO panoptic labels; "
+                             "open-vocabulary ones too for a run built with grounding: sam3) "
                              "(default: the run's subjects.object_types)")
 
 
 def run(args) -> int:
-    try:
-        object_types = parse_object_types(args.object_types) if args.object_types is not None else None
-    except ProfileError as e:
-        return fail("report", e)
+    from datagen.manifests.run_manifest import load_run_manifest
+
     try:
         run_dir = resolve_run_dir(args.run, args.manifests_root)
+    except RunFolderError as e:
+        return fail("report", e, code=1)
+    try:
+        object_types = None
+        if args.object_types is not None:  # open-vocabulary labels where the run's grounding makes them (sam3)
+            grounding = (load_run_manifest(run_dir).get("config") or {}).get("grounding") or "panoptic"
+            object_types = parse_object_types(args.object_types, open_vocabulary=grounding != "panoptic")
+    except (ProfileError, ValueError) as e:
+        return fail("report", e)
+    try:
         path = build_report(
             run_dir, shards_dir=args.shards, gallery_max=args.gallery_max, thumb_side=args.thumb_size,
             gallery_budget=int(args.gallery_mib * 2**20), rebuild_tables=args.rebuild_tables,
             object_types=object_types,
         )
-    except (RunFolderError, ValueError) as e:
+    except (RunFolderError, ValueError, OSError) as e:
         return fail("report", e, code=1)
     note("report", f"{path.stat().st_size / 2**20:.2f} MiB")
     print(path)

@@ -111,3 +111,11 @@ def test_caption_runs_mark_matched_and_unmatched_phrases():
     assert [(t, k, b) for t, k, b in runs if k] == [
         ("a man", "matched", "1"), ("a man", "unmatched", None), ("a rocket launch", "matched", "2")
     ]
+
+
+def test_inspect_into_a_place_it_cannot_write_says_so_in_one_line(run, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["inspect", str(run["run_dir"]), "3", "--out", str(blocker / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("subject-ffhq inspect: error: ") and len(err.splitlines()) == 1 and "a-file" in err

@@ -63,6 +63,11 @@ def test_sam3_grounding_builds_exports_and_trains_an_open_vocabulary_subject(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["grounding"]["method"] == "sam3" and summary["grounding"]["by_label"][label]["vocabulary"] == "open"
     assert "Grounding: sam3" in (run_dir / "report.html").read_text(encoding="utf-8")
+    # its per-type figures for the open label too (a panoptic run would refuse it: not a COCO label)
+    assert main(["report", str(run_dir), "--object-types", f"person,{label}"]) == 0
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    section = html[html.index("<h2>Subjects by object type</h2>"):]
+    assert f"<tr><td>{label}</td>" in section[:section.index("</table>")]
 
     # FastComposer's layout, with the open label as an object type, read back
     out = tmp_path / "fc"

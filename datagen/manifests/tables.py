@@ -57,7 +57,7 @@ SHARDS_TABLE = "shards.parquet"
 SAMPLES_TABLE = "samples.parquet"
 SUMMARY = "summary.json"
 SCORE_BINS = 40
-TABLES_VERSION = 4  # bump when the tables' columns or summary.json's fields change: older tables get rebuilt
+TABLES_VERSION = 5  # bump when the tables' columns or summary.json's fields change: older tables get rebuilt
 
 SHARDS_SCHEMA = pa.schema([
     ("shard", pa.int32()),
