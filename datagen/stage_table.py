@@ -18,7 +18,8 @@ replica of every stage shares a GPU, and which earlier stages' outputs it takes.
 walks the stages (placement, actor pools, the scheduler, the model check, the record's model ids,
 the config digest) iterates over this table; nothing else spells the list out. A row of one
 ``grounding`` runs only in builds of that grounding (``profile.grounding``); a row that
-``provides`` other stages hands its output to the rows taking them, and, through
+``provides`` other stages hands its output to the rows taking them (in the shape of the stage they
+name: :meth:`Stage.inputs`, the providing step's ``provided``), and, through
 :func:`outputs_by_stage`, to the record under their names.
 
 A stage from outside the product (a plug-in, a test) is added with :func:`registered`, which also
@@ -51,10 +52,21 @@ class Stage:
     settings: type | None = None  # its section's settings class, when the section is no Profile field
     grounding: str | None = None  # the profile's grounding this row belongs to (None: every build)
     provides: tuple[str, ...] = ()  # stages of another grounding whose outputs it stands in for
+    # set by stages_for: (place in takes, the providing row, the stage it stands in for) of each input
+    # a providing row hands over, converted by the providing step's ``provided`` before this step sees it
+    via: tuple[tuple[int, Stage, str], ...] = ()
 
     @property
     def section(self) -> str:
         return self.sections[0]
+
+    def inputs(self, earlier: tuple[Any, ...] | list[Any]) -> list[Any]:
+        """The earlier outputs this row ``takes``, each in the shape of the stage it names (a providing
+        row's output converted by its step's ``provided``)."""
+        out = list(earlier)
+        for i, provider, name in self.via:
+            out[i] = provider.step_class().provided(out[i], name)
+        return out
 
     def step_class(self) -> type:
         """Its :class:`datagen.stages.step.Step` subclass."""
@@ -85,11 +97,14 @@ def stages() -> tuple[Stage, ...]:
 def stages_for(profile: Profile) -> tuple[Stage, ...]:
     """The stages a build of ``profile`` runs: every built-in one of its grounding, and each registered
     stage whose section the profile sets. A row that takes a stage another row ``provides`` takes
-    that row instead (with ``grounding: sam3`` the face stage takes the ``sam3`` row's segments)."""
+    that row instead, its output converted to the provided stage's shape (:meth:`Stage.inputs`; with
+    ``grounding: sam3`` the face stage takes the ``sam3`` row's segments)."""
     rows = [s for s in stages() if (s.settings is None or s.section in profile.stage_sections)
             and s.grounding in (None, profile.grounding)]
-    instead = {name: s.name for s in rows for name in s.provides}
-    return tuple(dataclasses.replace(s, takes=tuple(instead.get(t, t) for t in s.takes)) for s in rows)
+    instead = {name: s for s in rows for name in s.provides}
+    return tuple(dataclasses.replace(s, takes=tuple(instead[t].name if t in instead else t for t in s.takes),
+                                     via=tuple((i, instead[t], t) for i, t in enumerate(s.takes) if t in instead))
+                 for s in rows)
 
 
 def stage(name: str) -> Stage:

@@ -61,6 +61,7 @@ class StageActor:
         self.incarnation = uuid.uuid4().hex  # a restarted actor is a new one, its counts start at zero
         self.device = actor_device()
         self.stage = stage.name
+        self.row = stage
         self.step = stage.step_class()(profile, self.device)
         self.images = 0
         self.busy_seconds = 0.0
@@ -68,6 +69,7 @@ class StageActor:
     def run(self, chunk: LoadedChunk, *earlier: list) -> list:
         """The step over the chunk's loaded images; an image an earlier stage failed keeps that failure."""
         t = time.perf_counter()
+        earlier = tuple(self.row.inputs(earlier))  # a providing row's outputs in the shape the step takes
         out = self.step.run(chunk.loaded, *earlier)
         self.busy_seconds += time.perf_counter() - t
         self.images += sum(1 for i in range(len(chunk.loaded)) if not any(isinstance(e[i], StageFailure) for e in earlier))

@@ -140,6 +140,22 @@ def test_the_grounding_picks_the_stage_rows(tiny_profile):
     assert GroundStep.record_fields(None) == {"grounding": "sam3"}
 
 
+def test_a_stage_taking_the_matcher_gets_the_matchers_shape_from_the_sam3_row():
+    """A row that takes a stage another row provides gets that row's output converted by its step's
+    ``provided``: a stage taking ``matcher`` sees ``(chunked caption, match)`` in a sam3 build too."""
+    sam3 = load_profile("tiny-open-vocab")
+    reader = stage_table.Stage("match_reader", "tests.plugin_stage:CaptionWordsStep", ("captioner",),
+                               takes=("captioner", "matcher", "segmenter"))
+    with stage_table.registered(reader):
+        row = next(s for s in stage_table.stages_for(sam3) if s.name == "match_reader")
+    assert row.takes == ("captioner", "sam3", "sam3")
+    cap = chunked("a cat", ["a cat"])
+    g = ground_image(cap, [Instance("cat", 0.9, box_mask(SHAPE, 0, 0, 10, 10))], THRESHOLD, SHAPE)
+    captions, as_matcher, as_segmenter = row.inputs(([("a cat", [])], [g], [g]))
+    assert captions == [("a cat", [])] and as_segmenter == [g]
+    assert as_matcher == [(g.chunked, g.match)]
+
+
 def test_object_types_take_open_labels_only_where_the_grounding_makes_them():
     assert load_profile("tiny-open-vocab", {"subjects": {"object_types": ["person", "guitar"]}}).subjects.object_types \
         == ("person", "guitar")
