@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from datagen import storage
-from datagen.files import file_sha256, remove_stale_temps
+from datagen.files import remove_stale_temps
 from datagen.manifests.shard_entry import DUPLICATE, FAILED, WRITTEN
 from datagen.shards.plan import ShardSpec
 from datagen.shards.writer import ShardWriter, encode_jpeg, encode_segment_map
@@ -132,13 +132,12 @@ def write_shard_tar(spec: ShardSpec, tar_path: str, *chunks: EncodedChunk) -> di
     with ShardWriter(path) as writer:
         for s in to_write:
             writer.write_encoded(s.key, s.jpg, s.seg_png, s.json)
-    digest = file_sha256(path)
     timings = {
         "load": round(sum(c.load_seconds for c in chunks), 4),
         "encode": round(sum(c.encode_seconds for c in chunks), 4),
         "write": round(time.perf_counter() - t, 4),
     }
-    return {"sha256": digest, "bytes": path.stat().st_size, "samples": samples, "cpu_seconds": timings,
+    return {"sha256": writer.sha256, "bytes": writer.bytes, "samples": samples, "cpu_seconds": timings,
             "shard_rows": {name: [row for s in to_write for row in s.shard_rows.get(name, [])]
                            for name in {n for s in to_write for n in s.shard_rows}}}
 

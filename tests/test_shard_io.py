@@ -60,6 +60,8 @@ def test_sixteen_bit_ids_survive(tmp_path):
     path = tmp_path / "subjects-00001.tar"
     with ShardWriter(path) as w:
         w.write(_image(), seg, record)
+    # the digest and size the manifest records, taken before the move (or upload)
+    assert (w.sha256, w.bytes) == (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size)
     (sample,) = read_shard(path)
     assert sample.segment_map.max() == 40000
     np.testing.assert_array_equal(sample.segment_map, seg)

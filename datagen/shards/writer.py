@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from datagen import storage
-from datagen.files import atomic_file
+from datagen.files import atomic_file, file_sha256
 from datagen.record.schema import Record
 from datagen.shards.reader import ShardError, check_sizes
 
@@ -78,6 +78,8 @@ class ShardWriter:
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._keys: set[str] = set()
         self.count = 0
+        self.sha256: str | None = None  # of the finished tar, set by close() (hashed before any upload)
+        self.bytes: int | None = None
 
     def write(self, image: Image.Image, segment_map: np.ndarray, record: Record) -> None:
         record.validate()
@@ -99,8 +101,12 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> Path:
-        """Finish the tar and move it into place. Returns the final path."""
+        """Finish the tar and move it into place (on a bucket: upload it). Returns the final path.
+        Its ``sha256`` and ``bytes`` are taken from the local temp file first, so that a bucket's
+        object is never downloaded again to hash it."""
         self._tar.close()
+        self._file.flush()
+        self.sha256, self.bytes = file_sha256(self.tmp_path), self.tmp_path.stat().st_size
         self._open.close()
         return self.path
 
