@@ -96,6 +96,28 @@ def test_an_img2dataset_collection_is_listed_with_provenance_duplicates_and_ever
         load_image(items["000000002"], max_side=64)
 
 
+def test_a_broken_json_and_a_second_image_are_named_not_dropped_silently(tmp_path):
+    from datagen import storage
+    from datagen.sources.img2dataset import list_tar
+
+    buf = io.BytesIO()
+    photo("coffee", 32).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        _member(tar, "000000000.png", buf.getvalue())
+        _member(tar, "000000000.json", b'{"url": "https://example.com/0.png", "LICENSE": ')  # cut short
+        _member(tar, "000000001.png", buf.getvalue())
+        _member(tar, "000000001.jpg", buf.getvalue())  # a second image of the same key
+        _member(tar, "000000001.json", b'["not", "an", "object"]')
+    samples, skipped = list_tar(storage.path(tmp_path / "00000.tar"))
+    assert [s["key"] for _, s in samples] == ["000000000", "000000001"]  # both kept
+    assert samples[1][1]["member"] == "000000001.png"
+    reasons = {entry["path"]: entry["reason"] for entry in skipped}
+    assert reasons.keys() == {"00000.tar/000000000.json", "00000.tar/000000001.jpg", "00000.tar/000000001.json"}
+    assert reasons["00000.tar/000000000.json"].startswith("metadata is not a JSON object (")
+    assert "kept without its url, licence and caption" in reasons["00000.tar/000000000.json"]
+    assert reasons["00000.tar/000000001.jpg"] == "a second image of sample '000000001'; the first, 000000001.png, is used"
+
+
 def test_an_img2dataset_collection_on_a_bucket_reads_each_image_with_one_ranged_read(collection, local_s3):
     import fsspec
 

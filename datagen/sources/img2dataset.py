@@ -19,9 +19,10 @@ present, ``alt_text`` (the ``.txt``, else the json's ``caption``) beside our own
 **Duplicates** by pixel hash: every image is decoded once while its tar is listed (the md5 of its
 full-resolution RGB pixels, what :func:`~datagen.sources.images.load_image` computes and then takes
 from here). A member that cannot be decoded forms its own group and fails alone at load, with its
-reason. **Every sample accounted for**: a key with no image member, and a tar that cannot be read
-to its end (after the samples read before the damage), are listed in ``skipped`` with the reason
-(the job prints it and writes it into ``run.json``).
+reason. **Every sample accounted for**: a key with no image member, a tar that cannot be read to its
+end (after the samples read before the damage), a second image member of a key (the first is used)
+and a ``.json`` that is not a JSON object (its sample is kept without url, licence and caption) are
+listed in ``skipped`` with the reason (the job prints it and writes it into ``run.json``).
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def list_tar(tar_path: Any) -> tuple[list[tuple[str, dict[str, Any]]], list[dict
                     continue
                 key, _, ext = os.path.basename(member.name).partition(".")
                 sample = by_key.setdefault(key, {"key": key, "tar_path": location, "json": {}})
-                _read_member(tar, member, ext.lower(), sample, f"{location}:{member.name}")
+                problem = _read_member(tar, member, ext.lower(), sample, f"{location}:{member.name}")
+                if problem:
+                    skipped.append({"path": f"{name}/{member.name}", "reason": problem})
     except (tarfile.TarError, OSError) as e:
         skipped.append({"path": name, "reason": f"tar unreadable after {len(by_key)} sample(s): {e}"})
     samples = []
@@ -119,9 +122,13 @@ def list_tar(tar_path: Any) -> tuple[list[tuple[str, dict[str, Any]]], list[dict
     return samples, skipped
 
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample: dict[str, Any], where: str) -> None:
-    """Take what one member gives its sample: the image's place and pixel md5, the json, the alt-text."""
-    if ext in IMAGE_MEMBERS and "member" not in sample:
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample: dict[str, Any],
+                 where: str) -> str | None:
+    """Take what one member gives its sample: the image's place and pixel md5, the json, the alt-text.
+    Returns why a member was passed over (a second image, an unreadable json), else None."""
+    if ext in IMAGE_MEMBERS and "member" in sample:
+        return f"a second image of sample {sample['key']!r}; the first, {sample['member']}, is used"
+    if ext in IMAGE_MEMBERS:
         data = tar.extractfile(member).read()
         sample.update(member=member.name, offset=member.offset_data, size=member.size)
         try:
@@ -131,8 +138,12 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, sample
     elif ext == "json":
         try:
             meta = json.loads(tar.extractfile(member).read())
-        except ValueError:
-            meta = {}
-        sample["json"] = meta if isinstance(meta, dict) else {}
+        except ValueError as e:
+            meta = e
+        if not isinstance(meta, dict):
+            return (f"metadata is not a JSON object ({meta}); sample {sample['key']!r} is kept without its url, "
+                    "licence and caption")
+        sample["json"] = meta
     elif ext == "txt":
         sample["txt"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+    return None
