@@ -12,7 +12,7 @@ walked), and anything that is neither a file nor a folder. A link to a file is t
 one then fails at load, "file is missing").
 
 The folder may be on a bucket (``s3://bucket/photos``): the same rules over its keys (a bucket has no
-links), and each object is read once while listing, to hash it, as a local file is.
+links), and each object is read once while listing, to hash it, as a local file is (eight at once).
 
 Names, duplicates and the held-out split: :mod:`datagen.sources.items`.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from datagen import storage
 from datagen.sources.items import SourceError, SourceItem, assign_duplicates_and_split
 from datagen.sources.names import escape_path
 
+BUCKET_LIST_THREADS = 8  # objects sized and hashed at once when the folder is on a bucket
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -55,7 +57,11 @@ class ImageFolderSource:
                     f"{storage.text(self.root)}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
                     f"recursively){passed}"
                 )
-            items = [self._item(i, rel) for i, rel in enumerate(paths)]
+            if isinstance(self.root, Path):
+                items = [self._item(i, rel) for i, rel in enumerate(paths)]
+            else:  # a bucket: one request per object to size and hash it, so many at once
+                with ThreadPoolExecutor(BUCKET_LIST_THREADS) as pool:
+                    items = list(pool.map(self._item, range(len(paths)), paths))
             self._items = assign_duplicates_and_split(items, self.test_size)
         return list(self._items)
 
