@@ -166,10 +166,11 @@ class GroundStep(Step):
 
     def process(self, loaded: list, captions: list) -> list:
         from datagen.stages.failures import StageFailure, in_batches
+        from datagen.stages.phrases import chunk_captions
         from datagen.stages.step import labels_of, probe_image
 
         labels, section = labels_of(loaded), self.profile.sam3
-        out: list = in_batches("phrases", self.chunker.chunk, [c[0] for c in captions], labels, 256, lambda: "a person")
+        out: list = chunk_captions(self.chunker, captions, labels)
         ok = [i for i, c in enumerate(out) if not isinstance(c, StageFailure)]
 
         def ground(rows: list) -> list:

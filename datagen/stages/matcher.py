@@ -460,11 +460,12 @@ class MatchStep(Step):
 
     def process(self, loaded: list, captions: list, panoptic: list) -> list:
         from datagen.stages.failures import StageFailure, in_batches
+        from datagen.stages.phrases import chunk_captions
         from datagen.stages.segmenter import probe_panoptic
         from datagen.stages.step import labels_of, probe_image
 
         labels, batch = labels_of(loaded), self.profile.matcher.batch_size
-        out: list = in_batches("phrases", self.chunker.chunk, [c[0] for c in captions], labels, batch, lambda: "a person")
+        out: list = chunk_captions(self.chunker, captions, labels)
         ok = [i for i, c in enumerate(out) if not isinstance(c, StageFailure)]
 
         def match(rows: list) -> list:

