@@ -18,7 +18,6 @@ from typing import Any
 
 from datagen.config import Profile
 from datagen.stage_table import Stage
-from datagen.stages.failures import StageFailure
 from ray_jobs.chunks import LoadedChunk
 
 
@@ -63,7 +62,6 @@ class StageActor:
         self.stage = stage.name
         self.row = stage
         self.step = stage.step_class()(profile, self.device)
-        self.images = 0
         self.busy_seconds = 0.0
 
     def run(self, chunk: LoadedChunk, *earlier: list) -> list:
@@ -72,7 +70,6 @@ class StageActor:
         earlier = tuple(self.row.inputs(earlier))  # a providing row's outputs in the shape the step takes
         out = self.step.run(chunk.loaded, *earlier)
         self.busy_seconds += time.perf_counter() - t
-        self.images += sum(1 for i in range(len(chunk.loaded)) if not any(isinstance(e[i], StageFailure) for e in earlier))
         return out
 
     def ready(self) -> dict[str, Any]:
@@ -88,4 +85,4 @@ class StageActor:
 
     def stats(self) -> dict[str, Any]:
         """Images processed and seconds spent in calls since (re)start: the stage's own rate."""
-        return {"stage": self.stage, "incarnation": self.incarnation, "images": self.images, "busy_seconds": self.busy_seconds}
+        return {"stage": self.stage, "incarnation": self.incarnation, "images": self.step.images, "busy_seconds": self.busy_seconds}

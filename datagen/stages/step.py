@@ -16,7 +16,7 @@ model through :func:`~datagen.stages.failures.in_batches`, so one bad image fail
 What the job needs to know of a stage without running it is here too, as class methods that load no
 model: :meth:`Step.model_ids` (the ids a record carries), :meth:`Step.check_models` (every model
 is there, checked before Ray starts) and :meth:`Step.record_fields` (what a stage outside the record
-contract adds to each record). The list of stages is :mod:`datagen.stages.table`.
+contract adds to each record). The list of stages is :mod:`datagen.stage_table`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Step:
     def __init__(self, profile: Profile, device: str):
         self.profile = profile
         self.device = device
+        self.images = 0  # images handed to process() since this step was built
 
     def run(self, loaded: Sequence[LoadedImage], *earlier: Sequence[Any]) -> list:
         """One result per image of ``loaded``: an earlier stage's failure passes through, the other
@@ -58,6 +59,7 @@ class Step:
                 todo.append(i)
             else:
                 out[i] = failure
+        self.images += len(todo)
         if todo:
             results = self.process([loaded[i] for i in todo], *([e[i] for i in todo] for e in earlier))
             if len(results) != len(todo):
