@@ -118,8 +118,9 @@ def check_setup(args: argparse.Namespace):
         if storage.is_url(where):
             storage.probe(where, option)
             continue
-        folder = Path(where) if option == "--out" else Path(where) / run_name
-        for path in (Path(where), folder, folder / "shards"):
+        local = storage.path(where)  # file:// stripped, as the job writes it
+        folder = local if option == "--out" else local / run_name
+        for path in (local, folder, folder / "shards"):
             check_folder(option, path)
     return profile, run_name
 

@@ -397,3 +397,9 @@ def test_cli_ctrl_c_while_joining_stops_at_once(tmp_path, stage_models):
         proc.kill()
     assert err.strip() == "subject-ffhq build: interrupted while starting; re-run the same command to resume"
     assert nothing_written(tmp_path)
+
+
+def test_a_file_url_out_is_checked_where_the_job_writes_it(tmp_path, capsys):
+    (tmp_path / "blocker").write_text("x")
+    code, err = run_build_cli(tmp_path, capsys, out=f"file://{tmp_path}/blocker/out")
+    assert code == 2 and "error: --out: " in err and f"{tmp_path}/blocker is a file, not a folder" in err
