@@ -159,8 +159,7 @@ def probe(location: str | os.PathLike, option: str, must_exist: bool = False) ->
     try:
         if "s3" in tuple(quick.protocol):
             quick.call_s3("head_bucket", Bucket=bucket)
-            listed = quick.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
-            if must_exist and not listed.get("KeyCount"):
+            if must_exist and not _s3_has(quick, bucket, key):
                 raise StorageError(f"{option} {public(url)}: nothing there")
         elif must_exist and not quick.exists(rpath):
             raise StorageError(f"{option} {public(url)}: nothing there")
@@ -172,6 +171,21 @@ def probe(location: str | os.PathLike, option: str, must_exist: bool = False) ->
         raise StorageError(f"{option} {public(url)}: the bucket {bucket!r} does not exist") from e
     except Exception as e:  # noqa: BLE001 -- every cloud SDK error becomes one line naming the URL
         raise StorageError(f"{option} {public(url)}: {cause(e)}") from e
+
+
+def _s3_has(fs, bucket: str, key: str) -> bool:
+    """Whether ``key`` is an object or a folder (objects under ``key/``) of the bucket; a bare prefix
+    match (``data`` for ``data-old/x``) is not one."""
+    folder = key.rstrip("/")
+    if not folder:
+        return bool(fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1).get("KeyCount"))
+    if fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=folder + "/", MaxKeys=1).get("KeyCount"):
+        return True
+    try:
+        fs.call_s3("head_object", Bucket=bucket, Key=folder)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _quick_filesystem(fs):

@@ -362,8 +362,7 @@ class BuildJob:
         self.manifest.write(
             FAILED, counts, len(self.plan) if self.plan is not None else None, seconds, self.shards_run,
             error=reason, traceback="".join(traceback.format_exception(error)),
-        )
-        self.remove_temps()
+        )  # written atomically: no temp of its own left behind
         self.say(f"failed: {reason}; finished shards are kept, the reason is in {req.run_dir / 'run.json'}")
         return summary
 

@@ -72,6 +72,16 @@ def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Com
                           text=True, timeout=timeout)
 
 
+def test_a_source_that_must_exist_is_an_object_or_a_folder_not_a_bare_prefix(local_s3):
+    bucket = local_s3.bucket("prefixes")
+    atomic_write(f"s3://{bucket}/data-old/x.png", b"x")
+    for there in ("data-old", "data-old/", "data-old/x.png", ""):
+        storage.probe(f"s3://{bucket}/{there}", "--source", must_exist=True)
+    for missing in ("data", "data-old/x", "dat"):
+        with pytest.raises(storage.StorageError, match=f"--source s3://{bucket}/{missing}: nothing there"):
+            storage.probe(f"s3://{bucket}/{missing}", "--source", must_exist=True)
+
+
 def test_bad_bucket_input_exits_2_in_seconds_with_one_line_and_nothing_written(local_s3, tmp_path):
     bucket = local_s3.bucket("bad-input")
     good = dict(local_s3.env)
