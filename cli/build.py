@@ -1,4 +1,5 @@
-"""``subject-ffhq build``: turn a source (FFHQ-wild download or image folder) into shards + manifests.
+"""``subject-ffhq build``: turn a source (FFHQ-wild download, image folder or img2dataset collection) into
+shards + manifests.
 
     subject-ffhq build --source DIR|URL --out DIR|URL --profile paper|tiny [--shard-size N] [--limit N]
                        [--config FILE ...] [--ray-address ADDR] [--run-name NAME] [--manifests DIR]

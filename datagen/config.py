@@ -5,9 +5,11 @@ A profile is a YAML file. The built-in ones live in ``datagen/profiles/`` (``pap
 keys onto it (nested mappings are merged, later files win). :func:`load_profile` reads them once
 into a frozen :class:`Profile`: one section per stage (:class:`CaptionerSettings`,
 :class:`SegmenterSettings`, :class:`PhrasesSettings`, :class:`MatcherSettings`,
-:class:`FacesSettings`), the output (:class:`ShardsSettings`), the job's placement and pacing
+:class:`Sam3Settings`, :class:`FacesSettings`, :class:`IdentitySettings`), the ``grounding`` that picks
+the stage rows (``panoptic`` or ``sam3``), the output (:class:`ShardsSettings`), the job's placement and pacing
 (:class:`RaySettings`), which segments count as subjects (:class:`SubjectsSettings`) and the
-trainer's and the evaluation's sections (:class:`TrainerSettings`, :class:`EvaluationSettings`). A stage takes
+trainer's and the evaluation's sections (:class:`TrainerSettings`, :class:`EvaluationSettings`, defined in
+:mod:`datagen.training_settings` and re-exported here). A stage takes
 its own section. Nothing reads the YAML again.
 
 Refused with :class:`ProfileError`, before anything runs:
@@ -20,8 +22,7 @@ Refused with :class:`ProfileError`, before anything runs:
 
 ``{tiny}`` in a value is replaced by the tiny-models folder: ``$SUBJECT_FFHQ_TINY_MODELS`` if set,
 else ``out/tiny-models`` under the current directory; ``{paper_shapes}`` by the paper-size random
-models' folder: ``$SUBJECT_FFHQ_PAPER_SHAPES`` if set, else ``out/paper-shapes``. ``{paper_shapes}`` likewise: the paper-size
-random-weight models (``$SUBJECT_FFHQ_PAPER_SHAPES``, else ``out/paper-shapes``).
+models' folder: ``$SUBJECT_FFHQ_PAPER_SHAPES`` if set, else ``out/paper-shapes``.
 """
 
 from __future__ import annotations

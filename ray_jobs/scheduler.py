@@ -5,8 +5,10 @@ bottom::
 
     load_chunk (CPU task) ──► captioner ──┐
                         └──► segmenter ──┴─► matcher (captions, segments) ──┬─► encode_chunk (CPU task)
-                                    └──────► faces (segments) ─────────────┘
+                                    ├──────► faces (segments) ─────────────┤
+                                    └──────► identity (segments) ──────────┘
 
+(``grounding: sam3``: one ``sam3`` row, taking the captions, stands in for segmenter and matcher)
 and, once every chunk is encoded, ``write_shard_tar`` (CPU task) writes the tar. The whole graph of
 a chunk is submitted at once as object refs (Ray moves the data; nothing passes through the
 driver), and two bounds keep memory flat whatever the source size: at most

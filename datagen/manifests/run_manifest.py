@@ -5,8 +5,8 @@ full configuration, model ids, package versions, counts over all shards, and one
 invocation of the job that did work (command line, start/end, timings, Ray cluster), so a run
 resumed three times shows all three.
 
-:func:`account` is the job's closing check: every planned source item appears in exactly one
-shard entry, exactly once, as written, duplicate or failed.
+(The job's closing check, that every planned source item appears in exactly one shard entry, as
+written, duplicate or failed, is :func:`datagen.manifests.shard_entry.account`.)
 """
 
 from __future__ import annotations
