@@ -5,6 +5,10 @@
 cluster), each with one GPU when the cluster has GPUs, and yields each finished batch of
 ``(row, png bytes)`` as it comes back, in completion order; the driver writes the files. The only
 module of the evaluation that imports Ray.
+
+More workers than the cluster can place (GPUs, or CPUs on a CPU-only cluster) are refused at once
+(:class:`EvaluationPoolError`) instead of waiting forever for actors that never start; an actor
+that fails ends the run with the same error, naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from collections.abc import Iterator
 
 from training.evaluation.protocol import Unit
 from training.evaluation.worker import Worker, WorkerSettings
+
+
+class EvaluationPoolError(RuntimeError):
+    """The Ray evaluation pool cannot start or run; the message says why."""
 
 
 class _EvalActor:
@@ -30,8 +38,13 @@ def run_on_ray(settings: WorkerSettings, units: list[Unit], address: str, worker
     from ray_jobs.cluster import ray_session
 
     with ray_session(address):
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
         count = workers or max(1, gpus)
+        kind, has = ("GPU", gpus) if gpus else ("CPU", int(resources.get("CPU", 0)))
+        if count > has:
+            raise EvaluationPoolError(f"--workers {count}: each evaluation actor takes one {kind}, and the Ray cluster "
+                                      f"at {address} has {has}")
         actor_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(_EvalActor)
         actors = [actor_cls.remote(settings) for _ in range(count)]
         chunks = [units[i:i + units_per_task] for i in range(0, len(units), max(1, units_per_task))]
@@ -46,4 +59,8 @@ def run_on_ray(settings: WorkerSettings, units: list[Unit], address: str, worker
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 free.append(pending.pop(ref))
-                yield ray.get(ref)
+                try:
+                    batch = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    raise EvaluationPoolError(f"an evaluation actor failed: {e}") from None
+                yield batch
