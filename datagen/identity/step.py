@@ -46,7 +46,7 @@ def step_size(run_dir: str | Path) -> StepSize:
     dimension (``run.json``'s ``identity.embedder``) and the memory the step asks for."""
     from datagen.stages.identity import DIMENSIONS
 
-    embedder = run_identity_settings(run_dir).get("embedder") or "dlib"
+    embedder = run_identity_settings(run_dir).embedder
     faces, dimension = count_faces(run_dir), DIMENSIONS[embedder]
     return StepSize(faces, dimension, step_memory_bytes(faces, dimension))
 
