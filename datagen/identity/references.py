@@ -199,10 +199,17 @@ def reference_set_path(path: str | Path) -> Path:
     return path / REFERENCES_DIR if (path / REFERENCES_DIR / CROPS_TABLE).is_file() else path
 
 
-def read_reference_set(path: str | Path) -> tuple[pa.Table, pa.Table]:
-    """``(crops, targets)`` of a reference set (its folder, or the run folder holding it)."""
+def check_reference_set(path: str | Path) -> Path:
+    """The reference-set folder ``path`` names, its two tables there (not read), or
+    :class:`FileNotFoundError` saying what to run."""
     folder = reference_set_path(path)
     if not (folder / CROPS_TABLE).is_file() or not (folder / TARGETS_TABLE).is_file():
         raise FileNotFoundError(f"{path}: no reference set ({REFERENCES_DIR}/{CROPS_TABLE}); "
                                 "run `subject-ffhq identities RUN` on the run first")
+    return folder
+
+
+def read_reference_set(path: str | Path) -> tuple[pa.Table, pa.Table]:
+    """``(crops, targets)`` of a reference set (its folder, or the run folder holding it)."""
+    folder = check_reference_set(path)
     return read_table(folder / CROPS_TABLE), read_table(folder / TARGETS_TABLE)
