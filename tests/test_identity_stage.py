@@ -223,3 +223,26 @@ def test_an_unreadable_run_folder_is_one_line_not_a_traceback(tmp_path, capsys, 
     assert main(["identities", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "Permission denied" in err and "Traceback" not in err
+
+
+def test_sharpness_of_a_sliced_box_equals_the_whole_image_crop(sample):
+    from PIL import Image
+
+    from datagen.stages.identity import SHARPNESS_SIDE, sharpness
+
+    def whole_image(rgb, box):  # the first way: the whole image to PIL, then the crop
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        g = np.asarray(Image.fromarray(rgb).crop((x0, y0, x1, y1)).convert("L").resize(
+            (SHARPNESS_SIDE, SHARPNESS_SIDE)), np.float32)
+        return float((g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]).var())
+
+    checked = 0
+    for _, image, _, faces in sample:
+        rgb = np.asarray(image.convert("RGB"))
+        h, w = rgb.shape[:2]
+        for f in faces:
+            x0, y0, x1, y1 = f.box
+            for box in (f.box, (x0 - 30, y0 - 30, x1, y1), (x0, y0, x1 + w, y1 + h)):  # and past the edges
+                assert sharpness(rgb, box) == whole_image(rgb, box)
+                checked += 1
+    assert checked > 0
