@@ -127,13 +127,14 @@ def _per_identity(table: pa.Table) -> dict[int, int]:
     return dict(zip(ids, photos, strict=True))
 
 
-def read_identities(run_dir: str | Path) -> pa.Table | None:
-    """The run's ``identities.parquet``, or ``None`` before ``subject-ffhq identities`` ran."""
+def read_identities(run_dir: str | Path, columns: list[str] | None = None) -> pa.Table | None:
+    """The run's ``identities.parquet`` (``columns`` of it, default all), or ``None`` before
+    ``subject-ffhq identities`` ran."""
     path = storage.path(run_dir) / IDENTITIES_TABLE  # a run folder, or one on a bucket (the report reads it)
     if not path.is_file():
         return None
     with path.open("rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,10 @@ def merged_by_key(table: pa.Table) -> dict[str, list[int]]:
 
 
 def identity_of_faces(run_dir: str | Path) -> dict[str, int]:
-    """``{face id: identity}`` of the run (``{}`` before the index exists)."""
-    table = read_identities(run_dir)
+    """``{face id: identity}`` of the run (``{}`` before the index exists), read afresh each call (the
+    reference set's, just after the step rewrote the index; the exports' per-process cache is
+    :func:`identity_lookup`, the evaluation's few faces :func:`identities_of`)."""
+    table = read_identities(run_dir, ["face", "identity"])
     if table is None:
         return {}
     return dict(zip(table.column("face").to_pylist(), table.column("identity").to_pylist(), strict=True))
