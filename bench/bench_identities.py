@@ -8,7 +8,8 @@ scale); each identity has 1 + a Zipf-like number of photos (long tail), 30% of t
 seen once (singletons); a face is its centre plus noise (typical distance between two faces of one
 person ~0.3). The threshold is dlib's default (0.5).
 
-For each size it prints the search used (exact ``IndexFlatL2`` or the inverted file), the wall time
+For each size it prints the search used (``exact (every pair)`` up to ``EXACT_LIMIT`` faces, else
+``cells (k-means, PROBE probed)``: :mod:`datagen.identity.cluster`), the wall time
 and CPU time (all threads; the machine is shared, so wall time also shows the others' load) of the
 whole clustering (search + graph + components + centre distances), the process's peak resident memory, and the agreement with the synthetic truth: pairwise precision and recall (of all
 pairs of faces put in one identity, the share that are one person; of all pairs of one person, the

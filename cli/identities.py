@@ -55,7 +55,7 @@ def run(args) -> int:
     try:
         run_dir = resolve_run_dir(args.run, args.manifests_root)
         result = run_identity_step(run_dir, args.threshold, args.shards_dir, not args.no_references)
-    except (RunFolderError, FaceTableError, ShardError, FileNotFoundError, ValueError) as e:
+    except (RunFolderError, FaceTableError, ShardError, OSError, ValueError) as e:  # OSError: e.g. permission denied
         return fail("identities", e, code=1)
     _print_result(result)
     return 0
@@ -121,7 +121,7 @@ def _run_on_ray(args, address: str) -> int:
         result = run_identities_on_ray(request, on_event=lambda line: note("identities", line))
     except (RayConnectError, PlacementError) as e:
         return fail("identities", e)
-    except (NodeError, RunFolderError, FaceTableError, FileNotFoundError, ValueError) as e:
+    except (NodeError, RunFolderError, FaceTableError, OSError, ValueError) as e:
         return fail("identities", e, code=1)
     except KeyboardInterrupt:
         note("identities", "interrupted; re-run the same command")

@@ -35,7 +35,7 @@ from typing import Any
 
 from datagen import storage
 from datagen.identity.step import IdentityStepResult, StepSize, run_identity_step, step_size
-from datagen.manifests.run_manifest import resolve_run_dir
+from datagen.manifests.run_manifest import load_run_manifest, resolve_run_dir
 from ray_jobs.cluster import DEFAULT_CONNECT_TIMEOUT_S, ray_session
 
 GB = 1e9
@@ -111,12 +111,13 @@ def this_node() -> NodeInfo:
     return NodeInfo(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), socket.gethostname())
 
 
-def size_on_node(run: str, manifests_root: str) -> tuple[str, StepSize, NodeInfo]:
-    """On a node: the run folder as it sees it, the step's size, the node."""
+def size_on_node(run: str, manifests_root: str) -> tuple[str, StepSize, NodeInfo, str | None]:
+    """On a node: the run folder as it sees it, the step's size, the node, the ``shards_dir`` its
+    run.json names (as written: maybe relative)."""
     node = this_node()
     try:
         run_dir = resolve_run_dir(run, manifests_root)
-        return storage.text(run_dir), step_size(run_dir), node
+        return storage.text(run_dir), step_size(run_dir), node, load_run_manifest(run_dir).get("shards_dir")
     except (OSError, ValueError) as e:
         raise NodeError(f"on node {node}: {e}") from None
 
@@ -170,7 +171,8 @@ def _node_line(node: dict, placement: Placement) -> str:
 
 def wait_for(ref, on_interrupt: Callable[[], None] | None = None):
     """``ray.get(ref)`` in short waits (Ctrl-C is seen at once and cancels the task); a task's own
-    error is raised as itself, not wrapped."""
+    error is raised as itself, not wrapped; any other Ray error (the task's worker killed for memory,
+    its node lost) as a one-line :class:`NodeError`."""
     import ray
 
     try:
@@ -184,15 +186,29 @@ def wait_for(ref, on_interrupt: Callable[[], None] | None = None):
         raise
     except ray.exceptions.RayTaskError as e:
         raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+    except ray.exceptions.RayError as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise NodeError(f"the identities task failed on the cluster: {type(e).__name__}: {first}") from None
+
+
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute on the driver (a bucket URL, or None, as it is)."""
+    return path if path is None or storage.is_url(path) else os.path.abspath(path)
+
+
+def run_argument(run: str) -> str:
+    """RUN as the node should look it up: a path (it has a separator, or exists here) made absolute on
+    the driver; a run *name* left as it is, for the node to find under ``--manifests-root``."""
+    if storage.is_url(run) or not (os.sep in run or "/" in run or os.path.exists(run)):
+        return run
+    return os.path.abspath(run)
 
 
 def run_identities_on_ray(request: IdentitiesRequest, on_event: Callable[[str], None] = print) -> RayIdentitiesResult:
     """Join the cluster, check the placement, size the step on a node, run it there (see the module)."""
     import ray
 
-    run = request.run if storage.is_url(request.run) else os.path.abspath(request.run)
-    manifests_root = request.manifests_root if storage.is_url(request.manifests_root) \
-        else os.path.abspath(request.manifests_root)
+    run, manifests_root = run_argument(request.run), absolute(request.manifests_root)
     placement = request.placement
     with ray_session(request.address, connect_timeout_s=request.connect_timeout_s):
         try:
@@ -200,10 +216,11 @@ def run_identities_on_ray(request: IdentitiesRequest, on_event: Callable[[str], 
         except ValueError as e:  # a malformed label selector or resource
             raise PlacementError(f"--ray-labels / --ray-resources: {e}") from None
         check_placement(ray.nodes(), placement)
-        run_dir, size, seen_by = wait_for(probe.remote(run, manifests_root))
+        run_dir, size, seen_by, run_shards_dir = wait_for(probe.remote(run, manifests_root))
+        shards_dir = absolute(request.shards_dir or run_shards_dir)  # a relative one: as the driver sees it
         check_placement(ray.nodes(), placement, size.memory_bytes)
         ref = ray.remote(step_on_node).options(**placement.options(size.memory_bytes)).remote(
-            run_dir, request.threshold, request.shards_dir, request.references)
+            run_dir, request.threshold, shards_dir, request.references)
         on_event(f"{run_dir} (as node {seen_by.node_id[:12]} sees it): {size.faces} faces; submitted as Ray task "
                  f"{ref.task_id().hex()} asking for {placement.describe(size.memory_bytes)} (Ctrl-C cancels it)")
         started = time.perf_counter()

@@ -40,7 +40,9 @@ def make_identity_run(sample_root: Path, root: Path) -> dict:
         write_face_table(run, f"subjects-{k:05d}",
                          [row for (_, _, r), faces in zip(part, found, strict=True) for row in face_rows(r.key, faces)])
     pq.write_table(pa.table({"key": [r.key for _, _, r in records], "split": [r.split for _, _, r in records],
-                             "status": ["written"] * len(records)}), run / "samples.parquet")
+                             "status": ["written"] * len(records),
+                             "shard_name": [f"subjects-{i % len(shards):05d}" for i in range(len(records))]}),
+                   run / "samples.parquet")
     (run / "run.json").write_text(json.dumps({"shards_dir": str(shards_dir),
                                               "config": {"identity": {"embedder": "dlib"}}}))
     assert main(["identities", str(run)]) == 0

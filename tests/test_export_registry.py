@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -285,3 +286,17 @@ def test_merged_identities_flag_the_record_and_drop_the_sample_where_asked(ident
     capsys.readouterr()
     assert main(["export", shards, str(tmp_path / "no"), "--drop-merged-identities"]) == 2
     assert "needs the run whose identities.parquet" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_identity_pairs_carries_only_the_path_and_reads_the_set_once_per_process(identity_run, tmp_path):
+    import pickle
+
+    from datagen.export.identity_pairs import IdentityPairsExport, cached_references
+
+    export_ = IdentityPairsExport(tmp_path / "pairs", references=identity_run["run"])
+    assert len(pickle.dumps(export_)) < 4096  # pickled once per shard task with --workers > 1
+    lookup = cached_references(str(identity_run["run"]))
+    assert cached_references(str(identity_run["run"])) is lookup
+    crops = pq.read_table(identity_run["run"] / "references" / "crops.parquet")
+    for identity, rows in lookup.rows_of.items():
+        assert [r for r, _ in rows] == [n for n, i in enumerate(crops.column("identity").to_pylist()) if i == identity]

@@ -107,6 +107,17 @@ def test_a_label_no_node_has_and_a_folder_the_node_cannot_see_are_refused(cluste
     assert code == 2 and "--ray-resources: must be a JSON object of positive numbers" in err, err
 
 
+def test_a_run_name_is_found_under_the_manifests_root_on_the_node(cluster, data_node, run_copy, tmp_path,
+                                                                  monkeypatch, capsys):
+    c, _ = cluster
+    monkeypatch.chdir(tmp_path / "..")  # not where the run is: the name must not become <cwd>/run
+    code, _ = identities("run", "--manifests-root", str(tmp_path), "--ray-address", c.address,
+                         "--ray-resources", '{"data": 1}')
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() == f"{run_copy}/identities.parquet"
+
+
 def test_on_a_bucket_the_task_reads_and_writes_the_run_folder_there(identity_run, run_copy, local_s3, capsys):
     """``local``: a private Ray here, which forwards the bucket's endpoint and credentials to its worker."""
     import fsspec

@@ -171,3 +171,78 @@ def test_the_evaluation_can_score_identity_with_dlib_on_mtcnn_crops(finder, samp
     sims = v @ v.T
     assert sims[0, 2] > 0.9 and sims[1, 3] > 0.9  # the same person in two photos
     assert max(sims[0, 1], sims[0, 3], sims[2, 1], sims[2, 3]) < min(sims[0, 2], sims[1, 3])
+
+
+def test_a_run_without_samples_parquet_writes_nothing_and_a_report_of_a_half_index_says_to_rerun(sample, tmp_path,
+                                                                                                  capsys):
+    from datagen.identity.index import IDENTITIES_SUMMARY
+    from datagen.report.identities import identity_section
+
+    run = tmp_path / "run"
+    write_face_table(run, "subjects-00000", [r for key, _, _, faces in sample for r in face_rows(key, faces)])
+    (run / "run.json").write_text('{"config": {"identity": {"embedder": "dlib"}}}')
+    assert main(["identities", str(run)]) == 1
+    assert "no samples.parquet" in capsys.readouterr().err
+    assert not (run / "identities.parquet").exists() and not (run / IDENTITIES_SUMMARY).exists()
+    keys = [key for key, *_ in sample]
+    pq.write_table(pa.table({"key": keys, "split": ["train"] * len(keys), "status": ["written"] * len(keys)}),
+                   run / "samples.parquet")
+    summary = build_identities(run)
+    section = identity_section(run, [], [])
+    headline = {name: (value, share) for name, value, share in section.headline}
+    assert headline["faces with a cross-image reference"][0] == str(summary.faces_with_reference)
+    assert "index incomplete" not in section.note
+    (run / IDENTITIES_SUMMARY).unlink()  # a step that stopped half way
+    section = identity_section(run, [], [])
+    assert section.note.startswith("index incomplete:") and "re-run `subject-ffhq identities" in section.note
+    assert headline["identities"][0] == dict((n, v) for n, v, _ in section.headline)["identities"]
+
+
+def test_an_old_run_json_identity_section_gets_the_config_defaults_and_none_says_what_to_rerun(tmp_path):
+    from datagen.identity.index import run_identity_settings
+    from datagen.identity.step import step_size
+    from datagen.manifests.run_manifest import RunFolderError
+
+    (tmp_path / "run.json").write_text('{"config": {"identity": {"threshold": 0.7}}}')
+    settings = run_identity_settings(tmp_path)
+    assert settings == IdentitySettings(threshold=0.7) and settings.embedder == "vggface2"
+    assert settings.neighbours == IdentitySettings().neighbours
+    (tmp_path / "run.json").write_text('{"config": {}}')
+    with pytest.raises(RunFolderError, match="records no identity section.*Re-run `subject-ffhq build`"):
+        step_size(tmp_path)
+
+
+def test_an_unreadable_run_folder_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import datagen.identity.step as step
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "identities.parquet"))
+
+    (tmp_path / "run.json").write_text('{"config": {"identity": {"embedder": "dlib"}}}')
+    monkeypatch.setattr(step, "run_identity_step", denied)
+    assert main(["identities", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "Traceback" not in err
+
+
+def test_sharpness_of_a_sliced_box_equals_the_whole_image_crop(sample):
+    from PIL import Image
+
+    from datagen.stages.identity import SHARPNESS_SIDE, sharpness
+
+    def whole_image(rgb, box):  # the first way: the whole image to PIL, then the crop
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        g = np.asarray(Image.fromarray(rgb).crop((x0, y0, x1, y1)).convert("L").resize(
+            (SHARPNESS_SIDE, SHARPNESS_SIDE)), np.float32)
+        return float((g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]).var())
+
+    checked = 0
+    for _, image, _, faces in sample:
+        rgb = np.asarray(image.convert("RGB"))
+        h, w = rgb.shape[:2]
+        for f in faces:
+            x0, y0, x1, y1 = f.box
+            for box in (f.box, (x0 - 30, y0 - 30, x1, y1), (x0, y0, x1 + w, y1 + h)):  # and past the edges
+                assert sharpness(rgb, box) == whole_image(rgb, box)
+                checked += 1
+    assert checked > 0

@@ -191,3 +191,16 @@ def test_evaluate_options_resolve_the_run_and_keep_the_two_thresholds_apart(iden
         request("--identities", str(run), "--leak-distance", "-1")
     with pytest.raises(RunFolderError, match=r"run 'nope' not found"):
         request("--identities", "nope", "--manifests-root", str(tmp_path))
+
+
+def test_face_embeddings_of_different_lengths_are_refused_even_when_they_divide_evenly():
+    import pyarrow as pa
+
+    from datagen.manifests.face_table import FaceTableError, embedding_matrix
+
+    assert embedding_matrix("run", pa.array([[0.5] * 4] * 3, pa.list_(pa.float32()))).shape == (3, 4)
+    mixed = pa.chunked_array([pa.array([[0.0] * 128] * 3 + [[0.0] * 512], pa.list_(pa.float32()))])  # 896 = 4 x 224
+    with pytest.raises(FaceTableError, match=r"different lengths \(128, 512\)"):
+        embedding_matrix("run", mixed)
+    with pytest.raises(FaceTableError, match="without an embedding"):
+        embedding_matrix("run", pa.array([[0.5] * 4, None], pa.list_(pa.float32())))

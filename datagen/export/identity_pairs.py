@@ -13,8 +13,9 @@ cross-image pairs that subject-driven generators train on (MultiID-2M's ``train_
 
 The references are the run's reference set (``subject-ffhq identities RUN`` writes it to
 ``manifests/<run>/references/``; ``--references`` names the run or that folder): the crops of an
-identity, nearest first, from any photo but the target's own, at most ``--max-references`` per
-subject. A subject (a matched segment of the object types) without such a reference is not exported;
+identity, nearest first (``references/crops.parquet``'s rank order), from any photo but the target's
+own, at most ``--max-references`` per subject. Each process reads the set once (:func:`cached_references`,
+keyed by the path); the export object carries only the path. A subject (a matched segment of the object types) without such a reference is not exported;
 a sample with none is dropped and counted as ``no_cross_image_reference``. Shards, filters, checks and
 the summary: :mod:`datagen.export.common`. Every file is written atomically, the metadata and summary
 last; nothing outside OUT is written.
@@ -22,24 +23,55 @@ last; nothing outside OUT is written.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from datagen.config import DEFAULT_OBJECT_TYPES
 from datagen.export.common import ExportError, ExportFilters, SampleOutcome, ShardExport, Tally
 from datagen.files import atomic_write
-from datagen.identity.references import read_reference_set
+from datagen.identity.references import check_reference_set, read_reference_set
 from datagen.record.schema import Record
 from datagen.shards.reader import TarSample
 
 METADATA = "metadata.jsonl"
 DEFAULT_MAX_REFERENCES = 4
+
+
+@dataclass(frozen=True)
+class ReferenceLookup:
+    """A reference set held once per process: its crops as the Arrow table (blobs stay in Arrow's
+    buffers), per identity its crop rows in the table's order (nearest first) with their keys, and the
+    targets' identities."""
+
+    crops: pa.Table
+    rows_of: dict[int, list[tuple[int, str]]]
+    identity_of: dict[tuple[str, int], int]
+
+    def crop(self, row: int) -> dict[str, Any]:
+        return {c: self.crops.column(c)[row].as_py() for c in ("key", "segment_id", "jpg", "mask")}
+
+
+@functools.cache
+def cached_references(path: str) -> ReferenceLookup:
+    """The reference set ``path`` names, read once per process (:class:`ReferenceLookup`)."""
+    crops, targets = read_reference_set(path)
+    rows_of: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for row, (identity, key) in enumerate(zip(crops.column("identity").to_pylist(), crops.column("key").to_pylist(),
+                                              strict=True)):
+        rows_of[int(identity)].append((row, key))
+    identity_of = {(k, int(s)): int(i) for k, s, i in zip(
+        targets.column("key").to_pylist(), targets.column("segment_id").to_pylist(),
+        targets.column("identity").to_pylist(), strict=True)}
+    return ReferenceLookup(crops, dict(rows_of), identity_of)
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -59,37 +91,32 @@ class IdentityPairsExport(ShardExport):
                  object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES, references: str | Path | None = None,
                  max_references: int = DEFAULT_MAX_REFERENCES):
         super().__init__(out, filters, object_types)
-        crops, targets = self.check_options(references=references, max_references=max_references)
+        self.check_options(references=references, max_references=max_references)
+        # only the path travels with the export (pickled per shard task): each process loads the set once
         self.references, self.max_references = str(references), max_references
-        self.identity_of = {(k, int(s)): int(i) for k, s, i in zip(
-            targets.column("key").to_pylist(), targets.column("segment_id").to_pylist(),
-            targets.column("identity").to_pylist(), strict=True)}
-        self.crops: dict[int, list[dict[str, Any]]] = defaultdict(list)  # identity -> its crops, nearest first
-        for row in crops.to_pylist():
-            self.crops[int(row["identity"])].append(row)
 
     @classmethod
     def check_options(cls, references: str | Path | None = None, max_references: int = DEFAULT_MAX_REFERENCES,
-                      **_: Any) -> tuple[Any, Any]:
-        """The reference set's ``(crops, targets)`` tables, or :class:`ExportError` saying what is wrong."""
+                      **_: Any) -> None:
+        """:class:`ExportError` saying what is wrong; the reference set's tables are checked to exist, not read."""
         if references is None:
             raise ExportError("identity-pairs needs --references RUN: a run folder whose references/ "
                               "`subject-ffhq identities RUN` wrote (or that folder itself)")
         if max_references < 1:
             raise ExportError(f"--max-references must be >= 1, got {max_references}")
         try:
-            return read_reference_set(references)
+            check_reference_set(references)
         except FileNotFoundError as e:
             raise ExportError(str(e)) from None
 
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
-        key = sample.key
+        key, refs_of = sample.key, cached_references(self.references)
         chosen = []
         for s in record.segments:
-            identity = self.identity_of.get((key, s.id))
+            identity = refs_of.identity_of.get((key, s.id))
             if not s.matched or s.coco_label not in self.object_types or identity is None:
                 continue
-            refs = [c for c in self.crops[identity] if c["key"] != key][: self.max_references]
+            refs = [row for row, ref_key in refs_of.rows_of.get(identity, ()) if ref_key != key][: self.max_references]
             if refs:
                 chosen.append((s, identity, refs))
         if not chosen:
@@ -101,7 +128,8 @@ class IdentityPairsExport(ShardExport):
         for s, identity, refs in chosen:
             atomic_write(folder / f"mask-{s.id}.png", mask_png(segmap == s.id))
             files = []
-            for n, ref in enumerate(refs):
+            for n, row in enumerate(refs):
+                ref = refs_of.crop(row)
                 jpg, mask = f"ref-{s.id}-{n}.jpg", f"ref-{s.id}-{n}-mask.png"
                 atomic_write(folder / jpg, ref["jpg"])
                 atomic_write(folder / mask, ref["mask"])

@@ -26,10 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen import storage
+from datagen.config import IdentitySettings
 from datagen.files import write_json_atomic, write_parquet_atomic
 from datagen.identity.cluster import centre_distances, cluster_faces
 from datagen.manifests.face_table import read_faces
-from datagen.manifests.run_manifest import load_run_manifest
+from datagen.manifests.run_manifest import RunFolderError, load_run_manifest
+from datagen.manifests.tables import SAMPLES_TABLE
 
 IDENTITIES_TABLE = "identities.parquet"
 IDENTITIES_SUMMARY = "identities.json"
@@ -51,22 +53,29 @@ class IdentitySummary:
         return asdict(self)
 
 
-def run_identity_settings(run_dir: str | Path) -> dict[str, Any]:
-    """The run's ``identity`` section as ``run.json`` recorded it (``{}``: an older run)."""
-    return dict((load_run_manifest(storage.path(run_dir)).get("config") or {}).get("identity") or {})
+def run_identity_settings(run_dir: str | Path) -> IdentitySettings:
+    """The run's ``identity`` section as ``run.json`` recorded it, its missing keys at their defaults
+    (:mod:`datagen.config`); a run whose ``run.json`` has no identity section is refused, naming what to
+    re-run."""
+    section = (load_run_manifest(storage.path(run_dir)).get("config") or {}).get("identity")
+    if not section:
+        raise RunFolderError(f"{run_dir}: run.json records no identity section: the run was built before the "
+                             "identity stage (schema 1.1 records, no face embeddings). Re-run `subject-ffhq build` "
+                             "with this version (a new --run-name and --out), then `subject-ffhq identities RUN`")
+    return IdentitySettings.from_mapping(section, "run.json identity")
 
 
 def cluster_run(run_dir: str | Path, threshold: float | None = None) -> tuple[pa.Table, np.ndarray, str, float]:
     """The run's faces with their identities (the ``identities.parquet`` table), their embeddings,
     the embedder and the threshold."""
-    from datagen.stages.identity import DEFAULT_THRESHOLDS
+    from datagen.stages.identity import threshold_of
 
     settings = run_identity_settings(run_dir)
-    embedder = settings.get("embedder") or "dlib"
+    embedder = settings.embedder
     if threshold is None:
-        threshold = settings.get("threshold") if settings.get("threshold") is not None else DEFAULT_THRESHOLDS[embedder]
+        threshold = threshold_of(settings)
     faces, embeddings = read_faces(run_dir)
-    labels = cluster_faces(embeddings, float(threshold), int(settings.get("neighbours") or 16))
+    labels = cluster_faces(embeddings, float(threshold), settings.neighbours)
     keys = np.asarray(faces.column("key").to_pylist(), dtype=object)
     sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
     photos = np.bincount(np.unique(np.stack([labels, _codes(keys)]), axis=1)[0]) if len(labels) else sizes
@@ -92,7 +101,12 @@ def build_identities(run_dir: str | Path, threshold: float | None = None) -> Ide
 
     t = time.perf_counter()
     run_dir = storage.path(run_dir)  # a run folder, or one on a bucket
+    run_identity_settings(run_dir)  # preconditions checked before anything is written
+    if not (run_dir / SAMPLES_TABLE).is_file():
+        raise FileNotFoundError(f"{run_dir}: no {SAMPLES_TABLE}; the build did not finish writing its tables")
     table, embeddings, embedder, threshold = cluster_run(run_dir, threshold)
+    if (run_dir / IDENTITIES_SUMMARY).is_file():  # written last again: until then the index reads as incomplete
+        (run_dir / IDENTITIES_SUMMARY).unlink()
     write_parquet_atomic(run_dir / IDENTITIES_TABLE, table)
     split = identity_safe_split(run_dir, table)
     _, with_reference = write_pairs(run_dir, table, embeddings)
@@ -113,13 +127,14 @@ def _per_identity(table: pa.Table) -> dict[int, int]:
     return dict(zip(ids, photos, strict=True))
 
 
-def read_identities(run_dir: str | Path) -> pa.Table | None:
-    """The run's ``identities.parquet``, or ``None`` before ``subject-ffhq identities`` ran."""
+def read_identities(run_dir: str | Path, columns: list[str] | None = None) -> pa.Table | None:
+    """The run's ``identities.parquet`` (``columns`` of it, default all), or ``None`` before
+    ``subject-ffhq identities`` ran."""
     path = storage.path(run_dir) / IDENTITIES_TABLE  # a run folder, or one on a bucket (the report reads it)
     if not path.is_file():
         return None
     with path.open("rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)
 
 
 @dataclass(frozen=True)
@@ -158,8 +173,10 @@ def merged_by_key(table: pa.Table) -> dict[str, list[int]]:
 
 
 def identity_of_faces(run_dir: str | Path) -> dict[str, int]:
-    """``{face id: identity}`` of the run (``{}`` before the index exists)."""
-    table = read_identities(run_dir)
+    """``{face id: identity}`` of the run (``{}`` before the index exists), read afresh each call (the
+    reference set's, just after the step rewrote the index; the exports' per-process cache is
+    :func:`identity_lookup`, the evaluation's few faces :func:`identities_of`)."""
+    table = read_identities(run_dir, ["face", "identity"])
     if table is None:
         return {}
     return dict(zip(table.column("face").to_pylist(), table.column("identity").to_pylist(), strict=True))

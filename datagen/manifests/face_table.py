@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from datagen import storage
@@ -90,11 +91,14 @@ def embedding_matrix(run_dir: str | Path, column: pa.ChunkedArray | pa.Array) ->
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     n = len(column)
+    if column.null_count:
+        raise FaceTableError(f"{run_dir}: {column.null_count} face(s) without an embedding; re-run the build's identity stage")
+    lengths = sorted(pc.unique(pc.list_value_length(column)).to_pylist()) if n else [0]
+    if len(lengths) > 1:
+        raise FaceTableError(f"{run_dir}: face embeddings of different lengths ({', '.join(map(str, lengths))}); "
+                             "the face tables mix two embedders")
     matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    dim = matrix.size // n if n else 0
-    if n and matrix.size != n * dim:
-        raise FaceTableError(f"{run_dir}: face embeddings of different lengths; the face tables mix two embedders")
-    return matrix.reshape(n, dim)
+    return matrix.reshape(n, lengths[0])
 
 
 def read_faces(run_dir: str | Path, shard_names: Sequence[str] | None = None) -> tuple[pa.Table, np.ndarray]:

@@ -7,7 +7,8 @@ run's ``manifests/<run>/faces/<shard>.parquet``) and ``reason`` (why not, else `
 numbered by their place in the list: face ``n`` of sample ``key`` is ``"<key>/<n>"`` everywhere
 (face tables, ``identities.parquet``, ``pairs.parquet``). The face's identity is known only once the
 run's faces are clustered (``subject-ffhq identities``): readers join it from ``identities.parquet``
-(:func:`datagen.identity.index.identity_of_faces`) and exported records carry it as ``identity``;
+(the exports through :func:`datagen.identity.index.identity_lookup`'s ``by_face``, read once per
+process) and exported records carry it as ``identity``;
 the tar's record, written before, says ``identity: null``.
 
 **Identity checks.** A record joined with the run's index (``export --identities RUN``) also carries

@@ -1,12 +1,13 @@
 """The report's identities section, from the run's ``identities.parquet`` (``subject-ffhq identities``).
 
 Figures: faces and identities, photos per identity (histogram, log scale so the long tail shows),
-the share of embedded faces whose identity is in another photo too (a cross-image reference exists),
+the share of embedded faces with a cross-image reference (``identities.json``'s ``faces_with_reference``),
 the identities spanning the most photos (one identity over many photos usually means merged people:
 the ``LARGE_PHOTOS`` threshold marks them), what the identity-safe split moved, and
 ``merged_identities``: person segments holding faces of two identities or more (proof, where
 ``merged_persons`` counts faces). A gallery row per identity (the largest first, ``ROWS`` of them)
-shows up to ``PER_ROW`` face thumbnails, each from a different photo. ``None`` before the index exists.
+shows up to ``PER_ROW`` face thumbnails, each from a different photo. ``None`` before the index exists;
+an index without ``identities.json`` gets a note saying to re-run ``subject-ffhq identities``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from datagen import storage
 from datagen.report.charts import Chart, value_counts_chart
@@ -46,24 +49,39 @@ def merged_identities(table) -> int:
 
 
 def identity_section(run_dir: Path, shards: list[dict], samples: list[dict]) -> IdentitySection | None:
-    """The section's values (``shards``/``samples``: the run's table rows, to find each face's tar)."""
+    """The section's values (``shards``/``samples``: the run's table rows, to find each face's tar).
+    Per-identity figures come from Arrow (one row per identity); only the gallery's ``ROWS`` identities'
+    faces become Python rows. An index without ``identities.json`` (a step that stopped half way) is a
+    section saying so, not an error."""
+    import pyarrow.compute as pc
+
     from datagen.identity.index import IDENTITIES_SUMMARY, read_identities
 
     table = read_identities(run_dir)
     if table is None:
         return None
-    summary = json.loads((storage.path(run_dir) / IDENTITIES_SUMMARY).read_text(encoding="utf-8"))
-    rows = table.to_pylist()
-    photos = {r["identity"]: r["identity_photos"] for r in rows}
-    faces = {r["identity"]: r["identity_faces"] for r in rows}
-    cross = sum(1 for r in rows if r["identity_photos"] >= 2)
+    summary_path = storage.path(run_dir) / IDENTITIES_SUMMARY
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    per = table.group_by("identity", use_threads=False).aggregate(
+        [("identity_photos", "max"), ("identity_faces", "max")])
+    ids = per.column("identity").to_pylist()
+    photos = dict(zip(ids, per.column("identity_photos_max").to_pylist(), strict=True))
+    faces = dict(zip(ids, per.column("identity_faces_max").to_pylist(), strict=True))
+    multi = sum(1 for p in photos.values() if p >= 2)
+    if summary is None:
+        note = (f"index incomplete: {IDENTITIES_SUMMARY} is missing (the identities step stopped before its "
+                f"end); re-run `subject-ffhq identities {storage.text(run_dir)}`. ")
+        summary = {}
+    else:
+        note = ""
+    cross = summary.get("faces_with_reference")
     split = summary.get("split") or {}
     headline = [
-        ("identities", show(len(photos)), f"{show(len(rows))} embedded faces, {summary.get('embedder')} "
+        ("identities", show(len(photos)), f"{show(table.num_rows)} embedded faces, {summary.get('embedder')} "
                                            f"threshold {summary.get('threshold')}"),
-        ("faces with a cross-image reference", show(cross), percent_of(cross, len(rows))),
-        ("identities in 2+ photos", show(sum(1 for p in photos.values() if p >= 2)), percent_of(
-            sum(1 for p in photos.values() if p >= 2), len(photos))),
+        ("faces with a cross-image reference", show(cross), percent_of(cross, table.num_rows) if cross is not None
+         else "unknown: index incomplete"),
+        ("identities in 2+ photos", show(multi), percent_of(multi, len(photos))),
         ("merged_identities", show(merged_identities(table)), "person segments with two identities' faces"),
         ("split: images moved", show(split.get("images_moved")),
          f"{show(split.get('identities_moved'))} identities; {show(split.get('to_train'))} to train, "
@@ -77,9 +95,11 @@ def identity_section(run_dir: Path, shards: list[dict], samples: list[dict]) -> 
     largest = [(f"#{i}" + (" (suspicious)" if photos[i] > LARGE_PHOTOS else ""), show(faces[i]), show(photos[i]))
                for i in order[:10]]
     tars = {s["shard"]: s["tar"] for s in shards if isinstance(s.get("tar"), str) and s["tar"]}
-    gallery = _gallery(rows, order[:ROWS], {r["key"]: storage.path(tars[r["shard"]]) for r in samples if r["shard"] in tars})
-    note = (f"identities over more than {LARGE_PHOTOS} photos are marked suspicious (usually merged people); "
-            f"each gallery row is one identity, one face per photo")
+    shown = table.filter(pc.is_in(table.column("identity"), value_set=pa.array(order[:ROWS], pa.int64())))
+    gallery = _gallery(shown.to_pylist(), order[:ROWS],
+                       {r["key"]: storage.path(tars[r["shard"]]) for r in samples if r["shard"] in tars})
+    note += (f"identities over more than {LARGE_PHOTOS} photos are marked suspicious (usually merged people); "
+             f"each gallery row is one identity, one face per photo")
     return IdentitySection(headline, chart, largest, gallery, note)
 
 

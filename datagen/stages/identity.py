@@ -183,9 +183,19 @@ class IdentityFace:
 
 
 def sharpness(rgb: np.ndarray, box: Sequence[float]) -> float:
-    """Variance of the Laplacian of the box's grey crop at 64 x 64 (low: blurred)."""
+    """Variance of the Laplacian of the box's grey crop at 64 x 64 (low: blurred). Only the box is
+    converted (the array sliced, the part outside the image black, as ``Image.crop`` pads it)."""
     x0, y0, x1, y1 = (int(round(v)) for v in box)
-    grey = Image.fromarray(rgb).crop((x0, y0, x1, y1)).convert("L").resize((SHARPNESS_SIDE, SHARPNESS_SIDE))
+    h, w = rgb.shape[:2]
+    if x1 <= x0 or y1 <= y0:
+        crop = Image.fromarray(rgb).crop((x0, y0, x1, y1))
+    else:
+        part = np.zeros((y1 - y0, x1 - x0, *rgb.shape[2:]), rgb.dtype)
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        if cx1 > cx0 and cy1 > cy0:
+            part[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = rgb[cy0:cy1, cx0:cx1]
+        crop = Image.fromarray(part)
+    grey = crop.convert("L").resize((SHARPNESS_SIDE, SHARPNESS_SIDE))
     g = np.asarray(grey, np.float32)
     lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]
     return float(lap.var())
