@@ -472,9 +472,7 @@ class MatchStep(Step):
             matches = self.matcher.match([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
             return [(r[2], m) for r, m in zip(rows, matches, strict=True)]
 
-        def probe() -> tuple:
-            return (probe_image(), probe_panoptic(), self.chunker.chunk(["a person"])[0])
-
+        probe = lambda: (probe_image(), probe_panoptic(), self.chunker.chunk(["a person"])[0])  # noqa: E731
         rows = [(loaded[i].image, panoptic[i], out[i]) for i in ok]
         for i, m in zip(ok, in_batches(self.name, match, rows, [labels[i] for i in ok], batch, probe), strict=True):
             out[i] = m
