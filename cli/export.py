@@ -54,9 +54,9 @@ def add_arguments(parser) -> None:
                         help="drop samples whose source face rect (FFHQ-wild metadata) is not in a matched person "
                              "segment (sources without face rects pass)")
     parser.add_argument("--split", choices=("train", "test", "all"), default="all", help="export only one split")
-    parser.add_argument("--split-file", type=Path, default=None, metavar="PARQUET",
+    parser.add_argument("--split-file", default=None, metavar="PARQUET",
                         help="a run's identity-safe split (manifests/<run>/split.parquet, or the run folder, "
-                             "from `subject-ffhq identities`): its split replaces each record's")
+                             "from `subject-ffhq identities`; local or a bucket URL): its split replaces each record's")
     # uint16 is accepted here so that export can say why it refuses it
     parser.add_argument("--segmap-dtype", choices=SEGMAP_DTYPES + tuple(UNREADABLE_SEGMAP_DTYPES), default="auto",
                         help="dtype of the .npy maps, one FastComposer's loader reads (auto: uint8 when every id "
@@ -73,8 +73,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--placeholder", default=DEFAULT_PLACEHOLDER,
                         help=f"subject-crops: the token that replaces the subject's phrase in its prompt "
                              f"(default {DEFAULT_PLACEHOLDER})")
-    parser.add_argument("--identities", type=Path, default=None, metavar="RUN",
-                        help="a run folder with identities.parquet (`subject-ffhq identities`): exported faces and "
+    parser.add_argument("--identities", default=None, metavar="RUN",
+                        help="a run folder with identities.parquet (`subject-ffhq identities`; local or a bucket URL): exported faces and "
                              "subjects carry their identity id (fastcomposer, subject-crops, hf records)")
     parser.add_argument("--drop-merged-identities", action="store_true",
                         help="drop samples with a person segment holding faces of two identities (two people in "
