@@ -130,7 +130,7 @@ def run(args) -> int:
     try:
         summary = export(fmt.name, args.shards_dir, args.out, filters, overwrite=args.overwrite, workers=args.workers,
                          object_types=object_types, **options)
-    except ExportError as e:
+    except (ExportError, storage.StorageError, OSError) as e:  # OSError: a write or read failed midway
         return fail("export", e, 1)
     for line in fmt.describe(summary):
         print(line)

@@ -73,6 +73,15 @@ def test_cli_says_one_line_for_a_bad_id(run, tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err and "ASCII decimal digits" in err
 
 
+def test_cli_says_one_line_when_a_write_fails(run, tmp_path, capsys):
+    """An OSError while writing (here: a folder where the summary goes) is an error line, exit 1, not a traceback."""
+    out = tmp_path / "seg"
+    (out / "export_summary.json" / "in-the-way").mkdir(parents=True)
+    assert main(["export", "--format", "seg-conditioning", "--overwrite", str(run["shards_dir"]), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "export_summary.json" in err, err
+
+
 def test_overwrite_never_reads_old_ids_as_paths_outside_out(run, tmp_path, capsys):
     out = tmp_path / "a" / "b" / "fc"
     export_fastcomposer(run["shards_dir"], out)
