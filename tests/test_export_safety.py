@@ -122,6 +122,25 @@ def test_overwrite_never_writes_through_a_symlinked_id_folder(run, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before  # nothing written
 
 
+def test_subject_crops_never_write_through_a_symlinked_sample_folder(run, tmp_path):
+    """``OUT/<key>`` of subject-crops gets the same check as FastComposer's ``OUT/<id[:5]>`` (common.py)."""
+    from datagen.export.registry import export
+
+    out = tmp_path / "crops"
+    export("subject-crops", run["shards_dir"], out)
+    key = sorted(p.name for p in out.iterdir() if p.is_dir())[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    for p in (out / key).iterdir():
+        p.unlink()
+    (out / key).rmdir()
+    (out / key).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ExportError, match=rf"{key} is a symbolic link .*refusing to write through it"):
+        export("subject-crops", run["shards_dir"], out, overwrite=True)
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+
+
 def test_stale_removal_removes_links_not_their_targets(run, tmp_path):
     out = tmp_path / "fc"
     export_fastcomposer(run["shards_dir"], out)

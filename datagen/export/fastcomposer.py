@@ -62,7 +62,9 @@ from datagen.export.common import (
     SampleOutcome,
     ShardExport,
     Tally,
+    check_sample_folders,
     run_export,
+    sample_folder,
 )
 from datagen.files import atomic_write
 from datagen.record.quality import subject_segments
@@ -129,16 +131,12 @@ class FastComposerExport(ShardExport):
     def prepare(self, keys: list[str], overwrite: bool) -> None:
         super().prepare(keys, overwrite)
         self.old_ids, self.ignored_old_ids = _previous_ids(self.out)
-        if self.out.exists():
-            _check_id_folders(self.out, {k[:5] for k in keys})
+        check_sample_folders(self.out, {k[:5] for k in keys})
 
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
         out, key = self.out, sample.key
         segmap = sample.checked_segment_map(record)
-        folder = out / key[:5]
-        folder.mkdir(parents=True, exist_ok=True)
-        if folder.is_symlink() or folder.resolve().parent != out.resolve():  # appeared since the check
-            raise ExportError(f"{folder} is not a folder inside {out}; refusing to write through it")
+        folder = sample_folder(out, key[:5])
         buf = io.BytesIO()
         np.save(buf, segmap_array(segmap, self.segmap_dtype, record), allow_pickle=False)
         atomic_write(folder / f"{key}.jpg", sample.members["jpg"])
@@ -231,16 +229,6 @@ def _previous_ids(out: Path) -> tuple[set[str], list[str]]:
         else:
             ignored.append(token)
     return ids, ignored
-
-
-def _check_id_folders(out: Path, folders: set[str]) -> None:
-    """Refuse an ``OUT/<id[:5]>`` that is a symbolic link or not a folder: writing there could land outside OUT."""
-    for name in sorted(folders):
-        p = out / name
-        if p.is_symlink():
-            raise ExportError(f"{p} is a symbolic link (to {p.readlink()}); refusing to write through it, remove it first")
-        if p.exists() and not p.is_dir():
-            raise ExportError(f"{p} exists and is not a folder; refusing to export over it")
 
 
 def _remove_exported(out: Path, key: str) -> tuple[int, list[str]]:
