@@ -68,7 +68,7 @@ from datagen.export.common import (
 )
 from datagen.files import atomic_write
 from datagen.record.quality import subject_segments
-from datagen.record.schema import Record
+from datagen.record.schema import Record, Segment
 from datagen.shards.reader import TarSample
 
 ID_LISTS = ("image_ids.txt", "image_ids_train.txt", "image_ids_test.txt")
@@ -83,14 +83,18 @@ EXPORTED_EXTS = ("jpg", "json", "npy")
 
 
 def fastcomposer_json(record: Record, object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES,
-                      identity_of: Callable[[str, int], int | None] | None = None) -> dict:
+                      identity_of: Callable[[str, int], int | None] | None = None,
+                      subjects: list[Segment] | None = None) -> dict:
     """The record as FastComposer's loader wants it: ``segments`` = the subjects (matched segments
     of ``object_types``, each with its ``identity`` where ``identity_of(key, segment id)`` knows it),
-    then ``other_segments`` (matched, other labels), ``unmatched_segments``."""
-    subjects = {s.id for s in subject_segments(record, object_types)[0]}
+    then ``other_segments`` (matched, other labels), ``unmatched_segments``. ``subjects``: the
+    record's ``subject_segments(record, object_types)[0]`` when the caller has them already."""
+    if subjects is None:
+        subjects = subject_segments(record, object_types)[0]
+    subject_ids = {s.id for s in subjects}
     d = record.to_dict()
-    d["segments"] = [with_identity(s.to_dict(), record.key, identity_of) for s in record.segments if s.id in subjects]
-    d["other_segments"] = [s.to_dict() for s in record.segments if s.matched and s.id not in subjects]
+    d["segments"] = [with_identity(s.to_dict(), record.key, identity_of) for s in record.segments if s.id in subject_ids]
+    d["other_segments"] = [s.to_dict() for s in record.segments if s.matched and s.id not in subject_ids]
     d["unmatched_segments"] = [s.to_dict() for s in record.segments if not s.matched]
     return d
 
@@ -141,10 +145,10 @@ class FastComposerExport(ShardExport):
         np.save(buf, segmap_array(segmap, self.segmap_dtype, record), allow_pickle=False)
         atomic_write(folder / f"{key}.jpg", sample.members["jpg"])
         atomic_write(folder / f"{key}.npy", buf.getvalue())
-        atomic_write(folder / f"{key}.json",
-                     json.dumps(fastcomposer_json(record, self.object_types, self.filters.segment_identity),
-                                ensure_ascii=False).encode())
         subjects = subject_segments(record, self.object_types)[0]
+        atomic_write(folder / f"{key}.json",
+                     json.dumps(fastcomposer_json(record, self.object_types, self.filters.segment_identity, subjects),
+                                ensure_ascii=False).encode())
         matched = sum(1 for s in record.segments if s.matched)
         counts = Counter(f"subject:{s.coco_label}" for s in subjects)
         counts.update(other_segments=matched - len(subjects), unmatched_segments=len(record.segments) - matched)

@@ -38,6 +38,7 @@ from datagen.export.common import (
     sample_folder,
 )
 from datagen.files import atomic_write
+from datagen.record.quality import subject_segments
 from datagen.record.schema import Record
 from datagen.shards.reader import TarSample
 
@@ -77,7 +78,7 @@ class SubjectCropsExport(ShardExport):
 
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
         key = sample.key
-        chosen = [s for s in record.segments if s.matched and s.coco_label in self.object_types]
+        chosen = subject_segments(record, self.object_types)[0]
         if not chosen:
             return SampleOutcome(key, record.split, rejection="no_subject_of_object_types")
         image, segmap = sample.image(), sample.checked_segment_map(record)
