@@ -42,7 +42,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from datagen import storage
-from datagen.files import append_text
+from datagen.files import LogAppender
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.checkpoint_space import checkpoint_bytes, clear_staging, stage_folder
 from training.collate import batch_to
@@ -57,6 +57,7 @@ from training.subject_crops import cut_on_device
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "denoise_loss", "localization_loss", "object_region")
 TRAIN_LOG = "train_log.jsonl"
+LOG_FLUSH_LINES = 100  # on a bucket OUT the log is rewritten whole: every 100 lines and at each checkpoint
 AUGMENT_WHERE = {"loader": "in the loader", "device": "on the training device after collate (cut there too)",
                  None: "never"}
 
@@ -199,6 +200,7 @@ def train_loop(
 
     global_batch = cfg.batch_size * cfg.grad_accum * ctx.world_size
     log_path = storage.path(cfg.out) / TRAIN_LOG  # a local folder or a bucket URL
+    train_log = LogAppender(log_path, LOG_FLUSH_LINES)
     if is_main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         clear_staging(cfg.out)
@@ -277,7 +279,7 @@ def train_loop(
                 line += f"  cross-image refs {cross} (own-crop fallbacks {fallbacks})"
                 entry.update(cross_image_references=cross, reference_fallbacks=fallbacks)
             print_fn(line)
-            append_text(log_path, json.dumps(entry) + "\n")
+            train_log.add(json.dumps(entry) + "\n")  # on a bucket: held until a checkpoint or 100 lines
 
         # 7. checkpoints
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -293,5 +295,6 @@ def train_loop(
                 if folder is not None:
                     shutil.rmtree(folder, ignore_errors=True)  # moved into place already, or copied by Ray
             if is_main:
+                train_log.flush()  # the bucket's log catches up at every checkpoint (the last step is one)
                 print_fn(f"Saved checkpoint at step {step}")
     return step
