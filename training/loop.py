@@ -44,7 +44,7 @@ import torch
 from datagen import storage
 from datagen.files import LogAppender
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.checkpoint_space import checkpoint_bytes, clear_staging, stage_folder
+from training.checkpoint_space import checkpoint_bytes, clear_staging, space_needed, stage_folder
 from training.collate import batch_to
 from training.config import TrainConfig
 from training.loader import loader_from_config
@@ -68,7 +68,7 @@ class WorkerContext(Protocol):
     rank: int
     world_size: int
     device: torch.device
-    copies_checkpoint: bool  # report copies the staged folder (it stays staged meanwhile: twice the space)
+    copies_checkpoint: bool  # report copies the staged folder (it stays staged meanwhile: twice the space locally)
 
     def resume_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module: ...
@@ -286,7 +286,7 @@ def train_loop(
             metrics = {"step": step, **terms}
             folder = None
             if is_main:  # staged under OUT once the free space is known to hold it (checkpoint_space)
-                needed = checkpoint_bytes(parameters, optimizer) * (2 if ctx.copies_checkpoint else 1)
+                needed = space_needed(cfg.out, checkpoint_bytes(parameters, optimizer), ctx.copies_checkpoint)
                 folder = save_checkpoint(model, optimizer, step, cfg.to_dict(), stage_folder(cfg.out, step, needed),
                                          metrics)
             try:
