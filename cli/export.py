@@ -1,9 +1,12 @@
 """``subject-ffhq export --format FORMAT SHARDS_DIR OUT``: write the shards in another layout.
 
 Reads every ``subjects-*.tar`` in SHARDS_DIR and writes it in one of the layouts of
-:data:`datagen.export.registry.FORMATS` (``fastcomposer``: ``image_ids*.txt`` and
-``<id[:5]>/<id>.jpg|.json|.npy``; ``seg-conditioning``; ``subject-crops``; ``hf``: Parquet and a dataset card). Quality filters drop whole
-samples; how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
+:data:`datagen.export.registry.FORMATS`: ``fastcomposer`` (``image_ids*.txt`` and
+``<id[:5]>/<id>.jpg|.json|.npy``), ``seg-conditioning`` (image, segment map, caption), ``subject-crops``
+(one masked crop per subject), ``hf`` (Parquet and a dataset card) and ``identity-pairs`` (each subject
+with references of the same person from other photos; ``--references RUN``). Quality filters drop
+whole samples; how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
+An error while writing (a full disk, a bucket that refuses) is one line, exit 1.
 
 The object types (which matched segments are subjects: FastComposer's ``segments``, the crops, and
 what ``--require-subject`` / ``--exclude-unmatched-subject`` look at) are the profile's

@@ -33,7 +33,8 @@ is a symbolic link (or not a folder) is refused before anything is written, and 
 removed only from a real ``<id[:5]>`` folder inside ``OUT``.
 
 **Split.** Each id goes to ``image_ids_train.txt`` or ``image_ids_test.txt`` by its record's
-``split`` (duplicates share a split upstream); ``image_ids.txt`` lists both. An id seen twice is an
+``split`` (duplicates share a split upstream), or, with ``--split-file`` (``ExportFilters.split_file``),
+by the run's identity-safe ``split.parquet`` where it lists the id; ``image_ids.txt`` lists both. An id seen twice is an
 error.
 
 **Filters**: :class:`~datagen.export.common.ExportFilters`, as for every format.
