@@ -9,7 +9,8 @@ Each worker (a Ray Train worker, see :mod:`ray_jobs.train`, or one local process
    with ``mixed_precision: fp32``); on CPU everything is fp32; the first log line says which
    (:func:`precision`); optionally enable gradient checkpointing in the U-Net;
 2. AdamW over the trainable parameters (constant learning rate, weight decay 1e-2);
-3. resume: if the run has a checkpoint, load its weights, optimizer state and step;
+3. resume: if the run has a checkpoint, load its weights, optimizer state, step (and, fp16, the
+   gradient scaler's state);
 4. wrap the model for distributed data parallel (the context's ``prepare``);
 5. stream batches (:mod:`training.loader`; the shard order is re-seeded with the resume step so
    a resumed run does not replay the same data);
@@ -177,7 +178,7 @@ def train_loop(
     start_step = 0
     with ctx.resume_checkpoint() as resume_dir:
         if resume_dir is not None:
-            state = load_checkpoint(resume_dir, model, optimizer, map_location=device)
+            state = load_checkpoint(resume_dir, model, optimizer, map_location=device, scaler=scaler)
             start_step = state["step"]
             if is_main:
                 print_fn(f"Resuming from checkpoint {resume_dir} at step {start_step}")
@@ -288,7 +289,7 @@ def train_loop(
             if is_main:  # staged under OUT once the free space is known to hold it (checkpoint_space)
                 needed = space_needed(cfg.out, checkpoint_bytes(parameters, optimizer), ctx.copies_checkpoint)
                 folder = save_checkpoint(model, optimizer, step, cfg.to_dict(), stage_folder(cfg.out, step, needed),
-                                         metrics)
+                                         metrics, scaler)
             try:
                 ctx.report(metrics, folder, step)
             finally:
