@@ -106,11 +106,11 @@ class RunIndex:
 def open_run_index(run_dir: str | Path) -> RunIndex:
     """The run's identity settings, face tables and ``identities.parquet``, each checked, and its
     embedder's model (``ModelNotFoundError`` naming the package); cheap, so it runs before any model loads."""
+    from datagen import storage
     from datagen.config import FacesSettings, IdentitySettings
     from datagen.identity.index import IDENTITIES_SUMMARY, IDENTITIES_TABLE
     from datagen.manifests.face_table import face_table_paths
     from datagen.manifests.run_manifest import load_run_manifest, read_json_object
-    from datagen import storage
     from datagen.stages.identity import check_embedder, threshold_of
 
     run_dir = storage.path(run_dir)  # a bucket URL stays one
