@@ -30,7 +30,9 @@ from datagen.manifests.run_manifest import DEFAULT_MANIFESTS_ROOT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder, or a training run folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder, or a training run folder (its latest checkpoint); local or a bucket URL "
+                             "(downloaded to a temporary folder per worker)")
     parser.add_argument("--subjects", required=True, type=Path,
                         help="folder with one sub-folder of photos (optional word.txt) or one photo per subject")
     parser.add_argument("--prompts", type=Path, help="prompt file, one prompt per line, {} = a subject "

@@ -1,9 +1,12 @@
 """``subject-ffhq export --format FORMAT SHARDS_DIR OUT``: write the shards in another layout.
 
 Reads every ``subjects-*.tar`` in SHARDS_DIR and writes it in one of the layouts of
-:data:`datagen.export.registry.FORMATS` (``fastcomposer``: ``image_ids*.txt`` and
-``<id[:5]>/<id>.jpg|.json|.npy``; ``seg-conditioning``; ``subject-crops``; ``hf``: Parquet and a dataset card). Quality filters drop whole
-samples; how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
+:data:`datagen.export.registry.FORMATS`: ``fastcomposer`` (``image_ids*.txt`` and
+``<id[:5]>/<id>.jpg|.json|.npy``), ``seg-conditioning`` (image, segment map, caption), ``subject-crops``
+(one masked crop per subject), ``hf`` (Parquet and a dataset card) and ``identity-pairs`` (each subject
+with references of the same person from other photos; ``--references RUN``). Quality filters drop
+whole samples; how many each filter dropped is printed and kept in ``OUT/export_summary.json``.
+An error while writing (a full disk, a bucket that refuses) is one line, exit 1.
 
 The object types (which matched segments are subjects: FastComposer's ``segments``, the crops, and
 what ``--require-subject`` / ``--exclude-unmatched-subject`` look at) are the profile's
@@ -54,9 +57,9 @@ def add_arguments(parser) -> None:
                         help="drop samples whose source face rect (FFHQ-wild metadata) is not in a matched person "
                              "segment (sources without face rects pass)")
     parser.add_argument("--split", choices=("train", "test", "all"), default="all", help="export only one split")
-    parser.add_argument("--split-file", type=Path, default=None, metavar="PARQUET",
+    parser.add_argument("--split-file", default=None, metavar="PARQUET",
                         help="a run's identity-safe split (manifests/<run>/split.parquet, or the run folder, "
-                             "from `subject-ffhq identities`): its split replaces each record's")
+                             "from `subject-ffhq identities`; local or a bucket URL): its split replaces each record's")
     # uint16 is accepted here so that export can say why it refuses it
     parser.add_argument("--segmap-dtype", choices=SEGMAP_DTYPES + tuple(UNREADABLE_SEGMAP_DTYPES), default="auto",
                         help="dtype of the .npy maps, one FastComposer's loader reads (auto: uint8 when every id "
@@ -73,8 +76,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--placeholder", default=DEFAULT_PLACEHOLDER,
                         help=f"subject-crops: the token that replaces the subject's phrase in its prompt "
                              f"(default {DEFAULT_PLACEHOLDER})")
-    parser.add_argument("--identities", type=Path, default=None, metavar="RUN",
-                        help="a run folder with identities.parquet (`subject-ffhq identities`): exported faces and "
+    parser.add_argument("--identities", default=None, metavar="RUN",
+                        help="a run folder with identities.parquet (`subject-ffhq identities`; local or a bucket URL): exported faces and "
                              "subjects carry their identity id (fastcomposer, subject-crops, hf records)")
     parser.add_argument("--drop-merged-identities", action="store_true",
                         help="drop samples with a person segment holding faces of two identities (two people in "
@@ -130,7 +133,7 @@ def run(args) -> int:
     try:
         summary = export(fmt.name, args.shards_dir, args.out, filters, overwrite=args.overwrite, workers=args.workers,
                          object_types=object_types, **options)
-    except ExportError as e:
+    except (ExportError, storage.StorageError, OSError) as e:  # OSError: a write or read failed midway
         return fail("export", e, 1)
     for line in fmt.describe(summary):
         print(line)

@@ -97,6 +97,22 @@ def check_split_file(cfg) -> None:
         read_split(cfg.split_file)
 
 
+def check_reference_set(cfg) -> None:
+    """With ``--reference cross-image / mixed:P`` the reference set must be readable now: the loader
+    reads it in its workers, after the models load (a bad one restarted them until training failed)."""
+    from datagen.identity.references import read_reference_set
+    from datagen.training_settings import reference_share
+
+    if reference_share(cfg.reference) <= 0:
+        return
+    try:
+        read_reference_set(cfg.reference_set)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--reference-set {e}") from e
+    except (OSError, ValueError) as e:  # an unreadable Parquet file (pyarrow's errors are both)
+        raise ValueError(f"--reference-set {cfg.reference_set}: unreadable reference set: {e}") from e
+
+
 def check_models(cfg) -> None:
     """Check now, before Ray starts, that both models load: a folder or a cached snapshot must hold what
     the loader reads (configs, whole weights, the SD parts); one error line names what is missing."""
@@ -119,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         check_split_file(cfg)
+        check_reference_set(cfg)
         check_models(cfg)
     except (ConfigError, ProfileError, ModelNotFoundError, ValueError, FileNotFoundError) as e:
         return fail(COMMAND, e)

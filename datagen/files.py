@@ -105,6 +105,31 @@ def append_text(path: str | Path, text: str) -> None:
     atomic_write(p, before + text.encode("utf-8"))
 
 
+class LogAppender:
+    """Lines added to a log file: locally each is appended at once (:func:`append_text`); on a bucket,
+    where every append rewrites the whole object, they are held and written together every
+    ``flush_every`` lines or at :meth:`flush` (a kill loses at most the lines not yet flushed)."""
+
+    def __init__(self, path: str | Path, flush_every: int = 100):
+        self.path = path
+        self.remote = storage.is_url(path)
+        self.flush_every = max(1, int(flush_every))
+        self.pending: list[str] = []
+
+    def add(self, text: str) -> None:
+        if not self.remote:
+            append_text(self.path, text)
+            return
+        self.pending.append(text)
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            append_text(self.path, "".join(self.pending))
+            self.pending = []
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """``obj`` as indented UTF-8 JSON (one trailing newline), atomically. A lone surrogate (what
     Python makes of a file name's non-UTF-8 byte; no UTF-8 file can hold it) is written as the

@@ -89,7 +89,7 @@ class TrainerSettings(Section):
 
     # Ray Train
     num_workers: int = bounded(1, minimum=1)  # Ray Train workers (one per GPU with use_gpu)
-    use_gpu: bool = False  # one GPU per worker, NCCL, bf16 autocast
+    use_gpu: bool = False  # one GPU per worker, NCCL, mixed_precision (bf16 autocast, or fp16 + GradScaler)
     max_failures: int = bounded(3, minimum=-1)  # worker-group restarts from the last checkpoint (-1: without limit)
     run_name: str = "fastcomposer"  # Ray Train run name under OUT
 

@@ -343,6 +343,21 @@ def test_page_without_random_models_has_no_banner():
     assert "RANDOM WEIGHTS" not in page and 'id="random-weights"' not in page
 
 
+def test_page_names_the_face_embedder_and_the_face_scored():
+    from training.evaluation.report import build_summary, page_html
+
+    def page(face_choice: str) -> str:
+        header = {"protocol": "single", "checkpoint": "c", "checkpoint_name": "c", "step": 1, "subjects": [],
+                  "prompts": 0, "images_per_prompt": 1, "seeds": [0], "alpha": 0.7, "steps": 50,
+                  "guidance_scale": 5.0, "face_choice": face_choice, "models": {"clip": "x", "face embedder": "dlib"}}
+        return page_html([], build_summary([], notice=None, random_models=[], header=header, leak=None, seconds={}), {})
+
+    largest = page("largest")
+    assert "face-embedding cosine (dlib)" in largest and "the largest face" in largest
+    assert "most confident" not in largest and "FaceNet cosine" not in largest
+    assert "the face MTCNN is most confident about" in page("confident")
+
+
 def test_page_opens_in_chromium_without_errors_and_sorts_by_score(evaluation):
     from tests.browser import Chromium, require_chromium
 

@@ -50,6 +50,13 @@ def test_the_command_offers_exactly_the_registered_formats():
         assert fmt.name == name and issubclass(fmt, ShardExport)
 
 
+def test_run_inputs_given_as_bucket_urls_stay_urls():
+    """``--split-file`` and ``--identities`` may name a run on a bucket: ``Path`` would make s3:// s3:/."""
+    args = build_parser(load="export").parse_args(
+        ["export", "s3://b/shards", "s3://b/out", "--split-file", "s3://b/run", "--identities", "s3://b/run"])
+    assert (args.split_file, args.identities) == ("s3://b/run", "s3://b/run")
+
+
 def test_an_unknown_format_is_refused(run, tmp_path):
     with pytest.raises(ExportError, match="unknown export format 'nope'; one of fastcomposer, seg-conditioning"):
         export("nope", run["shards_dir"], tmp_path / "x")

@@ -73,6 +73,15 @@ def test_cli_says_one_line_for_a_bad_id(run, tmp_path, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err and "ASCII decimal digits" in err
 
 
+def test_cli_says_one_line_when_a_write_fails(run, tmp_path, capsys):
+    """An OSError while writing (here: a folder where the summary goes) is an error line, exit 1, not a traceback."""
+    out = tmp_path / "seg"
+    (out / "export_summary.json" / "in-the-way").mkdir(parents=True)
+    assert main(["export", "--format", "seg-conditioning", "--overwrite", str(run["shards_dir"]), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "export_summary.json" in err, err
+
+
 def test_overwrite_never_reads_old_ids_as_paths_outside_out(run, tmp_path, capsys):
     out = tmp_path / "a" / "b" / "fc"
     export_fastcomposer(run["shards_dir"], out)
@@ -111,6 +120,25 @@ def test_overwrite_never_writes_through_a_symlinked_id_folder(run, tmp_path):
         export_fastcomposer(run["shards_dir"], out, overwrite=True)
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before  # nothing written
+
+
+def test_subject_crops_never_write_through_a_symlinked_sample_folder(run, tmp_path):
+    """``OUT/<key>`` of subject-crops gets the same check as FastComposer's ``OUT/<id[:5]>`` (common.py)."""
+    from datagen.export.registry import export
+
+    out = tmp_path / "crops"
+    export("subject-crops", run["shards_dir"], out)
+    key = sorted(p.name for p in out.iterdir() if p.is_dir())[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    for p in (out / key).iterdir():
+        p.unlink()
+    (out / key).rmdir()
+    (out / key).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ExportError, match=rf"{key} is a symbolic link .*refusing to write through it"):
+        export("subject-crops", run["shards_dir"], out, overwrite=True)
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
 
 def test_stale_removal_removes_links_not_their_targets(run, tmp_path):

@@ -45,6 +45,7 @@ def test_seg_conditioning_read_back(run, samples, tmp_path):
     out = tmp_path / "seg"
     summary = export("seg-conditioning", run["shards_dir"], out)
     assert summary.exported == len(samples) and summary.samples_seen == len(samples)
+    assert "placeholder" not in json.loads((out / "export_summary.json").read_text())  # subject-crops' alone
     legend = json.loads((out / "legend.json").read_text())
     assert legend["none"] == [0, 0, 0] and legend["classes"]["person"]["color"] == [220, 20, 60]
     lines = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]

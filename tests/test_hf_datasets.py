@@ -120,3 +120,27 @@ def test_an_hf_export_to_a_bucket_is_the_local_one(run, local_s3, tmp_path):
             assert (fetched / name).read_bytes() == (local / name).read_bytes(), name
     loaded = datasets.load_dataset(str(fetched), cache_dir=str(tmp_path / "cache"))
     assert sum(len(split) for split in loaded.values()) == len(run["written"])
+
+
+def test_an_hf_export_over_an_earlier_one_leaves_none_of_its_parquet_files(run, tmp_path):
+    """``--overwrite`` with fewer shards, or a filter that empties a split, must not leave the earlier
+    export's Parquet files for ``load_dataset(OUT)`` to read."""
+    import shutil
+
+    out = tmp_path / "hf"
+    assert main(["export", "--format", "hf", str(run["shards_dir"]), str(out)]) == 0
+    one = tmp_path / "one-shard"
+    one.mkdir()
+    shutil.copy(run["shards_dir"] / "subjects-00000.tar", one / "subjects-00000.tar")
+    assert main(["export", "--format", "hf", str(one), str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "test-subjects-00000.parquet", "train-subjects-00000.parquet"]
+    summary = json.loads((out / "export_summary.json").read_text())
+    loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
+    assert (len(loaded["train"]), len(loaded["test"])) == (summary["train"], summary["test"])
+    assert main(["export", "--format", "hf", str(run["shards_dir"]), str(out), "--overwrite", "--split", "test"]) == 0
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "test-subjects-00000.parquet", "test-subjects-00001.parquet"]
+    summary = json.loads((out / "export_summary.json").read_text())
+    loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache2"))
+    assert list(loaded) == ["test"] and len(loaded["test"]) == summary["test"] == summary["exported"]

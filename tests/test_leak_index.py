@@ -204,3 +204,20 @@ def test_face_embeddings_of_different_lengths_are_refused_even_when_they_divide_
         embedding_matrix("run", mixed)
     with pytest.raises(FaceTableError, match="without an embedding"):
         embedding_matrix("run", pa.array([[0.5] * 4, None], pa.list_(pa.float32())))
+
+
+def test_a_run_on_a_bucket_is_read_there(identity_run, references, local_s3):
+    """``evaluate --identities s3://...``: the run's URL is not mangled by ``Path`` (it read as no
+    identity section)."""
+    import fsspec
+
+    from tests.local_s3 import clear_fs_cache
+
+    bucket = local_s3.bucket("leak-run")
+    clear_fs_cache()
+    fsspec.filesystem("s3").put(f"{identity_run['run']}/", f"s3://{bucket}/run/", recursive=True)
+    index = open_run_index(f"s3://{bucket}/run")
+    assert (index.section.embedder, index.threshold) == ("dlib", 0.5)
+    leak = index_leak_check(index, references)
+    assert leak["run"] == f"s3://{bucket}/run"
+    assert leak["flagged"] == index_leak_check(open_run_index(identity_run["run"]), references)["flagged"]

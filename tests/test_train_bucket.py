@@ -74,6 +74,42 @@ def test_checkpoints_and_the_training_log_on_a_bucket(local_s3):
     assert path == f"{bucket}/train" and filesystem.get_file_info(f"{run.removeprefix('s3://')}/train_log.jsonl").size == 24
 
 
+def test_a_checkpoint_on_a_bucket_resolves_there(local_s3):
+    """``evaluate --checkpoint s3://...`` / ``sample``: the URL is not mangled by ``Path``."""
+    from training.sampler import SamplerError, resolve_checkpoint
+
+    bucket = local_s3.bucket("eval-ckpt")
+    clear_fs_cache()
+    run = f"s3://{bucket}/train/run"
+    atomic_write(f"{run}/checkpoint-00000003/{STATE_FILE}", json.dumps({"format": FORMAT_VERSION, "step": 3}))
+    assert str(resolve_checkpoint(f"s3://{bucket}/train")) == f"{run}/checkpoint-00000003"
+    assert str(resolve_checkpoint(f"{run}/checkpoint-00000003")) == f"{run}/checkpoint-00000003"
+    with pytest.raises(SamplerError, match=f"s3://{bucket}/nothing: neither a checkpoint"):
+        resolve_checkpoint(f"s3://{bucket}/nothing")
+
+
+def test_the_training_log_on_a_bucket_is_written_in_batches(local_s3, tmp_path):
+    """Each append to an object rewrites it whole: the loop's log holds lines on a bucket (flushed every
+    N lines and at checkpoints), and appends each at once locally."""
+    from datagen.files import LogAppender
+
+    bucket = local_s3.bucket("log")
+    clear_fs_cache()
+    log = LogAppender(f"s3://{bucket}/run/train_log.jsonl", flush_every=3)
+    log.add("1\n")
+    log.add("2\n")
+    assert local_s3.keys(bucket) == []  # held
+    log.add("3\n")
+    assert local_s3.get(bucket, "run/train_log.jsonl") == b"1\n2\n3\n"
+    log.add("4\n")
+    log.flush()
+    log.flush()  # nothing more to write
+    assert local_s3.get(bucket, "run/train_log.jsonl") == b"1\n2\n3\n4\n"
+    here = LogAppender(tmp_path / "train_log.jsonl", flush_every=3)
+    here.add("1\n")
+    assert (tmp_path / "train_log.jsonl").read_text() == "1\n"
+
+
 def cli(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     full = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=full, capture_output=True,

@@ -269,6 +269,18 @@ def test_bad_sample_raises_naming_shard_and_key_or_is_skipped_with_warn(records,
     assert any("00001" in r.getMessage() and "subjects-00000.tar" in r.getMessage() for r in caplog.records)
 
 
+def test_an_unreadable_split_file_stops_the_loader_even_with_warn(records, tokenizer, subject_size, tmp_path):
+    """The split file is read once per loader process, not per sample: under ``bad_samples: warn`` it
+    skipped every sample, forever (``functools.cache`` keeps no exception)."""
+    path = tmp_path / "subjects-00000.tar"
+    with ShardWriter(path) as writer:
+        writer.write(*records["90001"])
+    dataset = make_dataset([str(path)], preprocessor(tokenizer, subject_size), seed=0, shuffle_buffer=1,
+                           bad_samples="warn", split_file=str(tmp_path / "nowhere.parquet"))
+    with pytest.raises(FileNotFoundError, match="nowhere.parquet: no identity-safe split"):
+        next(iter(dataset))
+
+
 def test_the_loader_checks_samples_with_the_shard_readers_checks(records):
     from datagen.shards.reader import ShardError
     from datagen.shards.writer import encode_jpeg

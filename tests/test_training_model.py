@@ -216,6 +216,24 @@ def test_checkpoint_round_trip_and_latest(model_paths, shards, tmp_path):
     assert len(fresh_optimizer.state_dict()["state"]) == len(model.trainable_parameters())
 
 
+def test_an_fp16_runs_gradient_scaler_resumes_with_its_scale(model_paths, tmp_path):
+    """The loss scale an fp16 run reached is saved with the checkpoint and restored on resume (a fresh
+    scaler would start again at 65536 and skip steps until it backs off); bf16/fp32 save none."""
+    model = load(model_paths).model
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    scaler.scale(torch.ones(1))  # its scale is made on first use
+    scaler.update(new_scale=16.0)
+    save_checkpoint(model, None, 5, {}, tmp_path / "fp16", scaler=scaler)
+    save_checkpoint(model, None, 5, {}, tmp_path / "bf16", scaler=torch.amp.GradScaler("cpu", enabled=False))
+    assert (tmp_path / "fp16" / "grad_scaler.pt").is_file() and not (tmp_path / "bf16" / "grad_scaler.pt").exists()
+    resumed = torch.amp.GradScaler("cpu")
+    load_checkpoint(tmp_path / "fp16", model, scaler=resumed)
+    assert resumed.get_scale() == 16.0
+    fresh = torch.amp.GradScaler("cpu")
+    load_checkpoint(tmp_path / "bf16", model, scaler=fresh)  # nothing saved: the initial scale
+    assert fresh.get_scale() == 65536.0
+
+
 def test_sampler_schedule_is_upstreams():
     """PNDM as SD1.5 configures it, 50 steps, guidance 5; text-only while i <= int((1 - alpha) T)."""
     import inspect

@@ -18,7 +18,9 @@ from training.checkpoint_space import (
     CheckpointSpaceError,
     check_free_space,
     checkpoint_bytes,
+    space_needed,
     stage_folder,
+    staging_root,
 )
 from training.config import TrainConfig
 from training.loop import LocalContext, precision, train_loop
@@ -74,6 +76,15 @@ def test_a_checkpoint_that_cannot_fit_stops_before_writing(tmp_path):
     check_free_space(tmp_path, 1024, 7)  # a small one fits
     folder = stage_folder(tmp_path, 7, needed=1024)
     assert folder.parent == tmp_path / STAGING and folder.name.startswith("stage-00000007-")
+
+
+def test_a_bucket_run_stages_in_the_temp_folder_and_needs_no_second_copy(tmp_path):
+    """Ray Train copies the staged folder into a local OUT (two copies on that disk) but uploads it to a
+    bucket OUT: the space asked for where it is staged differs."""
+    assert staging_root("s3://bucket/train") is None and staging_root(tmp_path) == tmp_path / STAGING
+    assert staging_root("file://" + str(tmp_path)) == tmp_path / STAGING  # file:// is no bucket
+    assert space_needed(tmp_path, 100, copied=True) == 200 and space_needed(tmp_path, 100, copied=False) == 100
+    assert space_needed("s3://bucket/train", 100, copied=True) == 100
 
 
 def test_checkpoint_size_counts_weights_and_adam_moments():

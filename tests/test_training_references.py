@@ -140,3 +140,22 @@ def test_the_trainer_trains_on_the_identity_safe_split_file(model_paths, identit
                  "--split-file", str(tmp_path / "nowhere.parquet")])
     assert code == 2 and "nowhere.parquet: no identity-safe split" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_reference_set_stops_train_before_ray(identity_run, tmp_path, capsys, monkeypatch):
+    """``--reference cross-image`` with a set that is not there: exit 2 naming it, before Ray starts
+    (found in the workers, it restarted them until ``training failed``)."""
+    import ray_jobs.train
+    from cli.main import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(ray_jobs.train, "run_training", no_ray)
+    capsys.readouterr()
+    missing = tmp_path / "no-such-run"
+    code = main(["train", "--shards", *identity_run["shards"], "--profile", "tiny", "--out", str(tmp_path / "o"),
+                 "--reference", "cross-image", "--reference-set", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--reference-set {missing}: no reference set" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -7,6 +7,8 @@ A checkpoint folder holds::
     image_encoder_blocks.safetensors      the fine-tuned vision blocks, keyed as in
                                           CLIPVisionModelWithProjection's state dict
     optimizer.pt                          AdamW state (torch.save)
+    grad_scaler.pt                        fp16 runs only: the gradient scaler's state (loss scale, growth
+                                          tracker), so a resumed run keeps its scale
     trainer_state.json                    step, the run's config, model references, last metrics
 
 Only trainable weights are saved; the frozen ones come from the base models named in
@@ -31,6 +33,7 @@ STATE_FILE = "trainer_state.json"
 FUSION_FILE = "fusion.safetensors"
 VISION_BLOCKS_FILE = "image_encoder_blocks.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+SCALER_FILE = "grad_scaler.pt"
 UNET_DIR = "unet"
 FORMAT_VERSION = 1
 
@@ -56,7 +59,7 @@ def _vision_block_state(model) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     model, optimizer: torch.optim.Optimizer | None, step: int, config: dict[str, Any], folder: str | Path,
-    metrics: dict[str, float] | None = None,
+    metrics: dict[str, float] | None = None, scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     model = unwrap(model)
     folder = Path(folder)
@@ -68,6 +71,8 @@ def save_checkpoint(
               metadata={"blocks": str(model.trainable_vision_blocks)})
     if optimizer is not None:
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    if scaler is not None and scaler.is_enabled():  # fp16: the loss scale it reached
+        torch.save(scaler.state_dict(), folder / SCALER_FILE)
     state = {
         "format": FORMAT_VERSION,
         "step": int(step),
@@ -93,8 +98,11 @@ def read_state(folder: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer | None = None,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load trainable weights (and optimizer state, if given) into ``model``; return the state."""
+                    map_location: str | torch.device = "cpu", scaler: torch.amp.GradScaler | None = None
+                    ) -> dict[str, Any]:
+    """Load trainable weights (and optimizer state, if given) into ``model``; return the state. An
+    enabled ``scaler`` (fp16) takes the saved scale when the checkpoint has one (a bf16 or fp32 run's
+    has none: it starts from its initial scale)."""
     model = unwrap(model)
     folder = Path(folder)
     state = read_state(folder)
@@ -122,6 +130,8 @@ def load_checkpoint(folder: str | Path, model, optimizer: torch.optim.Optimizer 
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {OPTIMIZER_FILE} is missing")
         optimizer.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    if scaler is not None and scaler.is_enabled() and (folder / SCALER_FILE).is_file():
+        scaler.load_state_dict(torch.load(folder / SCALER_FILE, weights_only=True))
     return state
 
 

@@ -3,9 +3,12 @@
 At paper size a checkpoint is about 10 GB: the fp32 U-Net (860M parameters), fusion MLP and last two
 vision blocks, plus AdamW's two moments of each. It is staged under the run folder,
 ``OUT/.staging/stage-<step>-<random>/`` (the file system of its final place, so moving it there is a
-rename; never the system temp folder, which on GPU machines is often a small root disk), and the
+rename; not the system temp folder, which on GPU machines is often a small root disk), and the
 free space there is checked **before** a byte is written: a checkpoint that cannot fit stops the run
 with one line naming the folder, the size and the free space, instead of a half-written folder.
+A run whose OUT is a bucket URL has no local run folder: its checkpoint is staged in the system
+temp folder (``TMPDIR``: point it at a disk that holds one), once its size is known to fit there,
+and Ray Train uploads it from there (no second local copy).
 A run clears stale staging folders (a killed run's) when it starts. ``keep_checkpoints`` (``train
 --keep-checkpoints N``) bounds how many finished checkpoints stay.
 """
@@ -17,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from datagen import storage
 
 STAGING = ".staging"
 STAGE_PREFIX = "stage-"  # not "checkpoint*": a staged folder is never taken for a finished checkpoint
@@ -39,8 +44,15 @@ def checkpoint_bytes(parameters: list[torch.Tensor], optimizer: torch.optim.Opti
 
 
 def staging_root(out: str | Path) -> Path | None:
-    """``OUT/.staging`` for a local run folder; None (the system temp folder) for a URL."""
-    return None if "://" in str(out) else Path(out) / STAGING
+    """``OUT/.staging`` for a local run folder; None (the system temp folder, ``TMPDIR``) for a bucket URL."""
+    return None if storage.is_url(out) else storage.path(out) / STAGING  # file:// stripped
+
+
+def space_needed(out: str | Path, size: int, copied: bool) -> int:
+    """Free bytes a checkpoint of ``size`` needs where it is staged: twice when the context copies the
+    staged folder into a local OUT (both copies on that disk meanwhile), once when it is moved there or
+    uploaded to a bucket OUT."""
+    return size * (2 if copied and not storage.is_url(out) else 1)
 
 
 def clear_staging(out: str | Path) -> None:

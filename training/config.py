@@ -33,7 +33,9 @@ TRAIN_OPTIONS: dict[str, tuple[str | None, str]] = {
     "batch_size": (None, "examples per worker per micro-batch"),
     "grad_accum": (None, "micro-batches per optimizer step"),
     "lr": (None, "learning rate, constant"),
-    "mixed_precision": (None, "auto: bf16 autocast on GPU, fp32 on CPU"),
+    "mixed_precision": (None, "auto: bf16 autocast on a GPU that supports it, else fp16 autocast with a gradient "
+                              "scaler; bf16 / fp16 ask for one (bf16 falls back to fp16 where unsupported); fp32: "
+                              "neither; always fp32 on CPU"),
     "gradient_checkpointing": (None, "trade compute for U-Net memory"),
     "seed": (None, "random seed"),
     "recipe": (None, "paper: 10% text-only examples, as the paper says; released: none, as the released "
@@ -56,7 +58,8 @@ TRAIN_OPTIONS: dict[str, tuple[str | None, str]] = {
     "keep_checkpoints": (None, "checkpoints kept"),
     "log_every": (None, "steps between log lines"),
     "num_workers": ("workers", "Ray Train workers (one per GPU with --gpu)"),
-    "use_gpu": ("gpu", "one GPU per worker, NCCL, bf16 autocast"),
+    "use_gpu": ("gpu", "one GPU per worker, NCCL, mixed precision as --mixed-precision says (bf16 autocast, "
+                       "or fp16 with a gradient scaler where bf16 is unsupported)"),
     "max_failures": (None, "worker-group restarts from the last checkpoint"),
     "run_name": (None, "Ray Train run name under OUT"),
 }

@@ -135,12 +135,15 @@ class ExampleStage:
         rank, _, worker, _ = _slot()
         self.preprocessor.reseed(_slot_seed(self.seed, rank, worker, 2))
         torch.manual_seed(_slot_seed(self.seed, rank, worker, 3))
+        # read once, outside the per-sample policy: an unreadable split file stops the loader, it is not
+        # a bad sample (functools.cache keeps no exception: under "warn" it skipped every sample)
+        safe_split = cached_split(self.split_file) if self.split_file is not None else None
         for raw in src:
             where = f"shard {raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
             try:
                 image, segment_map, record = decode_training_sample(raw)
-                if self.split_file is not None:
-                    record.split = cached_split(self.split_file).get(record.key, record.split)
+                if safe_split is not None:
+                    record.split = safe_split.get(record.key, record.split)
                 if self.split is not None and record.split != self.split:
                     continue
                 example = self.preprocessor(image, segment_map, record)

@@ -9,7 +9,8 @@ Each worker (a Ray Train worker, see :mod:`ray_jobs.train`, or one local process
    with ``mixed_precision: fp32``); on CPU everything is fp32; the first log line says which
    (:func:`precision`); optionally enable gradient checkpointing in the U-Net;
 2. AdamW over the trainable parameters (constant learning rate, weight decay 1e-2);
-3. resume: if the run has a checkpoint, load its weights, optimizer state and step;
+3. resume: if the run has a checkpoint, load its weights, optimizer state, step (and, fp16, the
+   gradient scaler's state);
 4. wrap the model for distributed data parallel (the context's ``prepare``);
 5. stream batches (:mod:`training.loader`; the shard order is re-seeded with the resume step so
    a resumed run does not replay the same data);
@@ -42,9 +43,9 @@ from typing import NamedTuple, Protocol
 import torch
 
 from datagen import storage
-from datagen.files import append_text
+from datagen.files import LogAppender
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.checkpoint_space import checkpoint_bytes, clear_staging, stage_folder
+from training.checkpoint_space import checkpoint_bytes, clear_staging, space_needed, stage_folder
 from training.collate import batch_to
 from training.config import TrainConfig
 from training.loader import loader_from_config
@@ -57,6 +58,7 @@ from training.subject_crops import cut_on_device
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "denoise_loss", "localization_loss", "object_region")
 TRAIN_LOG = "train_log.jsonl"
+LOG_FLUSH_LINES = 100  # on a bucket OUT the log is rewritten whole: every 100 lines and at each checkpoint
 AUGMENT_WHERE = {"loader": "in the loader", "device": "on the training device after collate (cut there too)",
                  None: "never"}
 
@@ -67,7 +69,7 @@ class WorkerContext(Protocol):
     rank: int
     world_size: int
     device: torch.device
-    copies_checkpoint: bool  # report copies the staged folder (it stays staged meanwhile: twice the space)
+    copies_checkpoint: bool  # report copies the staged folder (it stays staged meanwhile: twice the space locally)
 
     def resume_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module: ...
@@ -176,7 +178,7 @@ def train_loop(
     start_step = 0
     with ctx.resume_checkpoint() as resume_dir:
         if resume_dir is not None:
-            state = load_checkpoint(resume_dir, model, optimizer, map_location=device)
+            state = load_checkpoint(resume_dir, model, optimizer, map_location=device, scaler=scaler)
             start_step = state["step"]
             if is_main:
                 print_fn(f"Resuming from checkpoint {resume_dir} at step {start_step}")
@@ -199,6 +201,7 @@ def train_loop(
 
     global_batch = cfg.batch_size * cfg.grad_accum * ctx.world_size
     log_path = storage.path(cfg.out) / TRAIN_LOG  # a local folder or a bucket URL
+    train_log = LogAppender(log_path, LOG_FLUSH_LINES)
     if is_main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         clear_staging(cfg.out)
@@ -277,21 +280,22 @@ def train_loop(
                 line += f"  cross-image refs {cross} (own-crop fallbacks {fallbacks})"
                 entry.update(cross_image_references=cross, reference_fallbacks=fallbacks)
             print_fn(line)
-            append_text(log_path, json.dumps(entry) + "\n")
+            train_log.add(json.dumps(entry) + "\n")  # on a bucket: held until a checkpoint or 100 lines
 
         # 7. checkpoints
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             metrics = {"step": step, **terms}
             folder = None
             if is_main:  # staged under OUT once the free space is known to hold it (checkpoint_space)
-                needed = checkpoint_bytes(parameters, optimizer) * (2 if ctx.copies_checkpoint else 1)
+                needed = space_needed(cfg.out, checkpoint_bytes(parameters, optimizer), ctx.copies_checkpoint)
                 folder = save_checkpoint(model, optimizer, step, cfg.to_dict(), stage_folder(cfg.out, step, needed),
-                                         metrics)
+                                         metrics, scaler)
             try:
                 ctx.report(metrics, folder, step)
             finally:
                 if folder is not None:
                     shutil.rmtree(folder, ignore_errors=True)  # moved into place already, or copied by Ray
             if is_main:
+                train_log.flush()  # the bucket's log catches up at every checkpoint (the last step is one)
                 print_fn(f"Saved checkpoint at step {step}")
     return step

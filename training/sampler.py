@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datagen import storage
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_state
 from training.config import TrainConfig
 from training.model import FastComposerModel
@@ -77,8 +78,9 @@ def bind_subjects(prompt: str, words: list[str]) -> list[int]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the latest checkpoint of a run folder."""
-    path = Path(path)
+    """A checkpoint folder, or the latest checkpoint of a run folder; local or on a bucket (a ``UPath``
+    comes back then)."""
+    path = storage.path(path)
     if (path / "trainer_state.json").is_file():
         return path
     latest = latest_checkpoint(path)
@@ -115,7 +117,8 @@ class FastComposerSampler:
             pretrained or cfg.pretrained, image_encoder or cfg.image_encoder, localization_layers=(),
             trainable_vision_blocks=cfg.image_encoder_trainable_blocks,
         )
-        load_checkpoint(folder, components.model)
+        with storage.local_copy(folder) as local:  # a bucket's checkpoint: downloaded once, to a temp folder
+            load_checkpoint(local, components.model)
         device = pick_device(device)
         components.model.to(device)
         return cls(components.model, components.tokenizer, components.subject_size, device, cfg.resolution)

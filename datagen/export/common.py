@@ -342,6 +342,35 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"output folder {out} is not empty; pass --overwrite (overwrite=True) to export over it")
 
 
+def check_sample_folders(out, names: set[str]) -> None:
+    """Refuse, before anything is written, an ``OUT/<name>`` (a format's per-sample folder, ``name``
+    made of a sample id) that is a symbolic link or not a folder: writing there could land outside
+    OUT. A bucket has neither links nor folders."""
+    if not isinstance(out, Path) or not out.exists():
+        return
+    for name in sorted(names):
+        p = out / name
+        if p.is_symlink():
+            raise ExportError(f"{p} is a symbolic link (to {p.readlink()}); refusing to write through it, remove it first")
+        if p.exists() and not p.is_dir():
+            raise ExportError(f"{p} exists and is not a folder; refusing to export over it")
+
+
+def sample_folder(out, name: str):
+    """``OUT/<name>``, the per-sample folder a format writes into (every format that has one uses
+    this): made, and checked to be a real folder directly inside OUT (a link that appeared since
+    :func:`check_sample_folders` is refused). On a bucket: the prefix, nothing to make."""
+    if not ID_RE.fullmatch(name):  # names come from checked sample ids; the last guard
+        raise ExportError(f"per-sample folder {name!r} is not ASCII decimal digits")
+    folder = out / name
+    if not isinstance(out, Path):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink() or folder.resolve().parent != out.resolve():
+        raise ExportError(f"{folder} is not a folder inside {out}; refusing to write through it")
+    return folder
+
+
 def check_shard_ids(tars: list[Path]) -> list[str]:
     """Every sample id of the shards, after checking (from the tar headers alone) that each member
     is ``<ASCII decimal id>.<ext>`` and that no two samples share an id or an ``int()`` value."""

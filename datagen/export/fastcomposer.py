@@ -33,7 +33,8 @@ is a symbolic link (or not a folder) is refused before anything is written, and 
 removed only from a real ``<id[:5]>`` folder inside ``OUT``.
 
 **Split.** Each id goes to ``image_ids_train.txt`` or ``image_ids_test.txt`` by its record's
-``split`` (duplicates share a split upstream); ``image_ids.txt`` lists both. An id seen twice is an
+``split`` (duplicates share a split upstream), or, with ``--split-file`` (``ExportFilters.split_file``),
+by the run's identity-safe ``split.parquet`` where it lists the id; ``image_ids.txt`` lists both. An id seen twice is an
 error.
 
 **Filters**: :class:`~datagen.export.common.ExportFilters`, as for every format.
@@ -62,11 +63,13 @@ from datagen.export.common import (
     SampleOutcome,
     ShardExport,
     Tally,
+    check_sample_folders,
     run_export,
+    sample_folder,
 )
 from datagen.files import atomic_write
 from datagen.record.quality import subject_segments
-from datagen.record.schema import Record
+from datagen.record.schema import Record, Segment
 from datagen.shards.reader import TarSample
 
 ID_LISTS = ("image_ids.txt", "image_ids_train.txt", "image_ids_test.txt")
@@ -81,14 +84,18 @@ EXPORTED_EXTS = ("jpg", "json", "npy")
 
 
 def fastcomposer_json(record: Record, object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES,
-                      identity_of: Callable[[str, int], int | None] | None = None) -> dict:
+                      identity_of: Callable[[str, int], int | None] | None = None,
+                      subjects: list[Segment] | None = None) -> dict:
     """The record as FastComposer's loader wants it: ``segments`` = the subjects (matched segments
     of ``object_types``, each with its ``identity`` where ``identity_of(key, segment id)`` knows it),
-    then ``other_segments`` (matched, other labels), ``unmatched_segments``."""
-    subjects = {s.id for s in subject_segments(record, object_types)[0]}
+    then ``other_segments`` (matched, other labels), ``unmatched_segments``. ``subjects``: the
+    record's ``subject_segments(record, object_types)[0]`` when the caller has them already."""
+    if subjects is None:
+        subjects = subject_segments(record, object_types)[0]
+    subject_ids = {s.id for s in subjects}
     d = record.to_dict()
-    d["segments"] = [with_identity(s.to_dict(), record.key, identity_of) for s in record.segments if s.id in subjects]
-    d["other_segments"] = [s.to_dict() for s in record.segments if s.matched and s.id not in subjects]
+    d["segments"] = [with_identity(s.to_dict(), record.key, identity_of) for s in record.segments if s.id in subject_ids]
+    d["other_segments"] = [s.to_dict() for s in record.segments if s.matched and s.id not in subject_ids]
     d["unmatched_segments"] = [s.to_dict() for s in record.segments if not s.matched]
     return d
 
@@ -129,24 +136,20 @@ class FastComposerExport(ShardExport):
     def prepare(self, keys: list[str], overwrite: bool) -> None:
         super().prepare(keys, overwrite)
         self.old_ids, self.ignored_old_ids = _previous_ids(self.out)
-        if self.out.exists():
-            _check_id_folders(self.out, {k[:5] for k in keys})
+        check_sample_folders(self.out, {k[:5] for k in keys})
 
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
         out, key = self.out, sample.key
         segmap = sample.checked_segment_map(record)
-        folder = out / key[:5]
-        folder.mkdir(parents=True, exist_ok=True)
-        if folder.is_symlink() or folder.resolve().parent != out.resolve():  # appeared since the check
-            raise ExportError(f"{folder} is not a folder inside {out}; refusing to write through it")
+        folder = sample_folder(out, key[:5])
         buf = io.BytesIO()
         np.save(buf, segmap_array(segmap, self.segmap_dtype, record), allow_pickle=False)
         atomic_write(folder / f"{key}.jpg", sample.members["jpg"])
         atomic_write(folder / f"{key}.npy", buf.getvalue())
-        atomic_write(folder / f"{key}.json",
-                     json.dumps(fastcomposer_json(record, self.object_types, self.filters.segment_identity),
-                                ensure_ascii=False).encode())
         subjects = subject_segments(record, self.object_types)[0]
+        atomic_write(folder / f"{key}.json",
+                     json.dumps(fastcomposer_json(record, self.object_types, self.filters.segment_identity, subjects),
+                                ensure_ascii=False).encode())
         matched = sum(1 for s in record.segments if s.matched)
         counts = Counter(f"subject:{s.coco_label}" for s in subjects)
         counts.update(other_segments=matched - len(subjects), unmatched_segments=len(record.segments) - matched)
@@ -231,16 +234,6 @@ def _previous_ids(out: Path) -> tuple[set[str], list[str]]:
         else:
             ignored.append(token)
     return ids, ignored
-
-
-def _check_id_folders(out: Path, folders: set[str]) -> None:
-    """Refuse an ``OUT/<id[:5]>`` that is a symbolic link or not a folder: writing there could land outside OUT."""
-    for name in sorted(folders):
-        p = out / name
-        if p.is_symlink():
-            raise ExportError(f"{p} is a symbolic link (to {p.readlink()}); refusing to write through it, remove it first")
-        if p.exists() and not p.is_dir():
-            raise ExportError(f"{p} exists and is not a folder; refusing to export over it")
 
 
 def _remove_exported(out: Path, key: str) -> tuple[int, list[str]]:

@@ -20,7 +20,8 @@ of each subject whose person the index knows) and ``identity_flags`` (the record
 ``identity_checks.flags``, e.g. ``merged_identities``), both None without it.
 
 Shards, filters, checks and the summary: :mod:`datagen.export.common`. Each Parquet file is written
-atomically when its shard ends (:meth:`end_shard`), the card and the summary last.
+atomically when its shard ends (:meth:`end_shard`), the card and the summary last; with ``--overwrite``
+every ``data/*.parquet`` this export did not write (an earlier export's) is deleted before the card.
 """
 
 from __future__ import annotations
@@ -131,7 +132,24 @@ class HFExport(ShardExport):
         licences = {k.removeprefix("licence:"): n for k, n in sorted(tally.counts.items()) if k.startswith("licence:")}
         models = sorted({k.removeprefix("model:") for k in tally.counts if k.startswith("model:")})
         atomic_write(self.out / CARD, dataset_card(splits, per_split, licences, models, self.object_types))
+        remove_stale_parquet(self.out / DATA, written_parquet(tally))
         return {"train": per_split["train"], "test": per_split["test"], "subjects": None}, {"licences": licences}
+
+
+def written_parquet(tally: Tally) -> set[str]:
+    """The names of the Parquet files this export wrote: one per (split, shard) with a kept sample
+    (:meth:`HFExport.end_shard` runs in the worker processes; the tally says what they wrote)."""
+    return {f"{split}-{tally.shard_of[key].removesuffix('.tar')}.parquet" for key, split in tally.kept.items()}
+
+
+def remove_stale_parquet(data: Path, written: set[str]) -> None:
+    """Delete every ``data/*.parquet`` this export did not write (an earlier export's, left by
+    ``--overwrite``): ``load_dataset(OUT)`` reads every file its card's patterns match."""
+    if isinstance(data, Path) and not data.is_dir():
+        return
+    for stale in data.glob("*.parquet"):
+        if stale.name not in written:
+            stale.unlink()
 
 
 def dataset_card(splits: list[str], per_split: dict[str, int], licences: dict[str, int], models: list[str],

@@ -98,4 +98,4 @@ class SegConditioningExport(ShardExport):
         }
         atomic_write(self.out / LEGEND, json.dumps(legend, indent=1) + "\n")
         atomic_write(self.out / METADATA, "".join(tally.lines))
-        return {"subjects": None}, {"placeholder": None}
+        return {"subjects": None}, {}

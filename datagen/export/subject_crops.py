@@ -11,7 +11,9 @@ what encoder-based (E4T-style) and attention-mask (ViCo-style) personalisation t
 
 A sample without a subject is dropped and counted as ``no_subject_of_object_types``. Shards,
 filters, checks and the summary: :mod:`datagen.export.common`. Every file is written atomically,
-the metadata and summary last; nothing outside OUT is written.
+the metadata and summary last; nothing outside OUT is written: an ``OUT/<key>`` that is a symbolic
+link or not a folder is refused before anything is written
+(:func:`~datagen.export.common.check_sample_folders`, :func:`~datagen.export.common.sample_folder`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,17 @@ import numpy as np
 from PIL import Image
 
 from datagen.config import DEFAULT_OBJECT_TYPES
-from datagen.export.common import ExportError, ExportFilters, SampleOutcome, ShardExport, Tally
+from datagen.export.common import (
+    ExportError,
+    ExportFilters,
+    SampleOutcome,
+    ShardExport,
+    Tally,
+    check_sample_folders,
+    sample_folder,
+)
 from datagen.files import atomic_write
+from datagen.record.quality import subject_segments
 from datagen.record.schema import Record
 from datagen.shards.reader import TarSample
 
@@ -61,18 +72,23 @@ class SubjectCropsExport(ShardExport):
             raise ExportError("the placeholder must not be empty")
         self.placeholder = placeholder
 
+    def prepare(self, keys: list[str], overwrite: bool) -> None:
+        super().prepare(keys, overwrite)
+        check_sample_folders(self.out, set(keys))  # OUT/<key>: never a link out of OUT
+
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
         key = sample.key
-        chosen = [s for s in record.segments if s.matched and s.coco_label in self.object_types]
+        chosen = subject_segments(record, self.object_types)[0]
         if not chosen:
             return SampleOutcome(key, record.split, rejection="no_subject_of_object_types")
         image, segmap = sample.image(), sample.checked_segment_map(record)
+        folder = sample_folder(self.out, key)
         entries, lines = [], []
         for s in chosen:
             name = f"subject-{s.id}.png"
             buf = io.BytesIO()
             subject_crop(image, segmap, s.id, s.bbox).save(buf, format="PNG")
-            atomic_write(self.out / key / name, buf.getvalue())
+            atomic_write(folder / name, buf.getvalue())
             prompt = placeholder_caption(record.caption, s.start, s.end, self.placeholder)
             entry = {"file": name, "phrase": s.word, "coco_label": s.coco_label, "segment_id": s.id,
                      "bbox": s.bbox, "prompt": prompt}
@@ -82,7 +98,7 @@ class SubjectCropsExport(ShardExport):
                                      "coco_label": s.coco_label, "prompt": prompt}, ensure_ascii=False) + "\n")
         doc = {"key": key, "split": record.split, "caption": record.caption, "placeholder": self.placeholder,
                "subjects": entries}
-        atomic_write(self.out / key / "subjects.json", json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        atomic_write(folder / "subjects.json", json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
         return SampleOutcome(key, record.split, counts=Counter(subjects=len(entries)), lines=lines)
 
     def finish(self, tally: Tally) -> tuple[dict[str, Any], dict[str, Any]]:

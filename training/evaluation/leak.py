@@ -97,7 +97,7 @@ class RunIndexError(ValueError):
 class RunIndex:
     """What the index leak check needs of a run, checked by :func:`open_run_index`."""
 
-    run_dir: Path
+    run_dir: Any  # a Path, or a UPath for a run on a bucket (datagen.storage.path)
     section: IdentitySettings  # the run's identity section (embedder, MTCNN and embedding limits)
     detector: str  # the run's faces.detector
     threshold: float  # the distance its identities were clustered at
@@ -106,13 +106,14 @@ class RunIndex:
 def open_run_index(run_dir: str | Path) -> RunIndex:
     """The run's identity settings, face tables and ``identities.parquet``, each checked, and its
     embedder's model (``ModelNotFoundError`` naming the package); cheap, so it runs before any model loads."""
+    from datagen import storage
     from datagen.config import FacesSettings, IdentitySettings
     from datagen.identity.index import IDENTITIES_SUMMARY, IDENTITIES_TABLE
     from datagen.manifests.face_table import face_table_paths
     from datagen.manifests.run_manifest import load_run_manifest, read_json_object
     from datagen.stages.identity import check_embedder, threshold_of
 
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)  # a bucket URL stays one
     config = load_run_manifest(run_dir).get("config") or {}
     if not config.get("identity"):
         raise RunIndexError(f"{run_dir}: run.json records no identity section: the run was built before the identity "

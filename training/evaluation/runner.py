@@ -85,6 +85,7 @@ class Inputs:
     random_models: list[str]  # those of them with random weights
     notice: str | None  # what the outputs say first when a model has random weights
     run_index: RunIndex | None = None  # --identities: the run's index, checked
+    photos: dict[str, list[Image.Image]] = field(default_factory=dict)  # subject -> its photos, RGB, decoded once
 
 
 def write_file(path: Path, data: bytes | str) -> Path:
@@ -93,13 +94,12 @@ def write_file(path: Path, data: bytes | str) -> Path:
     return atomic_write(path, data)
 
 
-def model_references(request: EvaluationRequest) -> dict[str, str | None]:
-    """Every model the evaluation loads, by role (checkpoint's base models included)."""
-    from training.checkpoint import read_state
+def model_references(request: EvaluationRequest, state: dict[str, Any]) -> dict[str, str | None]:
+    """Every model the evaluation loads, by role (the base models of the checkpoint whose
+    ``trainer_state.json`` is ``state`` included)."""
     from training.config import TrainConfig
-    from training.sampler import resolve_checkpoint
 
-    cfg = TrainConfig.from_dict(read_state(resolve_checkpoint(request.checkpoint))["config"])
+    cfg = TrainConfig.from_dict(state["config"])
     section = request.evaluation
     return {
         "base (Stable Diffusion)": request.pretrained or cfg.pretrained,
@@ -136,8 +136,9 @@ def read_inputs(request: EvaluationRequest) -> Inputs:
     units = plan(subjects, prompts, multi=request.multi, images_per_prompt=section.images_per_prompt,
                  seed=section.seed, baseline=request.baseline,
                  image_suffix=".jpg" if section.image_format == "jpeg" else ".png")
-    checkpoint = resolve_checkpoint(request.checkpoint)
-    models = model_references(request)
+    checkpoint = resolve_checkpoint(request.checkpoint)  # resolved and read once
+    state = read_state(checkpoint)
+    models = model_references(request, state)
     randoms = random_models(models)
     run_index = None
     if request.identities:
@@ -145,8 +146,9 @@ def read_inputs(request: EvaluationRequest) -> Inputs:
 
         run_index = open_run_index(request.identities)
         models["leak check embedder (the run's)"] = run_index.section.embedder
-    return Inputs(subjects, str(prompts_path), prompts, units, checkpoint, read_state(checkpoint), models, randoms,
-                  random_notice(randoms) if randoms else None, run_index)
+    return Inputs(subjects, str(prompts_path), prompts, units, checkpoint, state, models, randoms,
+                  random_notice(randoms) if randoms else None, run_index,
+                  {s.name: read_photos(s) for s in subjects})  # an unreadable photo fails here, before any model
 
 
 def read_photos(subject: SubjectSpec) -> list[Image.Image]:
@@ -161,11 +163,13 @@ def read_photos(subject: SubjectSpec) -> list[Image.Image]:
     return images
 
 
-def reference_faces(subjects, detector, embedder) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
-    """Per subject: (photos x D) face embeddings (the largest face of each photo) and notes."""
+def reference_faces(subjects, detector, embedder, photos: dict[str, list[Image.Image]] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Per subject: (photos x D) face embeddings (the largest face of each photo) and notes;
+    ``photos``: the subjects' photos already decoded (:class:`Inputs`), else read here."""
     embeddings, notes = {}, {}
     for subject in subjects:
-        found = detector.detect(read_photos(subject))
+        found = detector.detect(photos[subject.name] if photos else read_photos(subject))
         chosen = []
         for path, faces in zip(subject.photos, found, strict=True):
             if not faces:
@@ -178,16 +182,19 @@ def reference_faces(subjects, detector, embedder) -> tuple[dict[str, np.ndarray]
     return embeddings, notes
 
 
-def run_reference_faces(subjects: list[SubjectSpec], index: RunIndex, device: str) -> dict[str, np.ndarray]:
+def run_reference_faces(subjects: list[SubjectSpec], index: RunIndex, device: str,
+                        photos: dict[str, list[Image.Image]] | None = None) -> dict[str, np.ndarray]:
     """Per subject: (photos x d) raw embeddings of the largest face of each photo, made as the run's
-    build made its faces (its MTCNN settings, its box embedder): what the index leak check compares."""
+    build made its faces (its MTCNN settings, its box embedder): what the index leak check compares.
+    ``photos``: as for :func:`reference_faces`."""
     from datagen.stages.identity import IdentityFinder
 
     finder = IdentityFinder(index.section, index.detector, device)
     embeddings = {}
     for subject in subjects:
         vectors = []
-        for path, faces in zip(subject.photos, finder.find(read_photos(subject)), strict=True):
+        images = photos[subject.name] if photos else read_photos(subject)
+        for path, faces in zip(subject.photos, finder.find(images), strict=True):
             if not faces:
                 raise EvaluationError(f"subject {subject.name}: MTCNN (the run's identity settings: min_face_size "
                                       f"{index.section.min_face_size}, min_score {index.section.min_score}) finds no "
@@ -201,12 +208,13 @@ def run_reference_faces(subjects: list[SubjectSpec], index: RunIndex, device: st
     return embeddings
 
 
-def write_reference_thumbnails(subjects: list[SubjectSpec], out: Path) -> dict[str, str]:
-    """A thumbnail of each subject's first photo under ``OUT/references/``; subject -> its path in OUT."""
+def write_reference_thumbnails(subjects: list[SubjectSpec], out: Path, photos: dict[str, list[Image.Image]]
+                               ) -> dict[str, str]:
+    """A thumbnail of each subject's first photo (``photos``: decoded already) under ``OUT/references/``;
+    subject -> its path in OUT."""
     paths = {}
     for subject in subjects:
-        with Image.open(subject.photos[0]) as im:
-            thumb = im.convert("RGB")
+        thumb = photos[subject.name][0].copy()  # thumbnail() works in place
         thumb.thumbnail((REFERENCE_SIZE, REFERENCE_SIZE))
         buf = io.BytesIO()
         thumb.save(buf, format="JPEG", quality=90)
@@ -238,7 +246,7 @@ def identities_leak_check(request: EvaluationRequest, inputs: Inputs, device: st
     from training.evaluation.leak import index_leak_check
 
     index = inputs.run_index
-    references = run_reference_faces(inputs.subjects, index, device)
+    references = run_reference_faces(inputs.subjects, index, device, inputs.photos)
     leak = index_leak_check(index, references, request.leak_distance)
     for hit in leak["subjects"]:
         ids = ", ".join(f"{e['identity']} ({e['photos']} photos, {e['train_faces_hit']} train / "
@@ -351,10 +359,10 @@ def evaluate(
     # Models of the driver (fail here, before any image, when one is missing).
     device = pick_device(request.device)
     models = EvaluationModels.load(request.evaluation, device)
-    per_photo, notes = reference_faces(inputs.subjects, models.detector, models.embedder)
+    per_photo, notes = reference_faces(inputs.subjects, models.detector, models.embedder, inputs.photos)
     for name, lines in notes.items():
         log(f"subject {name}: " + "; ".join(lines))
-    ref_paths = write_reference_thumbnails(inputs.subjects, out)
+    ref_paths = write_reference_thumbnails(inputs.subjects, out, inputs.photos)
     leak = check_for_leaks(request, inputs, per_photo, models, device, log)
 
     settings = WorkerSettings(
