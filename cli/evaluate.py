@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from datagen.stages.faces import FaceError
     from datagen.stages.model_loading import ModelNotFoundError
     from ray_jobs.cluster import RayConnectError
+    from ray_jobs.evaluation import EvaluationPoolError
     from training.checkpoint import CheckpointError
     from training.evaluation.protocol import BASELINE, OURS
     from training.evaluation.runner import evaluate
@@ -152,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         summary = evaluate(request, run_on_ray=run_on_ray)
     except (RayConnectError, ValueError, ProfileError, CheckpointError, SamplerError, ModelNotFoundError, FaceError) as e:
         return fail("evaluate", e)
+    except (EvaluationPoolError, OSError) as e:  # on the way: an actor that failed, a file that cannot be written
+        return fail("evaluate", e, 1)
     if summary["random_weights"]:
         print(summary["notice"])
     for method in (OURS, BASELINE):

@@ -98,19 +98,18 @@ def check_split_file(cfg) -> None:
 
 
 def check_reference_set(cfg) -> None:
-    """With ``--reference cross-image / mixed:P`` the reference set must be readable now: the loader
-    reads it in its workers, after the models load (a bad one restarted them until training failed)."""
-    from datagen.identity.references import read_reference_set
+    """With ``--reference cross-image / mixed:P`` the reference set must be there now: the loader
+    reads it in its workers, after the models load (a bad one restarted them until training failed).
+    Its tables are checked to exist, not read (the set may be a gigabyte)."""
+    from datagen.identity import references
     from datagen.training_settings import reference_share
 
     if reference_share(cfg.reference) <= 0:
         return
     try:
-        read_reference_set(cfg.reference_set)
+        references.check_reference_set(cfg.reference_set)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--reference-set {e}") from e
-    except (OSError, ValueError) as e:  # an unreadable Parquet file (pyarrow's errors are both)
-        raise ValueError(f"--reference-set {cfg.reference_set}: unreadable reference set: {e}") from e
 
 
 def check_models(cfg) -> None:

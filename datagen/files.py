@@ -41,7 +41,7 @@ def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
         with _uploaded_path(storage.path(path)) as tmp:
             yield tmp
         return
-    path = Path(path)
+    path = storage.path(path)  # a plain path, or file:// stripped
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:

@@ -154,3 +154,22 @@ def test_stale_removal_removes_links_not_their_targets(run, tmp_path):
     summary = export_fastcomposer(run["shards_dir"], out, overwrite=True)
     assert not (out / stale[:5] / f"{stale}.jpg").is_symlink()
     assert outside.read_bytes() == b"precious" and summary.removed_stale == 1 and summary.ignored_old_ids == []
+
+
+def test_identity_pairs_never_write_through_a_symlinked_sample_folder(identity_run, tmp_path):
+    """``OUT/<key>`` of identity-pairs: the same check (common.sample_folder)."""
+    from datagen.export.registry import export
+
+    out, options = tmp_path / "pairs", {"references": identity_run["run"]}
+    export("identity-pairs", identity_run["shards_dir"], out, **options)
+    key = sorted(p.name for p in out.iterdir() if p.is_dir())[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    for p in (out / key).iterdir():
+        p.unlink()
+    (out / key).rmdir()
+    (out / key).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ExportError, match=rf"{key} is a symbolic link .*refusing to write through it"):
+        export("identity-pairs", identity_run["shards_dir"], out, overwrite=True, **options)
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]

@@ -36,7 +36,15 @@ import pyarrow as pa
 from PIL import Image
 
 from datagen.config import DEFAULT_OBJECT_TYPES
-from datagen.export.common import ExportError, ExportFilters, SampleOutcome, ShardExport, Tally
+from datagen.export.common import (
+    ExportError,
+    ExportFilters,
+    SampleOutcome,
+    ShardExport,
+    Tally,
+    check_sample_folders,
+    sample_folder,
+)
 from datagen.files import atomic_write
 from datagen.identity.references import check_reference_set, read_reference_set
 from datagen.record.schema import Record
@@ -109,6 +117,10 @@ class IdentityPairsExport(ShardExport):
         except FileNotFoundError as e:
             raise ExportError(str(e)) from None
 
+    def prepare(self, keys: list[str], overwrite: bool) -> None:
+        super().prepare(keys, overwrite)
+        check_sample_folders(self.out, set(keys))  # OUT/<key>: never a link out of OUT
+
     def write_sample(self, sample: TarSample, record: Record) -> SampleOutcome:
         key, refs_of = sample.key, cached_references(self.references)
         chosen = []
@@ -121,7 +133,7 @@ class IdentityPairsExport(ShardExport):
                 chosen.append((s, identity, refs))
         if not chosen:
             return SampleOutcome(key, record.split, rejection="no_cross_image_reference")
-        folder = self.out / key
+        folder = sample_folder(self.out, key)
         atomic_write(folder / "target.jpg", sample.members["jpg"])
         segmap = sample.checked_segment_map(record)
         subjects, lines = [], []

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from datagen import storage
+
 if TYPE_CHECKING:
     from datagen.config import IdentitySettings
 
@@ -67,7 +69,7 @@ def leak_check(shards: list[str | Path], references: dict[str, np.ndarray], dete
     batch: list[tuple[str, str, Any]] = []
     for shard in shards:
         for sample in read_shard(shard):
-            batch.append((Path(shard).name, sample.key, sample.image))
+            batch.append((storage.path(shard).name, sample.key, sample.image))
             images += 1
             if len(batch) >= batch_size:
                 flush(batch)
